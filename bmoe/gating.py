@@ -1,0 +1,190 @@
+"""Gate networks of Tables IV, VII and X, their exact multiply-add count, and the gate
+training step on cached expert losses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from bmoe.bias import bias_loss
+from bmoe.routing import enforce_bias, sparse_gates, utility
+
+__all__ = [
+    "GateSpec",
+    "DETECTION_GATE",
+    "SUPERRES_GATE",
+    "ACTION_GATE",
+    "Gate",
+    "build_gate",
+    "count_macs",
+    "GATE_METHODS",
+    "gate_loss",
+    "gate_step",
+]
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """One conv (plain or depthwise-separable) + ReLU + average pool + FC + ReLU + FC.
+
+    Convolutions are 'valid' (no padding): that reproduces the tables' pool, flatten and FC
+    shapes exactly. The tables' conv C column was evidently counted on a padded output
+    (112x112, 32x32, 12x12), so our conv counts are a few percent lower; the FC layers,
+    which dominate C_g, match to the multiply-add.
+    """
+
+    in_channels: int
+    in_size: tuple[int, int]  # (H, W)
+    n_experts: int = 3
+    conv_channels: int = 64
+    kernel: int = 3
+    stride: int = 2
+    separable: bool = True
+    pool_kernel: int = 1  # 1: no pooling (Table X)
+    pool_stride: int = 1
+    hidden: int = 1024
+
+    def scaled(self, width: float) -> "GateSpec":
+        """The same layout with conv channels and hidden units scaled by `width` (moves C_g)."""
+        return dataclasses.replace(
+            self,
+            conv_channels=max(1, round(self.conv_channels * width)),
+            hidden=max(1, round(self.hidden * width)),
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.in_size)
+
+
+# Table IV: 224x224 centre crop of the 300 px image; C_g < 1e8.
+DETECTION_GATE = GateSpec(in_channels=3, in_size=(224, 224), pool_kernel=7, pool_stride=5, hidden=1024)
+# Table VII: the 64x64 HR patch; C_g < 1e7. 31x31 conv output -> 3/3 pool -> 10x10x64 = 6400.
+SUPERRES_GATE = GateSpec(in_channels=3, in_size=(64, 64), pool_kernel=3, pool_stride=3, hidden=512)
+# Table X: 2*F_t motion-vector channels of 24x24 (the table's 320 channels: F_t = 160).
+ACTION_GATE = GateSpec(in_channels=320, in_size=(24, 24), hidden=1024)
+
+
+class Gate(nn.Module):
+    """f(x; W_g): the gating model; returns (B, N) logits."""
+
+    def __init__(self, spec: GateSpec):
+        super().__init__()
+        c, k = spec.in_channels, spec.kernel
+        if spec.separable:  # depthwise-separable conv [43]
+            conv = nn.Sequential(
+                nn.Conv2d(c, c, k, stride=spec.stride, groups=c, bias=False),
+                nn.Conv2d(c, spec.conv_channels, 1),
+            )
+        else:
+            conv = nn.Conv2d(c, spec.conv_channels, k, stride=spec.stride)
+        h, w = ((s - k) // spec.stride + 1 for s in spec.in_size)
+        h, w = ((s - spec.pool_kernel) // spec.pool_stride + 1 for s in (h, w))
+        if h < 1 or w < 1:
+            raise ValueError(f"gate input {spec.in_size} is too small for its conv and pool layers")
+        self.spec = spec
+        self.features = nn.Sequential(
+            conv,
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(spec.pool_kernel, spec.pool_stride) if spec.pool_kernel > 1 else nn.Identity(),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(spec.conv_channels * h * w, spec.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(spec.hidden, spec.n_experts),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N)
+        return self.head(self.features(x))
+
+
+def build_gate(spec: GateSpec, width: float = 1.0) -> Gate:
+    return Gate(spec.scaled(width) if width != 1.0 else spec)
+
+
+def count_macs(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Exact multiply-adds per input of the Conv2d and Linear layers of `module`.
+
+    Runs one dummy input of shape (1, *input_shape) through the module and counts, per conv,
+    output elements x (in_channels / groups) x kH x kW, and per linear layer in x out for
+    every row it is applied to. Pooling, activations and biases are not counted (as in the
+    paper's tables).
+    """
+    total = 0
+
+    def on_conv(layer: nn.Conv2d, inputs, output):
+        nonlocal total
+        kh, kw = layer.kernel_size
+        total += output[0].numel() * (layer.in_channels // layer.groups) * kh * kw
+
+    def on_linear(layer: nn.Linear, inputs, output):
+        nonlocal total
+        rows = output[0].numel() // layer.out_features
+        total += rows * layer.in_features * layer.out_features
+
+    hooks = []
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            hooks.append(layer.register_forward_hook(on_conv))
+        elif isinstance(layer, nn.Linear):
+            hooks.append(layer.register_forward_hook(on_linear))
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        module.train(was_training)
+    return int(total)
+
+
+GATE_METHODS = ("soft", "enforce")
+
+
+def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias: float = 0.0):
+    """The gate's training objective on a batch, L = mean_i sum_n G[i, n] * loss[i, n].
+
+    soft: G from the sparse gates (eq. 3), plus the bias loss (eq. 5) on the utility (eq. 4).
+    enforce: G is the soft gates (eq. 1) masked by Algorithm 1's assignment; task loss only.
+
+    Args:
+        logits: (M, N) gate outputs.
+        losses: (M, N) frozen experts' per-sample task losses (the cache).
+    Returns:
+        (loss, assignment): scalar loss and the (M,) experts the batch was routed to.
+    """
+    if method == "soft":
+        G = sparse_gates(logits)  # (M, N)
+        task = (G * losses).sum(dim=1).mean()
+        return task + bias_loss(utility(G), b, w_bias), G.argmax(dim=1)
+    if method == "enforce":
+        probs = torch.softmax(logits, dim=1)  # (M, N) eq. 1
+        assignment = enforce_bias(probs, b)  # Algorithm 1
+        G = probs * nn.functional.one_hot(assignment, probs.shape[1]).to(probs.dtype)
+        return (G * losses).sum(dim=1).mean(), assignment
+    raise ValueError(f"unknown gate training method {method!r}; expected one of {GATE_METHODS}")
+
+
+def gate_step(gate: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+              losses: torch.Tensor, method: str, b, w_bias: float = 0.0) -> dict:
+    """One optimiser step of the gate on cached expert losses; the experts never run.
+
+    Returns the batch's loss and the fraction of inputs routed to each expert.
+    """
+    gate.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, assignment = gate_loss(gate(x), losses, method, b, w_bias)
+    loss.backward()
+    optimizer.step()
+    n = losses.shape[1]
+    share = np.bincount(assignment.cpu().numpy(), minlength=n) / max(len(assignment), 1)
+    return {"loss": float(loss.detach()), "share": share}

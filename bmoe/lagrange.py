@@ -1,0 +1,66 @@
+"""Our extension `lagrange`: a gate that predicts every expert's per-input score and routes
+by argmax_n score_n - lambda * d_n, with lambda calibrated to a data budget.
+
+One trained gate serves every budget: only lambda changes, also at serve time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["lagrange_assignment", "calibrate_lambda", "score_loss"]
+
+
+def lagrange_assignment(pred_scores, d, lam: float) -> torch.Tensor:
+    """Route each input to argmax_n pred_scores[i, n] - lam * d[n].
+
+    Ties go to the cheaper expert, then to the lower index.
+    """
+    S = _numpy(pred_scores)
+    cost = np.asarray(_numpy(d), dtype=np.float64)
+    value = S - lam * cost[None, :]  # (M, N)
+    # prefer cheaper experts on ties: visit experts from cheapest to dearest
+    by_cost = np.argsort(cost, kind="stable")
+    best = value[:, by_cost].argmax(axis=1)
+    return torch.as_tensor(by_cost[best], dtype=torch.long)
+
+
+def calibrate_lambda(pred_scores, d, d_target: float, iters: int = 60) -> float:
+    """Smallest lambda >= 0 whose routing spends a mean data cost <= d_target (bisection).
+
+    Mean cost never increases with lambda, so bisection finds the budget's price of data.
+    """
+    S = _numpy(pred_scores)
+    cost = np.asarray(_numpy(d), dtype=np.float64)
+    lo_cost, hi_cost = float(cost.min()), float(cost.max())
+    if not (lo_cost <= d_target * (1 + 1e-12) and d_target <= hi_cost * (1 + 1e-12)):
+        raise ValueError(f"d_target={d_target:g} is outside [{lo_cost:g}, {hi_cost:g}]")
+
+    def mean_cost(lam: float) -> float:
+        return float(cost[lagrange_assignment(S, cost, lam).numpy()].mean())
+
+    if mean_cost(0.0) <= d_target:
+        return 0.0
+    span = float(S.max() - S.min()) if S.size else 0.0
+    gap = float(np.diff(np.unique(cost)).min()) if np.unique(cost).size > 1 else 1.0
+    hi = (span + 1.0) / gap  # any larger lambda routes everything to the cheapest expert
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if mean_cost(mid) <= d_target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def score_loss(pred: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Regression loss of the lagrange gate: mean squared error over all experts' scores."""
+    return torch.mean((pred - scores) ** 2)
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().astype(np.float64)
+    return np.asarray(x, dtype=np.float64)

@@ -1,0 +1,87 @@
+"""Where a run lives and how it reaches Ray and MLflow: the embedded defaults.
+
+Everything a run writes stays under its root: data shards, checkpoints, caches, Tune state,
+reports and (by default) the MLflow database. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILES = ("smoke", "demo", "paper")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options shared by every stage (the CLI's common flags)."""
+
+    task: str = "superres"
+    root: str = "bmoe-runs"
+    profile: str = "demo"
+    data_root: str | None = None  # None: the task's embedded default data
+    tracking_uri: str | None = None  # None: sqlite:///<root>/mlflow.db
+    strict: bool = False  # fail on the first bad input instead of counting it
+    num_workers: int = 1  # Ray Train workers per expert
+    use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.root_path / 'mlflow.db'}"
+
+    def task_dir(self, kind: str) -> Path:
+        """<root>/<kind>/<task>, e.g. kind='data', 'experts', 'cache', 'reports'."""
+        return self.root_path / kind / self.task
+
+    def as_params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "extra"}
+
+
+def quiet_environment() -> None:
+    """Telemetry off and token auth relaxed for the local embedded cluster (see STACK.md)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
+    import ray
+
+    quiet_environment()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    # Ray's socket paths must stay under ~107 characters: keep state under the root when short.
+    temp = cfg.root_path / "ray"
+    if len(str(temp)) < 60:
+        temp.mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = str(temp)
+    ray.init(**kwargs)
+
+
+def ensure_mlflow(cfg: RunConfig, experiment: str | None = None) -> str:
+    """Point MLflow at the run's tracking URI and select the task's experiment; returns its id."""
+    import mlflow
+
+    quiet_environment()
+    if cfg.tracking_uri is None:
+        cfg.root_path.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    exp = mlflow.set_experiment(experiment or f"bmoe-{cfg.task}")
+    return exp.experiment_id

@@ -1,0 +1,23 @@
+"""Shared fixtures: quiet telemetry, paths to the real sample files beside the project."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+PROJECT = Path(__file__).resolve().parents[1]
+SAMPLES = PROJECT.parent / "shared" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """../shared/samples: real COCO, Set5 and UCF-101 files (read in place, never copied)."""
+    if not SAMPLES.is_dir():
+        pytest.skip(f"real sample files not found at {SAMPLES}")
+    return SAMPLES
