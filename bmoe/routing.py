@@ -148,6 +148,7 @@ def oracle_assignment(scores, d, d_target: float) -> torch.Tensor:
     # moves to the costlier expert with the steepest positive score gain per byte.
     steps_row, steps_to, steps_dc, steps_slope, steps_k = [], [], [], [], []
     active = np.ones(M, dtype=bool)
+    prev_slope = np.full(M, np.inf)  # (M,) slope of each input's previous hull step
     for k in range(N):
         dc = cost[None, :] - cost[current][:, None]  # (M, N) extra bytes
         ds = S - S[rows, current][:, None]  # (M, N) extra score
@@ -158,6 +159,10 @@ def oracle_assignment(scores, d, d_target: float) -> torch.Tensor:
         step = active & (best > 0)
         if not step.any():
             break
+        # Hull slopes never increase along a path, but on collinear points rounding can make
+        # a later one larger by an ulp; clamp so each input's steps sort as a prefix.
+        best = np.minimum(best, prev_slope)
+        prev_slope = np.where(step, best, prev_slope)
         idx = rows[step]
         steps_row.append(idx)
         steps_to.append(nxt[step])

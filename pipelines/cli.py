@@ -1,13 +1,18 @@
-"""`bmoe`: one console script, one subcommand per pipeline stage."""
+"""`bmoe`: one console script, one subcommand per pipeline stage.
+
+Every stage is a plain function in pipelines/ that the CLI, `ray job submit` and the tests
+all call; the CLI only turns flags into a RunConfig and user errors into one line.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+import time
+from typing import Annotated, Callable, Optional
 
 import typer
 
-from pipelines.runtime import PROFILES, RunConfig, quiet_environment
+from pipelines.runtime import PROFILES, RunConfig, UserError, quiet_environment
 
 app = typer.Typer(
     add_completion=False,
@@ -16,11 +21,13 @@ app = typer.Typer(
     "sweep gates with Ray Tune + MLflow, and report rho per method.",
 )
 
-Task = Annotated[str, typer.Option(help="Task to run: superres, detection or action.")]
+Task = Annotated[str, typer.Option(help="Task: superres (more tasks land with their issues).")]
 Root = Annotated[str, typer.Option(help="Run root: shards, checkpoints, caches, Tune state, reports, mlflow.db.")]
 Profile = Annotated[str, typer.Option(help=f"Sizes and epochs: {'|'.join(PROFILES)} (smoke: seconds, for tests).")]
 DataRoot = Annotated[Optional[str], typer.Option(help="Real dataset folder; absent: the embedded default data.")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking URI; default sqlite:///<root>/mlflow.db.")]
+Workers = Annotated[int, typer.Option(help="Ray Train workers per expert.")]
+Gpu = Annotated[bool, typer.Option("--gpu/--no-gpu", help="Train and score experts on GPUs (Ray resources).")]
 
 
 @app.callback()
@@ -28,35 +35,106 @@ def _group() -> None:
     """Biased Mixtures of Experts on Ray."""
 
 
-def _config(task: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None, **extra) -> RunConfig:
+def _config(task: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None,
+            **extra) -> RunConfig:
+    from tasks import TASKS
+
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}",
+                                 param_hint="--task")
     try:
-        return RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri, **extra)
+        return RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
+                         **extra)
     except ValueError as err:  # a bad flag value: one line, no traceback
         raise typer.BadParameter(str(err)) from None
 
 
-@app.command()
-def demo(
-    task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
-    root: Root = "bmoe-runs",
-    profile: Profile = "demo",
-    data_root: DataRoot = None,
-    tracking_uri: TrackingUri = None,
-) -> None:
-    """Run every stage on the embedded default data and print what ran."""
-    from pipelines.core_demo import core_demo
+def _run(stage: Callable, *args, **kwargs):
+    """Call a stage; user errors and bad inputs become one line on stderr and exit code 1."""
+    from tasks import BadInput
 
-    _config(task or "superres", root, profile, data_root, tracking_uri)
-    print("== bmoe demo ==")
-    print("ran: the core method (LP bias selection, random selection, oracle, rho) on a toy mixture")
-    core_demo()
-    print("no task pipelines are installed yet: the superres, detection and action stages land with their issues")
+    try:
+        return stage(*args, **kwargs)
+    except (UserError, BadInput) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+            data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+            strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False):
+    """Stage 1: Ray Data writes Parquet shards per split and per P_n, plus the gate input."""
+    from pipelines.prepare import prepare as stage
+
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, strict=strict))
+
+
+@app.command("train-experts")
+def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+                  data_root: DataRoot = None, tracking_uri: TrackingUri = None, num_workers: Workers = 1,
+                  gpu: Gpu = False):
+    """Stage 2: one Ray Train TorchTrainer run per expert; checkpoints and MLflow runs."""
+    from pipelines.train_experts import train_experts as stage
+
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, num_workers=num_workers, use_gpu=gpu))
+
+
+@app.command()
+def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None, gpu: Gpu = False,
+          actors: Annotated[int, typer.Option(help="Actors per expert in the Ray Data pool.")] = 1):
+    """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
+    from pipelines.cache import cache as stage
+
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, use_gpu=gpu), actors=actors)
+
+
+@app.command()
+def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+          methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of methods.")] = None,
+          name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None):
+    """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
+    from pipelines.sweep import GRIDS, sweep as stage, with_methods
+
+    cfg = _config(task, root, profile, data_root, tracking_uri)
+    grid = _run(with_methods, GRIDS[cfg.profile], methods)
+    _run(stage, cfg, grid, name)
+
+
+@app.command()
+def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+           data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+           sweep_file: Annotated[Optional[str], typer.Option(help="Sweep results JSON (default: latest).")] = None):
+    """Stage 5: tables, plots and summary.json under <root>/reports/<task>/, logged to MLflow."""
+    from pipelines.report import report as stage
+
+    _run(stage, _config(task, root, profile, data_root, tracking_uri), sweep_file)
+
+
+@app.command()
+def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
+         root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
+         tracking_uri: TrackingUri = None):
+    """Run every stage of every task on the embedded default data and print what ran."""
+    from pipelines.demo import run_demo
+    from tasks import TASKS
+
+    names = [task] if task else list(TASKS)
+    configs = [_config(name, root, profile, data_root, tracking_uri) for name in names]
+    _run(run_demo, configs)
 
 
 def main() -> None:
     quiet_environment()
-    app(prog_name="bmoe")
+    started = time.perf_counter()
+    try:
+        app(prog_name="bmoe", standalone_mode=True)
+    finally:
+        if "--help" not in sys.argv:
+            print(f"[bmoe] {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,6 +13,10 @@ from pathlib import Path
 PROFILES = ("smoke", "demo", "paper")
 
 
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad file); the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Options shared by every stage (the CLI's common flags)."""
@@ -54,13 +58,22 @@ def quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray 2.60's Parquet datasource V2 starts fresh FooterReader actors for every read (about
+    # 4 s each on 2 cores, measured); V1 reads the same shards in 0.2-0.3 s.
+    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 
 def ensure_ray(cfg: RunConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
+    import logging
+
     import ray
+    import ray.data
 
     quiet_environment()
+    # Ray Data logs every operator at INFO; the stages print their own progress lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] != "0"
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

@@ -21,3 +21,15 @@ def samples() -> Path:
     if not SAMPLES.is_dir():
         pytest.skip(f"real sample files not found at {SAMPLES}")
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (ray.init costs 5-8 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()

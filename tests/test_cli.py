@@ -1,4 +1,4 @@
-"""The console script as a user runs it: help, the demo, and one-line errors for bad flags."""
+"""The console script as a user runs it: help, and one-line errors for bad flags and paths."""
 
 from __future__ import annotations
 
@@ -8,27 +8,30 @@ import sys
 import pytest
 
 
-def bmoe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=120)
+def bmoe(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
 
 
-def test_help_lists_the_stages():
+def test_help_lists_every_stage():
     out = bmoe("--help")
     assert out.returncode == 0
-    assert "demo" in out.stdout
+    for stage in ("prepare", "train-experts", "cache", "sweep", "report", "demo"):
+        assert stage in out.stdout
 
 
-def test_bad_profile_is_one_clear_line():
-    out = bmoe("demo", "--profile", "huge")
-    assert out.returncode == 2
-    assert "profile 'huge' is not one of smoke, demo, paper" in out.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("demo", "--profile", "huge"), "profile 'huge' is not one of smoke, demo, paper"),
+        (("prepare", "--task", "nope"), "unknown task 'nope'; available: superres"),
+        (("sweep", "--methods", "enforce,magic", "--root", "{tmp}"), "unknown method(s) magic"),
+        (("prepare", "--data-root", "{tmp}/missing", "--root", "{tmp}"), "is not a folder"),
+        (("cache", "--root", "{tmp}"), "run `bmoe prepare` first"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, message):
+    out = bmoe(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert out.returncode in (1, 2)
+    assert message in " ".join(out.stderr.replace("│", " ").split())
     assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize("method", ["experts", "random", "oracle"])
-def test_core_demo_orders_methods(method):
-    from pipelines.core_demo import core_demo
-
-    rho = core_demo()
-    assert rho["oracle"] >= rho[method]
-    assert abs(rho["random"] - rho["experts"]) < 0.01  # random selection follows the LP mix line

@@ -1,0 +1,193 @@
+"""Stage 5, report: the paper's tables and figures for one task, from its latest sweep.
+
+Writes <root>/reports/<task>/summary.json, report.md and PNG plots, and logs them to the
+sweep's parent MLflow run. For trained methods, each target's trial is the one with the best
+validation performance (cross-validation of w_bias, M, lr, width); its test figures are shown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bmoe.curves import rho
+from pipelines.gate_trial import TRAINED_METHODS, expert_performance
+from pipelines.runtime import RunConfig, UserError, ensure_mlflow
+from pipelines.sweep import load_split
+from tasks import get_task
+
+ORDER = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
+
+
+def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
+    """Write the task's report; returns summary.json's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    task = get_task(cfg.task, cfg.profile)
+    sweep = _load_sweep(cfg, sweep_file)
+    d = task.data_costs()
+    d_min, d_max = float(d.min()), float(d.max())
+    test = load_split(cfg, task, "test")
+    p_test = expert_performance(task, test)
+
+    curves, chosen = _curves(sweep["trials"])
+    methods = {}
+    for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+        points = sorted(curves[method], key=lambda p: p["d_target"])
+        methods[method] = {
+            "rho": rho([p["d_mean"] for p in points], [p["performance"] for p in points], d_min, d_max),
+            "points": points,
+        }
+    c_g = max((t.get("C_g") or 0) for t in sweep["trials"])
+    summary = {
+        "task": task.name,
+        "metric": task.metric_name,
+        "profile": cfg.profile,
+        "sweep": sweep["name"],
+        "d_min": d_min,
+        "d_max": d_max,
+        "data_costs": [float(x) for x in d],
+        "experts": task.expert_names(),
+        "expert_performance": [float(x) for x in p_test],
+        "C_g": int(c_g),
+        "methods": methods,
+    }
+    out = cfg.task_dir("reports")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    figures = [_plot_curves(summary, out / "performance_vs_cost.png")]
+    draw = getattr(task, "draw_assignment", None)
+    enforce = chosen.get("enforce", {})
+    if draw is not None and enforce:
+        # the picture for the lowest budget enforced, where the gate's choices matter most
+        d_t = min(enforce)
+        assignment_file = Path(enforce[d_t]["trial_dir"]) / "test_assignment.npy"
+        if assignment_file.exists():
+            figures.append(draw(test, np.load(assignment_file), out / "assignment.png"))
+    (out / "report.md").write_text(_markdown(summary, figures))
+    print(f"report: {out / 'report.md'}")
+    for method, info in methods.items():
+        print(f"  rho {method:<10} {info['rho']:.4f}")
+
+    import mlflow
+
+    ensure_mlflow(cfg)
+    with mlflow.start_run(run_id=sweep["mlflow_parent_run"]):
+        for method, info in methods.items():
+            mlflow.log_metric(f"rho_{method}", info["rho"])
+        mlflow.log_artifacts(str(out), artifact_path="report")
+    mlflow.MlflowClient().set_terminated(sweep["mlflow_parent_run"])
+    return out / "summary.json"
+
+
+def _load_sweep(cfg: RunConfig, sweep_file: str | None) -> dict:
+    if sweep_file is None:
+        latest = cfg.task_dir("sweeps") / "latest.json"
+        if not latest.exists():
+            raise UserError(f"no sweep of task {cfg.task} under {cfg.root_path}: run `bmoe sweep` first")
+        sweep_file = json.loads(latest.read_text())["file"]
+    path = Path(sweep_file)
+    if not path.exists():
+        raise UserError(f"sweep results {path} not found")
+    return json.loads(path.read_text())
+
+
+def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[float, dict]]]:
+    """Points per method; for trained methods the best-on-validation trial per target."""
+    curves: dict[str, list[dict]] = {}
+    chosen: dict[str, dict[float, dict]] = {}
+    for trial in trials:
+        method = trial["config"]["method"]
+        if method in TRAINED_METHODS:
+            d_t = trial["config"]["d_target"]
+            best = chosen.setdefault(method, {}).get(d_t)
+            if best is None or trial["val_performance"] > best["val_performance"]:
+                chosen[method][d_t] = trial
+        else:
+            curves[method] = trial["points"]
+    for method, by_target in chosen.items():
+        curves[method] = [
+            {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")}}
+            for t in by_target.values()
+        ]
+    return curves, chosen
+
+
+def _at(points: list[dict], d_t: float) -> dict | None:
+    return next((p for p in points if abs(p["d_target"] - d_t) <= 1e-6 * max(1.0, d_t)), None)
+
+
+def _markdown(summary: dict, figures: list[Path]) -> str:
+    d_max = summary["d_max"]
+    columns = [("d_max", d_max), ("d_max/2", d_max / 2), ("d_max/3", d_max / 3)]
+    costs = ", ".join(f"{c / 1000:.2f}" for c in summary["data_costs"])
+    lines = [
+        f"# BMoE report: {summary['task']} ({summary['profile']} profile, sweep {summary['sweep']})",
+        "",
+        f"Metric: {summary['metric']}. Experts: {', '.join(summary['experts'])}; data costs d_n = {{{costs}}} kB;"
+        f" gate C_g = {summary['C_g']:,} multiply-adds per input.",
+        "",
+        "## Performance at data-cost targets and rho (our Table I / V / VIII)",
+        "",
+        "| method | " + " | ".join(f"{name} ({v / 1000:.2f} kB)" for name, v in columns) + " | rho |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for method, info in summary["methods"].items():
+        cells = []
+        for _, v in columns:
+            p = _at(info["points"], v)
+            cells.append(f"{p['performance']:.3f} (d̄ {p['d_mean'] / 1000:.2f})" if p else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} |")
+    lines += [
+        "",
+        "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄.",
+        "",
+        "## Each expert on the inputs the gate gave it (our Table II / VI / IX)",
+        "",
+        "Baseline: each expert over all test inputs: "
+        + ", ".join(f"E{n + 1} {p:.3f}" for n, p in enumerate(summary["expert_performance"])) + ".",
+        "",
+    ]
+    n_experts = len(summary["experts"])
+    for method in TRAINED_METHODS:
+        info = summary["methods"].get(method)
+        if not info:
+            continue
+        lines += [f"**{method}**", "", "| d_t (kB) | b | " + " | ".join(f"E{n + 1}" for n in range(n_experts))
+                  + " | BMoE |", "|---|---|" + "---|" * (n_experts + 1)]
+        for p in info["points"]:
+            cells = []
+            for n in range(n_experts):
+                value = p["assigned_performance"][n]
+                cells.append("—" if value is None else
+                             f"{value:.3f} ({value - summary['expert_performance'][n]:+.3f})")
+            b = "[" + ", ".join(f"{x:.2f}" for x in p.get("b", [])) + "]"
+            lines.append(f"| {p['d_target'] / 1000:.2f} | {b} | " + " | ".join(cells) + f" | {p['performance']:.3f} |")
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def _plot_curves(summary: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, info in summary["methods"].items():
+        pts = sorted(info["points"], key=lambda p: p["d_mean"])
+        x = [p["d_mean"] / 1000 for p in pts]
+        y = [p["performance"] for p in pts]
+        style = {"experts": dict(ls=":", marker="s", color="k"), "oracle": dict(ls="--", color="grey")}.get(
+            method, dict(marker="o"))
+        ax.plot(x, y, label=f"{method} (rho {info['rho']:.3f})", **style)
+    ax.set_xlabel("mean data cost d̄ (kB)")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(f"{summary['task']}: performance vs data cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,201 @@
+"""Stage 4, sweep: Ray Tune over method x d_t x w_bias x batch size M x gate width x lr.
+
+Each trial trains (or applies) a gate on the expert cache only. MLflow: one experiment per
+task, a parent run per sweep, one child run per trial (params, per-epoch metrics, final test
+performance, d_mean, u, C_g). Interrupt a sweep and rerun the same command: it resumes with
+Tuner.restore, and finished trials are neither rerun nor logged twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.cache import expert_matrix, load_cache
+from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial
+from pipelines.prepare import require_manifest, shard_path
+from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
+from tasks import SPLITS, get_task
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The search space, as plain values beside the code that uses them."""
+
+    methods: tuple[str, ...] = METHODS
+    points: int = 7  # d_t grid over [d_min, d_max]; d_max/2 and d_max/3 are added for the tables
+    epochs: int = 20
+    batch_sizes: tuple[int, ...] = (128,)
+    lrs: tuple[float, ...] = (1e-4,)
+    widths: tuple[float, ...] = (1.0,)
+    w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
+    seed: int = 0
+    max_concurrent: int = 0  # 0: as many as the cluster's CPUs allow
+
+
+GRIDS = {
+    "smoke": SweepGrid(points=3, epochs=2, batch_sizes=(16,), lrs=(1e-3,), widths=(0.25,), w_biases=(1.0,)),
+    "demo": SweepGrid(points=7, epochs=12, batch_sizes=(64,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0)),
+    "paper": SweepGrid(),  # the paper: batch 128, lr 1e-4, 20 epochs, w_bias cross-validated
+}
+
+
+def targets(d: np.ndarray, points: int) -> list[float]:
+    """points d_t evenly over [d_min, d_max], plus d_max/2 and d_max/3 where they lie inside."""
+    lo, hi = float(d.min()), float(d.max())
+    grid = set(np.round(np.linspace(lo, hi, points), 6).tolist())
+    grid |= {round(hi / k, 6) for k in (2, 3) if lo <= hi / k <= hi}
+    return sorted(grid)
+
+
+def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
+    """Every trial of the sweep as a plain dict (Tune's grid search runs through the list)."""
+    ts = targets(d, grid.points)
+    base = {"task": cfg.task, "profile": cfg.profile, "seed": grid.seed, "epochs": grid.epochs}
+    configs = []
+    for method in grid.methods:
+        if method in STATIC_METHODS:
+            configs.append({**base, "method": method, "targets": ts})
+        elif method == "lagrange":
+            for M in grid.batch_sizes:
+                for lr in grid.lrs:
+                    for width in grid.widths:
+                        configs.append({**base, "method": method, "targets": ts, "batch_size": M, "lr": lr,
+                                        "width": width})
+        elif method in TRAINED_METHODS:
+            for d_t in ts:
+                for M in grid.batch_sizes:
+                    for lr in grid.lrs:
+                        for width in grid.widths:
+                            for w in (grid.w_biases if method == "soft" else (0.0,)):
+                                configs.append({**base, "method": method, "d_target": d_t, "batch_size": M,
+                                                "lr": lr, "width": width, "w_bias": w})
+        else:
+            raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return configs
+
+
+def load_split(cfg: RunConfig, task, split: str) -> SplitData:
+    """Gate inputs and cache rows of one split, aligned by sample_id."""
+    table = load_cache(cfg, split)
+    gate = pd.read_parquet(shard_path(cfg, split, "gate"), columns=["sample_id", "gate"])
+    gate = gate.set_index("sample_id").loc[table["sample_id"]]
+    n = len(task.expert_names())
+    return SplitData(gate=np.stack(gate["gate"].to_numpy()), cache=table,
+                     losses=expert_matrix(table, "loss", n), scores=expert_matrix(table, "score", n))
+
+
+def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None) -> Path:
+    """Run (or resume) the sweep; returns the JSON file of its results."""
+    import mlflow
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    manifest = require_manifest(cfg)
+    task = get_task(cfg.task, cfg.profile)
+    grid = grid or GRIDS[cfg.profile]
+    d = task.data_costs()
+    configs = trial_configs(cfg, grid, d)
+    cache_key = json.loads((cfg.task_dir("cache") / "cache.json").read_text()) \
+        if (cfg.task_dir("cache") / "cache.json").exists() else None
+    if cache_key is None:
+        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root_path}: run `bmoe cache` first")
+    key = hashlib.sha256(json.dumps({"grid": asdict(grid), "cache": cache_key, "data": manifest["fingerprint"]},
+                                    sort_keys=True).encode()).hexdigest()[:10]
+    name = name or f"sweep-{key}"
+
+    ensure_ray(cfg)
+    experiment_id = ensure_mlflow(cfg)
+    parent = _parent_run(name, experiment_id, grid, cfg)
+    data = {split: load_split(cfg, task, split) for split in SPLITS}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data), {"cpu": 1})
+    storage = cfg.root_path / "tune" / cfg.task
+    path = storage / name
+    callbacks = [MLflowLoggerCallback(tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
+                                      tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
+    run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1)
+    started = time.perf_counter()
+    if tune.Tuner.can_restore(str(path)):
+        print(f"sweep: resuming {name} from {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        print(f"sweep: {name}: {len(configs)} trials ({', '.join(grid.methods)}), MLflow parent run {parent}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=grid.max_concurrent or None),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    records = []
+    for result in results:
+        if result.error:
+            raise RuntimeError(f"sweep trial failed: {result.error}")
+        metrics = result.metrics
+        records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
+                        "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
+                        "trial_dir": result.path})
+    out = cfg.task_dir("sweeps") / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
+               "mlflow_parent_run": parent, "experiment_id": experiment_id,
+               "seconds": round(time.perf_counter() - started, 1), "trials": records}
+    out.write_text(json.dumps(summary, indent=2))
+    (cfg.task_dir("sweeps") / "latest.json").write_text(json.dumps({"name": name, "file": str(out)}))
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metric("trials", len(records))
+        mlflow.log_artifact(str(out))
+    mlflow.MlflowClient().set_terminated(parent)
+    print(f"sweep: {len(records)} trials done in {summary['seconds']}s -> {out}")
+    return out
+
+
+def _parent_run(name: str, experiment_id: str, grid: SweepGrid, cfg: RunConfig) -> str:
+    """The sweep's parent MLflow run, reused when the sweep resumes."""
+    import mlflow
+
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.`bmoe.sweep_parent` = '{name}'",
+                               output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=name, tags={"bmoe.sweep_parent": name, "bmoe.stage": "sweep"}) as run:
+        mlflow.log_params({**{f"grid.{k}": str(v) for k, v in asdict(grid).items()}, **cfg.as_params()})
+        return run.info.run_id
+
+
+def _trainable(config: dict, data: dict) -> None:
+    """Tune function trainable: run the trial, then report its final record."""
+    from ray import tune
+
+    trial = config["trial"]
+    result = run_trial(trial, data)
+    assignment = result.pop("test_assignment", None)
+    if assignment is not None:
+        np.save(Path(tune.get_context().get_trial_dir()) / "test_assignment.npy", assignment)
+    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
+    if "val_performance" in result:
+        final["val_performance"] = result["val_performance"]
+    if len(result["points"]) == 1:  # one target: its figures as plain metrics for MLflow
+        point = result["points"][0]
+        final.update({"test_performance": point["performance"], "d_mean": point["d_mean"],
+                      **{f"u_{n}": u for n, u in enumerate(point["share"])}})
+    else:
+        final["mean_test_performance"] = float(np.mean([p["performance"] for p in result["points"]]))
+    tune.report(final)
+
+
+def with_methods(grid: SweepGrid, methods: str | None) -> SweepGrid:
+    """The grid restricted to a comma-separated list of methods (CLI)."""
+    if not methods:
+        return grid
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return replace(grid, methods=chosen)

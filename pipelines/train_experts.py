@@ -1,0 +1,206 @@
+"""Stage 2, train-experts: one Ray Train TorchTrainer run per expert, reading its P_n shards.
+
+Workers and GPUs come from the run config (CPU here, CUDA on a cluster with no code change).
+The final weights go to <root>/experts/<task>/<n>/model.pt with the settings that made them;
+metrics per epoch and the model are logged to MLflow. An expert whose data and settings are
+unchanged is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipelines.prepare import require_manifest, shard_path
+from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
+from tasks import get_task
+
+WEIGHTS = "model.pt"
+META = "expert.json"
+
+
+def train_experts(cfg: RunConfig) -> list[dict]:
+    """Train every expert of the task; returns one summary per expert.
+
+    The experts' TorchTrainer runs are launched together (each fit() from a zero-CPU Ray task),
+    so Ray schedules their workers as resources free up instead of one expert at a time.
+    """
+    import ray
+
+    manifest = require_manifest(cfg)
+    task = get_task(cfg.task, cfg.profile)
+    summaries: dict[int, dict] = {}
+    todo = []
+    for n, name in enumerate(task.expert_names()):
+        folder = expert_dir(cfg, n)
+        fingerprint = _fingerprint(manifest, task, n, cfg)
+        meta_path = folder / META
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+            print(f"train-experts: expert {n} ({name}) unchanged, kept {folder / WEIGHTS}")
+            summaries[n] = json.loads(meta_path.read_text())
+        else:
+            todo.append((n, fingerprint))
+    if todo:
+        ensure_ray(cfg)
+        limit = _concurrent_fits(cfg)
+        running: dict = {}
+        while todo or running:
+            while todo and len(running) < limit:
+                n, fingerprint = todo.pop(0)
+                training = task.expert_training(n)
+                print(f"train-experts: expert {n} ({task.expert_names()[n]}): {training.epochs} epochs, "
+                      f"batch {training.batch_size}, {cfg.num_workers} worker(s), gpu={cfg.use_gpu}")
+                running[_fit.remote(cfg, n, fingerprint)] = (n, fingerprint, time.perf_counter())
+            done, _ = ray.wait(list(running), num_returns=1)
+            n, fingerprint, started = running.pop(done[0])
+            state, history = ray.get(done[0])
+            summaries[n] = _record(cfg, task, n, fingerprint, state, history, time.perf_counter() - started)
+    return [summaries[n] for n in sorted(summaries)]
+
+
+def _concurrent_fits(cfg: RunConfig) -> int:
+    """How many experts can train at once and still leave a CPU for Ray Data's read tasks
+    (a trainer whose data tasks cannot get a CPU waits forever)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_fit = cfg.num_workers * (0 if cfg.use_gpu else 1)
+    return max(1, (cpus - 1) // per_fit) if per_fit else max(1, int(ray.cluster_resources().get("GPU", 1)))
+
+
+def expert_dir(cfg: RunConfig, n: int) -> Path:
+    return cfg.task_dir("experts") / str(n)
+
+
+def load_expert(task, n: int, folder: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The frozen expert n, in eval mode, on `device`."""
+    model = task.build_expert(n)
+    model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict]]:
+    """Ray Train fit of expert n; returns its final weights and per-epoch history."""
+    import ray.data
+    from ray.train import RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg)  # applies the Ray Data settings inside this task too
+    task = get_task(cfg.task, cfg.profile)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"task": cfg.task, "profile": cfg.profile, "n": n, "seed": cfg.seed},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        datasets={  # tensors only: sample ids and groups stay behind
+            split: ray.data.read_parquet(shard_path(cfg, split, f"p{n}"), columns=["x", *task.target_columns])
+            for split in ("train", "val")
+        },
+        run_config=TrainRunConfig(name=f"{cfg.task}-expert-{n}-{fingerprint[:8]}",
+                                  storage_path=str(cfg.root_path / "ray-train")),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        state = torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True)
+        history = json.loads((Path(ckpt) / "history.json").read_text())
+    return state, history
+
+
+def _remote_fit():
+    import ray
+
+    return ray.remote(num_cpus=0)(_fit_task)
+
+
+class _LazyRemote:
+    """`_fit.remote(...)` without decorating at import time (no Ray side effects on import)."""
+
+    def remote(self, *args):
+        return _remote_fit().remote(*args)
+
+
+_fit = _LazyRemote()
+
+
+def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history: list[dict], seconds: float) -> dict:
+    """Save the weights under the run root and log the expert to MLflow."""
+    import mlflow
+
+    name = task.expert_names()[n]
+    folder = expert_dir(cfg, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / WEIGHTS)
+    ensure_mlflow(cfg)
+    with mlflow.start_run(run_name=f"expert-{n}-{name}") as run:
+        mlflow.set_tags({"bmoe.stage": "train-experts", "bmoe.expert": n})
+        mlflow.log_params({"expert": name, "data_cost_bytes": float(task.data_costs()[n]),
+                           **asdict(task.expert_training(n)), "num_workers": cfg.num_workers,
+                           "use_gpu": cfg.use_gpu, "profile": cfg.profile})
+        for row in history:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        mlflow.log_metric("train_seconds", seconds)
+        mlflow.pytorch.log_model(load_expert(task, n, folder), name="model", serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        run_id = run.info.run_id
+    summary = {"expert": n, "name": name, "fingerprint": fingerprint, "weights": str(folder / WEIGHTS),
+               "mlflow_run_id": run_id, "seconds": round(seconds, 2), "final": history[-1] if history else {}}
+    (folder / META).write_text(json.dumps(summary, indent=2))
+    print(f"train-experts: expert {n} ({name}) done in {seconds:.1f}s: {summary['final']}")
+    return summary
+
+
+def _train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    task = get_task(config["task"], config["profile"])
+    n = config["n"]
+    torch.manual_seed(config["seed"] + n)
+    training = task.expert_training(n)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(task.build_expert(n))
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    history = []
+    for epoch in range(1, training.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
+                                                    local_shuffle_buffer_size=4 * training.batch_size):
+            loss = task.train_loss(n, model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            size = len(batch["x"])
+            total, count = total + float(loss.detach()) * size, count + size
+        model.eval()
+        val_total, val_count = 0.0, 0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=training.batch_size, device=device):
+                size = len(batch["x"])
+                val_total += float(task.train_loss(n, model, batch)) * size
+                val_count += size
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_total / max(val_count, 1)}
+        history.append(row)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:
+                unwrapped = model.module if hasattr(model, "module") else model
+                torch.save(unwrapped.state_dict(), Path(tmp) / WEIGHTS)
+                (Path(tmp) / "history.json").write_text(json.dumps(history))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(row, checkpoint=checkpoint)
+
+
+def _fingerprint(manifest: dict, task, n: int, cfg: RunConfig) -> str:
+    payload = {"data": manifest["fingerprint"], "training": asdict(task.expert_training(n)),
+               "expert": task.expert_names()[n], "seed": cfg.seed,
+               "settings": repr(getattr(task, "settings", None))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,283 @@
+"""Real super-resolution data: list a DIV2K tree, a Set5-style folder or any folder of
+PNG/JPEG images into train/val/test, and decode one image to (H, W, 3) uint8 RGB.
+
+We make our own bicubic LR inputs from the HR images (patches.downscale), so LR folders that
+ship with a dataset are only recognised (ImageListing.lr_dirs), never required.
+
+Split rules
+-----------
+* DIV2K (``<root>/DIV2K_train_HR``, ``<root>/DIV2K_valid_HR``): train = every image of
+  DIV2K_train_HR; DIV2K has no public test HR, so its validation set is halved: val = the first
+  ceil(n/2) files of DIV2K_valid_HR in name order (0801-0850), test = the rest (0851-0900).
+* Split folders (``<root>/train``, ``<root>/val`` or ``<root>/valid``, ``<root>/test``; at least
+  train and one other): each split is its folder (or that folder's ``HR/``), as it is.
+* Any other folder (its ``HR/`` subfolder if there is one, as in Set5/Set14: ``HR/``, ``X2/`` ...):
+  each file goes by a hash of its name to train/val/test at 60/20/20, so adding a file never moves
+  another one. With >= 3 images every split is guaranteed at least one image (see _hash_split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "BadImage",
+    "BadDataRoot",
+    "ImageListing",
+    "IMAGE_SUFFIXES",
+    "MIN_SIDE",
+    "find_images",
+    "list_image_files",
+    "load_rgb",
+]
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_SIDE = 64  # one patch: a smaller image gives no sample at all
+HASH_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+# Files that are plainly not images: skipped without a word. Anything else that is not
+# PNG/JPEG (.bmp, .tif, .webp, no suffix ...) might be someone's image, so it is reported.
+_NOT_IMAGES = {
+    ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".csv", ".tsv", ".xml", ".html", ".pdf",
+    ".py", ".sh", ".zip", ".tar", ".gz", ".npy", ".npz", ".mat", ".db", ".ini", ".log",
+}
+_DIV2K_HR = {"train": "DIV2K_train_HR", "valid": "DIV2K_valid_HR"}
+_DIV2K_LR = {"train": "DIV2K_train_LR_bicubic", "valid": "DIV2K_valid_LR_bicubic"}
+_SCALE_DIR = re.compile(r"^[Xx]([2-8])$")
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+
+
+class BadImage(ValueError):
+    """An image file that cannot be used; the one-line message names the file and the reason."""
+
+
+class BadDataRoot(ValueError):
+    """A data root that is missing or holds no usable images; the message says what was expected."""
+
+
+@dataclass
+class ImageListing:
+    """The HR image paths of one split, the layout they were found in, and the problems seen.
+
+    lr_dirs maps a scale (2, 3, 4 ...) to a dataset-provided bicubic LR folder for this split,
+    recognised but unused (we downscale ourselves). problems are one line each: files that were
+    skipped because they might be images in a format we do not read, and empty splits. Files that
+    claim to be PNG/JPEG but are not are caught later, by load_rgb.
+    """
+
+    split: str
+    layout: str  # "div2k", "splits" (train/ val/ test/ folders) or "folder" (hash split)
+    root: Path  # the folder the HR images live in
+    paths: list[Path]
+    lr_dirs: dict[int, Path] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def find_images(root: Path, split: str) -> ImageListing:
+    """The HR images of `split` under `root`: a DIV2K tree, train/ val/ test/ folders, a Set5-style
+    folder (HR/ used) or a plain folder (hash split); see the module docstring for the rules."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise BadDataRoot(
+            f"{root}: data root is not a folder; expected DIV2K_train_HR/ and DIV2K_valid_HR/ "
+            "or a folder of PNG/JPEG images"
+        )
+    if any((root / name).is_dir() for name in _DIV2K_HR.values()):
+        return _find_div2k(root, split)
+    split_dirs = _split_dirs(root)
+    if split_dirs is not None:
+        return _find_split_dir(split_dirs[split], root, split)
+    return _find_folder(root, split)
+
+
+def list_image_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """PNG/JPEG files directly in `folder` (sorted by name) and one line per suspicious other file."""
+    images, problems = [], []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            images.append(path)
+        elif suffix not in _NOT_IMAGES and path.name not in ("Thumbs.db", "desc.ini"):
+            problems.append(f"{path}: skipped, not a .png/.jpg/.jpeg file; convert it to PNG to use it")
+    return images, problems
+
+
+def _lr_dirs(folder: Path) -> dict[int, Path]:
+    """{scale: folder} for subfolders named X2, X3, X4 (DIV2K and Set5 both use this naming)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for sub in sorted(folder.iterdir()):
+        match = _SCALE_DIR.match(sub.name)
+        if sub.is_dir() and match:
+            found[int(match.group(1))] = sub
+    return found
+
+
+def _find_div2k(root: Path, split: str) -> ImageListing:
+    """train = DIV2K_train_HR; val/test = first/second half of DIV2K_valid_HR by name."""
+    part = "train" if split == "train" else "valid"
+    hr = root / _DIV2K_HR[part]
+    problems: list[str] = []
+    if hr.is_dir():
+        paths, problems = list_image_files(hr)
+    else:
+        paths = []
+    if part == "valid":
+        half = math.ceil(len(paths) / 2)
+        paths = paths[:half] if split == "val" else paths[half:]
+        problems = problems if split == "val" else []  # report DIV2K_valid_HR's strays once
+    if not paths:
+        problems.append(f"{hr}: no HR images for split {split!r} (DIV2K {split} comes from {hr.name})")
+    return ImageListing(
+        split=split,
+        layout="div2k",
+        root=hr,
+        paths=paths,
+        lr_dirs=_lr_dirs(root / _DIV2K_LR[part]),
+        problems=problems,
+    )
+
+
+def _split_dirs(root: Path) -> dict[str, Path | None] | None:
+    """{split: folder or None} when root holds train/ and val/ (or valid/) or test/ folders."""
+    found = {
+        split: next((root / name for name in names if (root / name).is_dir()), None)
+        for split, names in _SPLIT_DIRS.items()
+    }
+    if found["train"] is None or (found["val"] is None and found["test"] is None):
+        return None
+    return found
+
+
+def _find_split_dir(folder: Path | None, root: Path, split: str) -> ImageListing:
+    """One split folder (or its HR/ subfolder) taken whole."""
+    if folder is None:
+        return ImageListing(
+            split=split, layout="splits", root=root, paths=[],
+            problems=[f"{root}: no {' or '.join(_SPLIT_DIRS[split])}/ folder for split {split!r}"],
+        )
+    hr = folder / "HR" if (folder / "HR").is_dir() else folder
+    paths, problems = list_image_files(hr)
+    if not paths:
+        problems.append(f"{hr}: no .png/.jpg/.jpeg images for split {split!r}")
+    lr_dirs = _lr_dirs(folder) if hr != folder else {}
+    return ImageListing(split=split, layout="splits", root=hr, paths=paths, lr_dirs=lr_dirs, problems=problems)
+
+
+def _find_folder(root: Path, split: str) -> ImageListing:
+    """A plain folder (or its HR/ subfolder) split 60/20/20 by a hash of each file name."""
+    hr = root / "HR" if (root / "HR").is_dir() else root
+    images, problems = list_image_files(hr)
+    if not images:
+        raise BadDataRoot(
+            f"{hr}: no .png/.jpg/.jpeg images found; expected DIV2K_train_HR/ and DIV2K_valid_HR/, "
+            "an HR/ folder, or a folder of images"
+        )
+    paths = _hash_split(images)[split]
+    if not paths:
+        problems.append(
+            f"{hr}: split {split!r} is empty ({len(images)} images; >= 3 give every split one)"
+        )
+    return ImageListing(
+        split=split,
+        layout="folder",
+        root=hr,
+        paths=paths,
+        lr_dirs=_lr_dirs(root) if hr != root else {},
+        problems=problems,
+    )
+
+
+def _name_hash(name: str) -> float:
+    """A stable number in [0, 1) from a file name (sha1, so it is the same on every machine)."""
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _hash_split(images: list[Path]) -> dict[str, list[Path]]:
+    """Assign each file to train/val/test by where its name hash falls (60/20/20).
+
+    Repair when there are >= 3 files and a split came out empty: it takes, from the currently
+    largest split, the file whose hash lies closest to the empty split's band. The largest split
+    has >= 2 files whenever another one is empty, so no split is emptied by the repair.
+    """
+    bands, start = {}, 0.0
+    for split in SPLITS:
+        bands[split] = (start, start + HASH_FRACTIONS[split])
+        start += HASH_FRACTIONS[split]
+    hashed = {path: _name_hash(path.name) for path in images}
+    out: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    for path, h in hashed.items():
+        split = next((s for s in SPLITS if h < bands[s][1]), SPLITS[-1])
+        out[split].append(path)
+    if len(images) >= len(SPLITS):
+        for split in SPLITS:
+            if out[split]:
+                continue
+            donor = max(SPLITS, key=lambda s: (len(out[s]), -SPLITS.index(s)))
+            lo, hi = bands[split]
+            moved = min(out[donor], key=lambda p: min(abs(hashed[p] - lo), abs(hashed[p] - hi)))
+            out[donor].remove(moved)
+            out[split].append(moved)
+    return {split: sorted(paths) for split, paths in out.items()}
+
+
+def load_rgb(path: Path, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB, or raise BadImage naming the file.
+
+    Conversions: grayscale and bilevel are replicated to 3 channels; palette images are expanded;
+    alpha (RGBA, LA, palette transparency) is composited over black, i.e. RGB * alpha / 255, so
+    hidden colours under transparent pixels never leak in; 16-bit grayscale is scaled
+    round(v * 255 / 65535); 16-bit RGB(A) is reduced by Pillow to its high byte (65535 -> 255);
+    JPEG EXIF orientation is applied. Truncated files raise: we call img.load() and never enable
+    PIL's LOAD_TRUNCATED_IMAGES.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, zlib.error...
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise BadImage(f"{path}: not a readable PNG/JPEG image ({reason})") from err
+    height, width = rgb.shape[:2]
+    if height < min_side or width < min_side:
+        raise BadImage(
+            f"{path}: {width}x{height} image is smaller than one {min_side}x{min_side} patch; "
+            "use a larger image"
+        )
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from any decoded Pillow mode (see load_rgb for the conventions)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.float64)  # (H, W) 16-bit range
+        gray = np.clip(np.rint(values * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        rgba = np.asarray(img, dtype=np.uint16)  # (H, W, 4)
+        alpha = rgba[:, :, 3:4]
+        return ((rgba[:, :, :3] * alpha + 127) // 255).astype(np.uint8)  # over black, rounded
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # 1, L, CMYK, YCbCr ...
+    return np.asarray(img, dtype=np.uint8).copy()

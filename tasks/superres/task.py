@@ -1,0 +1,187 @@
+"""The `superres` task: 64x64 HR patches, bicubic P_n at x4/x3/x2, ESPCN or FSRCNN experts,
+PSNR on Y per image reassembled from its patches (section IV-C, Tables V-VII)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from bmoe.gating import SUPERRES_GATE, GateSpec
+from tasks.base import SPLITS, BadInput, ExpertTraining, Listing
+from tasks.superres import metrics, models, patches, readers, synthetic
+
+
+@dataclass(frozen=True)
+class SuperResSettings:
+    """One profile's settings; logged to MLflow as they are."""
+
+    scales: tuple[int, ...] = patches.SCALES  # experts cheapest first: x4, x3, x2
+    model: str = "espcn"  # or "fsrcnn"
+    expert_width: float = 1.0
+    K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
+    max_side: int = 256  # embedded images are cropped to at most this side (multiple of 64)
+    n_procedural: int = 8  # procedural images per split in the embedded data
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+PROFILES = {
+    "smoke": SuperResSettings(expert_width=0.25, max_side=128, n_procedural=2, epochs=1, batch_size=16),
+    "demo": SuperResSettings(max_side=256, n_procedural=10, epochs=12, batch_size=32),
+    "paper": SuperResSettings(max_side=2048, n_procedural=0, epochs=50, batch_size=128, lr=1e-3),
+}
+
+
+class SuperResTask:
+    """Implements tasks.base.Task for super-resolution."""
+
+    name = "superres"
+    metric_name = "PSNR (dB, Y channel, border S cropped, per image)"
+    target_columns = ("hr", "row", "col", "img_h", "img_w")
+    meta_columns = ("row", "col", "img_h", "img_w")
+
+    def __init__(self, settings: SuperResSettings):
+        if settings.model not in models.EXPERT_KINDS:
+            raise ValueError(f"unknown super-resolution model {settings.model!r}; "
+                             f"expected one of {', '.join(models.EXPERT_KINDS)}")
+        self.settings = settings
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "SuperResTask":
+        return cls(replace(PROFILES[profile], **overrides))
+
+    # -- data -----------------------------------------------------------------------------
+    def expert_names(self) -> list[str]:
+        return [f"{self.settings.model}_x{s}" for s in self.settings.scales]
+
+    def data_costs(self) -> np.ndarray:
+        return np.array([patches.data_cost_bytes(s, self.settings.K) for s in self.settings.scales])
+
+    def embedded_data(self, folder: Path) -> Path:
+        """scikit-image's photographs plus procedural textures as PNG files, one folder per split."""
+        stamp = folder / "embedded.json"
+        key = {"max_side": self.settings.max_side, "n_procedural": self.settings.n_procedural, "version": 1}
+        if stamp.exists() and json.loads(stamp.read_text()) == key:
+            return folder
+        for split in SPLITS:
+            images = synthetic.embedded_images(split, n_procedural=self.settings.n_procedural,
+                                               max_side=self.settings.max_side, seed=SPLITS.index(split))
+            synthetic.write_png_folder(images, folder / split)
+        stamp.write_text(json.dumps(key))
+        return folder
+
+    def list_sources(self, data_root: Path, split: str) -> Listing:
+        if all((data_root / s).is_dir() for s in SPLITS):  # explicit split folders (the embedded layout)
+            listing = readers.find_images(data_root / split, "train")
+            listing = replace(listing, problems=[])
+            paths = sorted(listing.paths)
+        else:
+            try:
+                listing = readers.find_images(data_root, split)
+            except readers.BadDataRoot as err:
+                raise BadInput(str(err)) from None
+            paths = listing.paths
+        sources = [{"source_id": p.stem, "path": str(p)} for p in paths]
+        return Listing(sources=sources, problems=list(listing.problems))
+
+    def load(self, source: dict) -> list[dict]:
+        try:
+            image = readers.load_rgb(Path(source["path"]))  # (H, W, 3) uint8
+        except readers.BadImage as err:
+            raise BadInput(str(err)) from None
+        hr, pos = patches.to_patches(image)  # (P, 64, 64, 3), (P, 2)
+        rows = []
+        low = [patches.downscale(hr, s) for s in self.settings.scales]  # N x (P, h_n, w_n, 3)
+        for i in range(len(hr)):
+            row = {"sample_id": f"{source['source_id']}/{pos[i, 0]:05d}_{pos[i, 1]:05d}",
+                   "group": source["source_id"], "gate": hr[i], "hr": hr[i],
+                   "row": int(pos[i, 0]), "col": int(pos[i, 1]),
+                   "img_h": int(image.shape[0]), "img_w": int(image.shape[1])}
+            for n, lr in enumerate(low):
+                row[f"x{n}"] = lr[i]
+                row[f"enc{n}"] = patches.png_bytes(lr[i])
+            rows.append(row)
+        return rows
+
+    # -- experts --------------------------------------------------------------------------
+    def build_expert(self, n: int) -> torch.nn.Module:
+        return models.build_expert(self.settings.model, self.settings.scales[n], width=self.settings.expert_width)
+
+    def expert_training(self, n: int) -> ExpertTraining:
+        s = self.settings
+        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+
+    def train_loss(self, n: int, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        sr = model(_to_float(batch["x"]))  # (B, 3, 64, 64)
+        return F.mse_loss(sr, _to_float(batch["hr"]))
+
+    def evaluate(self, n: int, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        x = _to_float(torch.as_tensor(batch["x"], device=device))
+        sr = model(x).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0  # (B, 64, 64, 3)
+        hr = np.asarray(batch["hr"], dtype=np.float64)
+        pos = np.stack([batch["row"], batch["col"]], axis=1)  # (B, 2)
+        shapes = np.stack([batch["img_h"], batch["img_w"]], axis=1)  # (B, 2)
+        sums = np.zeros((4, len(hr)))  # sse_y, count_y, sse_rgb, count_rgb
+        for shape in np.unique(shapes, axis=0):  # the border mask depends on the image's shape
+            idx = np.flatnonzero((shapes == shape).all(axis=1))
+            errs = metrics.patch_errors(sr[idx], hr[idx], pos[idx], tuple(shape), self.settings.scales[n])
+            sums[:, idx] = np.stack(errs)
+        sse_y, count_y, sse_rgb, count_rgb = sums
+        mse_y = sse_y / np.maximum(count_y, 1)
+        return {
+            "loss": ((sr - hr) ** 2).mean(axis=(1, 2, 3)) / 255.0**2,  # the training loss, per patch
+            "score": -mse_y,  # additive: pooled per image before PSNR's log
+            "sse_y": sse_y,
+            "count_y": count_y,
+            "sse_rgb": sse_rgb,
+            "count_rgb": count_rgb,
+        }
+
+    # -- mixture --------------------------------------------------------------------------
+    def metric(self, cache: pd.DataFrame, assignment: np.ndarray) -> dict[str, float]:
+        if len(cache) == 0:
+            return {"performance": float("nan"), "psnr_rgb": float("nan")}
+        pick = {col: _chosen(cache, col, assignment) for col in ("sse_y", "count_y", "sse_rgb", "count_rgb")}
+        groups = cache["group"].to_numpy()
+        y = metrics.per_image_psnr(groups, pick["sse_y"], pick["count_y"])
+        rgb = metrics.per_image_psnr(groups, pick["sse_rgb"], pick["count_rgb"])
+        return {"performance": float(np.nanmean(list(y.values()))), "psnr_rgb": float(np.nanmean(list(rgb.values())))}
+
+    def gate_spec(self) -> GateSpec:
+        return SUPERRES_GATE  # Table VII: the 64x64 HR patch, C_g < 1e7
+
+    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
+        return _to_float(torch.as_tensor(np.asarray(gate)))
+
+    def heuristic(self, gate: np.ndarray) -> np.ndarray:
+        """Gradient energy of the patch's luma: textured patches need more resolution."""
+        y = metrics.rgb_to_y(np.asarray(gate, dtype=np.float64))  # (M, 64, 64)
+        return (np.diff(y, axis=1) ** 2).mean(axis=(1, 2)) + (np.diff(y, axis=2) ** 2).mean(axis=(1, 2))
+
+    def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
+        """Fig. 7: the test image with the most patches, each patch framed by its expert's colour."""
+        from tasks.superres.figure import draw_assignment
+
+        return draw_assignment(split, assignment, self.expert_names(), path)
+
+    def describe(self) -> dict:
+        return asdict(self.settings)
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
+    return x.permute(0, 3, 1, 2).float() / 255.0
+
+
+def _chosen(cache: pd.DataFrame, column: str, assignment: np.ndarray) -> np.ndarray:
+    n_experts = int(assignment.max()) + 1 if len(assignment) else 0
+    columns = [f"{column}_{n}" for n in range(max(n_experts, 1))]
+    values = cache[columns].to_numpy(dtype=np.float64)  # (M, N')
+    return values[np.arange(len(cache)), assignment]
