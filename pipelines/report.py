@@ -34,13 +34,11 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
     p_test = expert_performance(task, test)
 
     curves, chosen = _curves(sweep["trials"])
+    cheapest = (float(d.min()), float(p_test[int(np.argmin(d))]))
     methods = {}
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         points = sorted(curves[method], key=lambda p: p["d_target"])
-        methods[method] = {
-            "rho": rho([p["d_mean"] for p in points], [p["performance"] for p in points], d_min, d_max),
-            "points": points,
-        }
+        methods[method] = {"rho": curve_rho(points, cheapest, d_max), "points": points}
     c_g = max((t.get("C_g") or 0) for t in sweep["trials"])
     summary = {
         "task": task.name,
@@ -81,6 +79,23 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
         mlflow.log_artifacts(str(out), artifact_path="report")
     mlflow.MlflowClient().set_terminated(sweep["mlflow_parent_run"])
     return out / "summary.json"
+
+
+def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -> float:
+    """rho (eq. 11) over the data cost actually spent, d_mean.
+
+    A method that never spends as little as d_min (soft regularisation often does not) is
+    anchored at the cheapest expert's (d_min, performance): mixing that expert with the
+    method's cheapest operating point achieves the line between them, and nothing better is
+    known below it. To the right of its dearest point the curve is held flat (spending more
+    is allowed, not required).
+    """
+    costs = [p["d_mean"] for p in points]
+    perfs = [p["performance"] for p in points]
+    d_min = cheapest[0]
+    if min(costs) > d_min * (1 + 1e-9):
+        costs, perfs = [d_min, *costs], [cheapest[1], *perfs]
+    return rho(costs, perfs, d_min, d_max)
 
 
 def _load_sweep(cfg: RunConfig, sweep_file: str | None) -> dict:

@@ -50,18 +50,28 @@ def train_experts(cfg: RunConfig) -> list[dict]:
         ensure_ray(cfg)
         limit = _concurrent_fits(cfg)
         running: dict = {}
+        while todo and limit == 1:  # one at a time: fit from the driver, no extra process
+            n, fingerprint = todo.pop(0)
+            _announce(task, n, cfg)
+            started = time.perf_counter()
+            state, history = _fit_task(cfg, n, fingerprint)
+            summaries[n] = _record(cfg, task, n, fingerprint, state, history, time.perf_counter() - started)
         while todo or running:
             while todo and len(running) < limit:
                 n, fingerprint = todo.pop(0)
-                training = task.expert_training(n)
-                print(f"train-experts: expert {n} ({task.expert_names()[n]}): {training.epochs} epochs, "
-                      f"batch {training.batch_size}, {cfg.num_workers} worker(s), gpu={cfg.use_gpu}")
+                _announce(task, n, cfg)
                 running[_fit.remote(cfg, n, fingerprint)] = (n, fingerprint, time.perf_counter())
             done, _ = ray.wait(list(running), num_returns=1)
             n, fingerprint, started = running.pop(done[0])
             state, history = ray.get(done[0])
             summaries[n] = _record(cfg, task, n, fingerprint, state, history, time.perf_counter() - started)
     return [summaries[n] for n in sorted(summaries)]
+
+
+def _announce(task, n: int, cfg: RunConfig) -> None:
+    training = task.expert_training(n)
+    print(f"train-experts: expert {n} ({task.expert_names()[n]}): {training.epochs} epochs, "
+          f"batch {training.batch_size}, {cfg.num_workers} worker(s), gpu={cfg.use_gpu}")
 
 
 def _concurrent_fits(cfg: RunConfig) -> int:

@@ -32,17 +32,16 @@ def _ch(channels: int, width: float) -> int:
 
 
 class _SuperRes(nn.Module):
-    """Shared tail: optional resize to the exact patch size and the bicubic residual."""
+    """Shared tail: optional resize to the exact patch size and the bicubic residual.
+
+    Subclasses define body(x): (B, 3, h, w) -> (B, 3, h*S, w*S).
+    """
 
     def __init__(self, scale: int, residual: bool, out_size: int | None) -> None:
         super().__init__()
         self.scale = scale
         self.residual = residual
         self.out_size = out_size
-
-    def body(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, 3, h*S, w*S)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """LR (B, 3, h, w) in [0, 1] -> SR (B, 3, out, out), or (B, 3, h*S, w*S) if out_size is None."""

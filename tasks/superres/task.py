@@ -25,7 +25,7 @@ class SuperResSettings:
     model: str = "espcn"  # or "fsrcnn"
     expert_width: float = 1.0
     K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
-    max_side: int = 256  # embedded images are cropped to at most this side (multiple of 64)
+    max_side: int = 256  # embedded images are resized to at most this side, then cropped to multiples of 64
     n_procedural: int = 8  # procedural images per split in the embedded data
     epochs: int = 20
     batch_size: int = 32
@@ -78,17 +78,12 @@ class SuperResTask:
         return folder
 
     def list_sources(self, data_root: Path, split: str) -> Listing:
-        if all((data_root / s).is_dir() for s in SPLITS):  # explicit split folders (the embedded layout)
-            listing = readers.find_images(data_root / split, "train")
-            listing = replace(listing, problems=[])
-            paths = sorted(listing.paths)
-        else:
-            try:
-                listing = readers.find_images(data_root, split)
-            except readers.BadDataRoot as err:
-                raise BadInput(str(err)) from None
-            paths = listing.paths
-        sources = [{"source_id": p.stem, "path": str(p)} for p in paths]
+        """DIV2K, split folders (the embedded layout), or any folder of PNG/JPEG images."""
+        try:
+            listing = readers.find_images(data_root, split)
+        except readers.BadDataRoot as err:
+            raise BadInput(str(err)) from None
+        sources = [{"source_id": p.stem, "path": str(p)} for p in listing.paths]
         return Listing(sources=sources, problems=list(listing.problems))
 
     def load(self, source: dict) -> list[dict]:
