@@ -22,6 +22,7 @@ __all__ = [
     "build_gate",
     "count_macs",
     "GATE_METHODS",
+    "enforced_gates",
     "gate_loss",
     "gate_step",
 ]
@@ -150,11 +151,35 @@ def count_macs(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
 GATE_METHODS = ("soft", "enforce")
 
 
-def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias: float = 0.0):
-    """The gate's training objective on a batch, L = mean_i sum_n G[i, n] * loss[i, n].
+def enforced_gates(logits: torch.Tensor, b) -> torch.Tensor:
+    """Softmax gates (eq. 1) over the experts with a non-zero quota only.
+
+    An expert with b_n = 0 is never assigned under Algorithm 1; left in the softmax it lets the
+    gate drive every assigned gate value (and so the loss) to zero by putting all mass on it,
+    a degenerate optimum that stops learning (measured: train loss 0 after 5 epochs).
+    """
+    usable = torch.as_tensor(np.asarray(b, dtype=np.float64) > 0, device=logits.device)
+    return torch.softmax(logits.masked_fill(~usable, float("-inf")), dim=1)
+
+
+def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias: float = 0.0,
+              baseline: bool = True):
+    """The gate's training objective on a batch, L = mean_i sum_n G[i, n] * (loss[i, n] - c_i).
 
     soft: G from the sparse gates (eq. 3), plus the bias loss (eq. 5) on the utility (eq. 4).
     enforce: G is the soft gates (eq. 1) masked by Algorithm 1's assignment; task loss only.
+
+    With cached losses, G only scales each input's loss, so the plain objective (baseline=False,
+    c = 0) is smallest when the gate values of the chosen experts shrink, whoever is chosen:
+    measured on superres, the softmax saturates within a few epochs and the routing stops
+    changing. The baseline removes that degenerate optimum:
+      soft: c_i = mean loss of input i over the usable experts (as in REINFORCE), so G[i, n]
+        grows where expert n does better than average on input i;
+      enforce: the losses are double-centred over the batch and the usable experts (input and
+        expert means removed). With quotas fixed, both means add a constant to every feasible
+        assignment's total, so the best assignment is unchanged; what remains is which inputs
+        gain most from which expert, the ranking Algorithm 1 needs. (A per-input baseline alone
+        always favours the dearer expert and saturates the same way.)
 
     Args:
         logits: (M, N) gate outputs.
@@ -162,12 +187,18 @@ def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias
     Returns:
         (loss, assignment): scalar loss and the (M,) experts the batch was routed to.
     """
+    usable = torch.as_tensor(np.asarray(b, dtype=np.float64) > 0, device=losses.device)
+    if baseline:
+        k = usable.sum().clamp_min(1)
+        losses = losses - (losses * usable).sum(dim=1, keepdim=True) / k  # input means, (M, 1)
+        if method == "enforce":
+            losses = losses - losses.mean(dim=0, keepdim=True)  # expert means over the batch, (1, N)
     if method == "soft":
         G = sparse_gates(logits)  # (M, N)
         task = (G * losses).sum(dim=1).mean()
         return task + bias_loss(utility(G), b, w_bias), G.argmax(dim=1)
     if method == "enforce":
-        probs = torch.softmax(logits, dim=1)  # (M, N) eq. 1
+        probs = enforced_gates(logits, b)  # (M, N) eq. 1 over the experts b can use
         assignment = enforce_bias(probs, b)  # Algorithm 1
         G = probs * nn.functional.one_hot(assignment, probs.shape[1]).to(probs.dtype)
         return (G * losses).sum(dim=1).mean(), assignment

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from bmoe.bias import select_bias
-from bmoe.gating import build_gate, count_macs, gate_step
+from bmoe.gating import build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
 from tasks import get_task
@@ -124,6 +124,19 @@ def _point(task, split: SplitData, assignment: np.ndarray, d, d_t: float, b=None
     }
 
 
+def gate_losses(task, split: SplitData) -> np.ndarray:
+    """(M, N) per-sample losses the gate trains on: the task's weighting of the cached losses
+    (e.g. their first-order effect on the reported metric), or the cached losses as they are."""
+    fn = getattr(task, "gate_losses", None)
+    return fn(split.cache, split.losses) if fn is not None else split.losses
+
+
+def augment(task, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The task's label-preserving augmentation of a batch of gate inputs, if it has one."""
+    fn = getattr(task, "augment_gate", None)
+    return fn(x, gen) if fn is not None else x
+
+
 def _batches(M: int, batch: int, gen: torch.Generator):
     order = torch.randperm(M, generator=gen)
     for start in range(0, M - batch + 1, batch):  # full batches only: quotas need M * b_n inputs
@@ -140,8 +153,9 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
     train = data["train"]
     x_train = task.gate_tensor(train.gate)
+    raw = gate_losses(task, train)
     # Scaling the losses by one constant leaves the optimum unchanged and keeps lr meaningful.
-    losses = torch.as_tensor(train.losses / max(train.losses.mean(), 1e-12), dtype=torch.float32)
+    losses = torch.as_tensor(raw / max(np.abs(raw).mean(), 1e-12), dtype=torch.float32)
     batch = min(int(config["batch_size"]), len(losses))
 
     def route(split: SplitData) -> np.ndarray:
@@ -149,14 +163,15 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
         with torch.no_grad():
             logits = gate(task.gate_tensor(split.gate))
         if method == "enforce":  # test batches are routed with the same quotas
-            return enforce_bias(torch.softmax(logits, dim=1), b).numpy()
+            return enforce_bias(enforced_gates(logits, b), b).numpy()
         return logits.argmax(dim=1).numpy()
 
     best, best_state = -np.inf, None
     for epoch in range(1, int(config["epochs"]) + 1):
         total, steps = 0.0, 0
         for idx in _batches(len(losses), batch, gen):
-            stats = gate_step(gate, optimizer, x_train[idx], losses[idx], method, b, config.get("w_bias", 0.0))
+            stats = gate_step(gate, optimizer, augment(task, x_train[idx], gen), losses[idx], method, b,
+                              config.get("w_bias", 0.0))
             total, steps = total + stats["loss"], steps + 1
         val = _point(task, data["val"], route(data["val"]), d, d_t, b)
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_performance": val["performance"],
@@ -194,7 +209,7 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
         total, steps = 0.0, 0
         for idx in _batches(len(y_train), batch, gen):
             optimizer.zero_grad(set_to_none=True)
-            loss = score_loss(gate(x_train[idx]), y_train[idx])
+            loss = score_loss(gate(augment(task, x_train[idx], gen)), y_train[idx])
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss), steps + 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines.cache import expert_matrix, load_cache
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial
@@ -83,6 +84,8 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
 
 def load_split(cfg: RunConfig, task, split: str) -> SplitData:
     """Gate inputs and cache rows of one split, aligned by sample_id."""
+    import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
+
     table = load_cache(cfg, split)
     gate = pd.read_parquet(shard_path(cfg, split, "gate"), columns=["sample_id", "gate"])
     gate = gate.set_index("sample_id").loc[table["sample_id"]]
@@ -95,7 +98,6 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     """Run (or resume) the sweep; returns the JSON file of its results."""
     import mlflow
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     manifest = require_manifest(cfg)
     task = get_task(cfg.task, cfg.profile)
@@ -117,8 +119,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     trainable = tune.with_resources(tune.with_parameters(_trainable, data=data), {"cpu": 1})
     storage = cfg.root_path / "tune" / cfg.task
     path = storage / name
-    callbacks = [MLflowLoggerCallback(tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
-                                      tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
+    callbacks = [_ResumableMLflowLogger(tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
+                                        tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
     run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1)
     started = time.perf_counter()
     if tune.Tuner.can_restore(str(path)):
@@ -138,6 +140,9 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         if result.error:
             raise RuntimeError(f"sweep trial failed: {result.error}")
         metrics = result.metrics
+        if "points_json" not in metrics:
+            raise UserError(f"sweep {name} was interrupted before every trial finished: "
+                            "rerun the same command to resume it")
         records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
                         "trial_dir": result.path})
@@ -167,6 +172,26 @@ def _parent_run(name: str, experiment_id: str, grid: SweepGrid, cfg: RunConfig) 
     with mlflow.start_run(run_name=name, tags={"bmoe.sweep_parent": name, "bmoe.stage": "sweep"}) as run:
         mlflow.log_params({**{f"grid.{k}": str(v) for k, v in asdict(grid).items()}, **cfg.as_params()})
         return run.info.run_id
+
+
+class _ResumableMLflowLogger(MLflowLoggerCallback):
+    """One MLflow run per trial, across resumes: a trial restarted by Tuner.restore logs into
+    the run its first attempt opened instead of opening a second one."""
+
+    def log_trial_start(self, trial):
+        if trial not in self._trial_runs:
+            import mlflow
+
+            client = mlflow.MlflowClient(self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is not None:
+                found = client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"tags.`bmoe.sweep` = '{self.tags['bmoe.sweep']}' and tags.trial_name = '{trial}'")
+                if found:
+                    self._trial_runs[trial] = found[0].info.run_id
+                    client.update_run(found[0].info.run_id, status="RUNNING")
+        super().log_trial_start(trial)
 
 
 def _trainable(config: dict, data: dict) -> None:

@@ -20,6 +20,7 @@ from bmoe.gating import (
     SUPERRES_GATE,
     GateSpec,
     build_gate,
+    enforced_gates,
     count_macs,
     gate_loss,
     gate_step,
@@ -152,19 +153,36 @@ def test_gate_loss_soft_by_hand():
     task = (0.75 * 1.0 + 0.8 * 3.0 + 0.8 * 4.0) / 3
     # utility: rows 0 and 2 pick expert 0, row 1 expert 1 -> u = [2/3, 1/3]
     reg = float(bias_loss(torch.tensor([2 / 3, 1 / 3]), [0.5, 0.5], 0.7))
-    loss, assignment = gate_loss(logits, losses, "soft", [0.5, 0.5], w_bias=0.7)
+    loss, assignment = gate_loss(logits, losses, "soft", [0.5, 0.5], w_bias=0.7, baseline=False)
     assert float(loss) == pytest.approx(task + reg, rel=1e-6)
     assert assignment.tolist() == [0, 1, 0]
+    # with the per-input baseline: row means [3, 2.5, 2] -> kept losses -2, 0.5, 2
+    centred = (0.75 * -2.0 + 0.8 * 0.5 + 0.8 * 2.0) / 3
+    loss, _ = gate_loss(logits, losses, "soft", [0.5, 0.5], w_bias=0.7)
+    assert float(loss) == pytest.approx(centred + reg, rel=1e-6)
 
 
 def test_gate_loss_enforce_by_hand():
     logits = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(4.0)], [math.log(4.0), 0.0], [0.0, 0.0]])
     losses = torch.tensor([[1.0, 5.0], [2.0, 3.0], [4.0, 0.0], [1.0, 1.0]])
     # softmax column 0 = [.75, .2, .8, .5]; b = [.25, .75] -> K = [1, 3]: expert 0 takes row 2
-    loss, assignment = gate_loss(logits, losses, "enforce", [0.25, 0.75])
+    loss, assignment = gate_loss(logits, losses, "enforce", [0.25, 0.75], baseline=False)
     assert assignment.tolist() == [1, 1, 0, 1]
     expected = (0.25 * 5.0 + 0.8 * 3.0 + 0.8 * 4.0 + 0.5 * 1.0) / 4
     assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # double-centred: row means [3, 2.5, 2, 1], then column means [-0.125, 0.125] removed
+    # -> kept losses 1.875 (row 0, expert 1), 0.375, 2.125 (row 2, expert 0), -0.125
+    loss, _ = gate_loss(logits, losses, "enforce", [0.25, 0.75])
+    expected = (0.25 * 1.875 + 0.8 * 0.375 + 0.8 * 2.125 + 0.5 * -0.125) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_enforced_gates_leave_out_experts_without_quota():
+    logits = torch.tensor([[0.0, 0.0, 5.0], [1.0, 0.0, 9.0]])
+    probs = enforced_gates(logits, [0.5, 0.5, 0.0])
+    assert probs[:, 2].tolist() == [0.0, 0.0]
+    assert probs.sum(dim=1).tolist() == pytest.approx([1.0, 1.0])
+    assert probs[0, 0].item() == pytest.approx(0.5)
 
 
 def test_gate_loss_rejects_an_unknown_method():

@@ -27,6 +27,7 @@ class SuperResSettings:
     K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
     max_side: int = 256  # embedded images are resized to at most this side, then cropped to multiples of 64
     n_procedural: int = 8  # procedural images per split in the embedded data
+    train_multiplier: int = 1  # the train split gets this many times n_procedural (the gate needs data)
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
@@ -34,7 +35,7 @@ class SuperResSettings:
 
 PROFILES = {
     "smoke": SuperResSettings(expert_width=0.25, max_side=128, n_procedural=2, epochs=1, batch_size=16),
-    "demo": SuperResSettings(max_side=256, n_procedural=10, epochs=12, batch_size=32),
+    "demo": SuperResSettings(max_side=320, n_procedural=24, train_multiplier=4, epochs=8, batch_size=32),
     "paper": SuperResSettings(max_side=2048, n_procedural=0, epochs=50, batch_size=128, lr=1e-3),
 }
 
@@ -67,11 +68,13 @@ class SuperResTask:
     def embedded_data(self, folder: Path) -> Path:
         """scikit-image's photographs plus procedural textures as PNG files, one folder per split."""
         stamp = folder / "embedded.json"
-        key = {"max_side": self.settings.max_side, "n_procedural": self.settings.n_procedural, "version": 1}
+        key = {"max_side": self.settings.max_side, "n_procedural": self.settings.n_procedural,
+               "train_multiplier": self.settings.train_multiplier, "version": 1}
         if stamp.exists() and json.loads(stamp.read_text()) == key:
             return folder
         for split in SPLITS:
-            images = synthetic.embedded_images(split, n_procedural=self.settings.n_procedural,
+            count = self.settings.n_procedural * (self.settings.train_multiplier if split == "train" else 1)
+            images = synthetic.embedded_images(split, n_procedural=count,
                                                max_side=self.settings.max_side, seed=SPLITS.index(split))
             synthetic.write_png_folder(images, folder / split)
         stamp.write_text(json.dumps(key))
@@ -153,7 +156,27 @@ class SuperResTask:
         return SUPERRES_GATE  # Table VII: the 64x64 HR patch, C_g < 1e7
 
     def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
-        return _to_float(torch.as_tensor(np.asarray(gate)))
+        """(M, 3, 64, 64) patches standardised with fixed constants (no data-dependent state)."""
+        return (_to_float(torch.as_tensor(np.asarray(gate))) - 0.45) / 0.25
+
+    def gate_losses(self, cache: pd.DataFrame, losses: np.ndarray) -> np.ndarray:
+        """Patch losses divided by their image's mean patch loss: to first order, a patch's
+        squared error moves its image's PSNR by -10/ln 10 * delta_sse / SSE_image, so the same
+        error costs more dB in a clean image than in a textured one."""
+        per_image = pd.Series(losses.mean(axis=1)).groupby(cache["group"].to_numpy()).transform("mean")
+        return losses / np.maximum(per_image.to_numpy()[:, None], 1e-12)
+
+    def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Flips and transposes of (B, 3, 64, 64) patches: how much resolution a patch needs
+        does not depend on its orientation, so the gate sees eight times the variety."""
+        flips = torch.randint(0, 2, (3,), generator=gen).tolist()
+        if flips[0]:
+            x = x.flip(2)
+        if flips[1]:
+            x = x.flip(3)
+        if flips[2]:
+            x = x.transpose(2, 3)
+        return x
 
     def heuristic(self, gate: np.ndarray) -> np.ndarray:
         """Gradient energy of the patch's luma: textured patches need more resolution."""
