@@ -82,7 +82,7 @@ def _static_point(task, method: str, test: SplitData, d, p_val, d_t: float, seed
         gen = torch.Generator().manual_seed(seed)
         assignment = random_assignment(M, b, gen).numpy()
     elif method == "oracle":
-        assignment = oracle_assignment(test.scores, d, d_t).numpy()
+        assignment = oracle_assignment(test.scores * sample_weights(task, test)[:, None], d, d_t).numpy()
     else:  # heuristic
         difficulty = task.heuristic(test.gate)
         if difficulty is None:
@@ -124,11 +124,16 @@ def _point(task, split: SplitData, assignment: np.ndarray, d, d_t: float, b=None
     }
 
 
+def sample_weights(task, split: SplitData) -> np.ndarray:
+    """(M,) the task's first-order weight of each sample in its metric (ones if it has none):
+    it makes the additive losses and scores track a metric that pools before a nonlinearity."""
+    fn = getattr(task, "sample_weights", None)
+    return fn(split.cache) if fn is not None else np.ones(len(split.cache))
+
+
 def gate_losses(task, split: SplitData) -> np.ndarray:
-    """(M, N) per-sample losses the gate trains on: the task's weighting of the cached losses
-    (e.g. their first-order effect on the reported metric), or the cached losses as they are."""
-    fn = getattr(task, "gate_losses", None)
-    return fn(split.cache, split.losses) if fn is not None else split.losses
+    """(M, N) per-sample losses the gate trains on: the cached losses, weighted."""
+    return split.losses * sample_weights(task, split)[:, None]
 
 
 def augment(task, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -60,10 +60,10 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
     draw = getattr(task, "draw_assignment", None)
     enforce = chosen.get("enforce", {})
     if draw is not None and enforce:
-        # the picture for the lowest budget enforced, where the gate's choices matter most
-        d_t = min(enforce)
-        assignment_file = Path(enforce[d_t]["trial_dir"]) / "test_assignment.npy"
-        if assignment_file.exists():
+        # the picture at d_max/3 (or the nearest target), where the gate's choices matter most
+        d_t = min(enforce, key=lambda t: abs(t - d_max / 3))
+        assignment_file = enforce[d_t].get("assignment_file")
+        if assignment_file and Path(assignment_file).exists():
             figures.append(draw(test, np.load(assignment_file), out / "assignment.png"))
     (out / "report.md").write_text(_markdown(summary, figures))
     print(f"report: {out / 'report.md'}")
@@ -179,7 +179,7 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
                 value = p["assigned_performance"][n]
                 cells.append("—" if value is None else
                              f"{value:.3f} ({value - summary['expert_performance'][n]:+.3f})")
-            b = "[" + ", ".join(f"{x:.2f}" for x in p.get("b", [])) + "]"
+            b = "[" + ", ".join(f"{max(x, 0.0):.2f}" for x in p.get("b", [])) + "]"
             lines.append(f"| {p['d_target'] / 1000:.2f} | {b} | " + " | ".join(cells) + f" | {p['performance']:.3f} |")
         lines.append("")
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]

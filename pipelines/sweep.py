@@ -42,7 +42,7 @@ class SweepGrid:
 
 GRIDS = {
     "smoke": SweepGrid(points=3, epochs=2, batch_sizes=(16,), lrs=(1e-3,), widths=(0.25,), w_biases=(1.0,)),
-    "demo": SweepGrid(points=7, epochs=12, batch_sizes=(64,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0)),
+    "demo": SweepGrid(points=7, epochs=8, batch_sizes=(64,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0)),
     "paper": SweepGrid(),  # the paper: batch 128, lr 1e-4, 20 epochs, w_bias cross-validated
 }
 
@@ -116,7 +116,10 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     experiment_id = ensure_mlflow(cfg)
     parent = _parent_run(name, experiment_id, grid, cfg)
     data = {split: load_split(cfg, task, split) for split in SPLITS}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data), {"cpu": 1})
+    assignments = cfg.task_dir("sweeps") / name / "assignments"
+    assignments.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data, out_dir=str(assignments)),
+                                    {"cpu": 1})
     storage = cfg.root_path / "tune" / cfg.task
     path = storage / name
     callbacks = [_ResumableMLflowLogger(tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
@@ -145,7 +148,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                             "rerun the same command to resume it")
         records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
-                        "trial_dir": result.path})
+                        "trial_dir": result.path, "assignment_file": metrics.get("assignment_file")})
     out = cfg.task_dir("sweeps") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
@@ -194,16 +197,19 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
         super().log_trial_start(trial)
 
 
-def _trainable(config: dict, data: dict) -> None:
-    """Tune function trainable: run the trial, then report its final record."""
+def _trainable(config: dict, data: dict, out_dir: str) -> None:
+    """Tune function trainable: run the trial, then report its final record (the test
+    assignment goes to a file under the run root, for the report's figures)."""
     from ray import tune
 
     trial = config["trial"]
     result = run_trial(trial, data)
+    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
     assignment = result.pop("test_assignment", None)
     if assignment is not None:
-        np.save(Path(tune.get_context().get_trial_dir()) / "test_assignment.npy", assignment)
-    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
+        path = Path(out_dir) / f"{tune.get_context().get_trial_id()}.npy"
+        np.save(path, assignment)
+        final["assignment_file"] = str(path)
     if "val_performance" in result:
         final["val_performance"] = result["val_performance"]
     if len(result["points"]) == 1:  # one target: its figures as plain metrics for MLflow

@@ -159,12 +159,14 @@ class SuperResTask:
         """(M, 3, 64, 64) patches standardised with fixed constants (no data-dependent state)."""
         return (_to_float(torch.as_tensor(np.asarray(gate))) - 0.45) / 0.25
 
-    def gate_losses(self, cache: pd.DataFrame, losses: np.ndarray) -> np.ndarray:
-        """Patch losses divided by their image's mean patch loss: to first order, a patch's
-        squared error moves its image's PSNR by -10/ln 10 * delta_sse / SSE_image, so the same
-        error costs more dB in a clean image than in a textured one."""
-        per_image = pd.Series(losses.mean(axis=1)).groupby(cache["group"].to_numpy()).transform("mean")
-        return losses / np.maximum(per_image.to_numpy()[:, None], 1e-12)
+    def sample_weights(self, cache: pd.DataFrame) -> np.ndarray:
+        """(M,) first-order weight of each patch in the reported metric: a patch's squared error
+        moves its image's PSNR by -10/ln 10 * delta_sse / SSE_image, so the same error costs more
+        dB in a clean image than in a textured one. Used for the gate's losses and the oracle."""
+        mse = np.stack([cache[f"sse_y_{n}"] / np.maximum(cache[f"count_y_{n}"], 1)
+                        for n in range(len(self.settings.scales))], axis=1).mean(axis=1)
+        per_image = pd.Series(mse).groupby(cache["group"].to_numpy()).transform("mean").to_numpy()
+        return 1.0 / np.maximum(per_image, 1e-12)
 
     def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Flips and transposes of (B, 3, 64, 64) patches: how much resolution a patch needs
