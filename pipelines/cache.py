@@ -27,7 +27,7 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
     import ray.data
 
     manifest = require_manifest(cfg)
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     experts = _expert_fingerprints(cfg, task)
     out = cfg.task_dir("cache")
     stamp = out / "cache.json"
@@ -47,7 +47,7 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
         paths = [shard_path(cfg, split, f"p{n}") for split in SPLITS]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
-            fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "n": n,
+            fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                                    "folder": str(expert_dir(cfg, n)), "use_gpu": cfg.use_gpu},
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
@@ -86,8 +86,8 @@ def expert_matrix(table: pd.DataFrame, column: str, n_experts: int) -> np.ndarra
 class _ExpertScorer:
     """Actor: holds one frozen expert and scores batches of its P_n shard."""
 
-    def __init__(self, task: str, profile: str, n: int, folder: str, use_gpu: bool):
-        self.task = get_task(task, profile)
+    def __init__(self, task: str, profile: str, options: dict, n: int, folder: str, use_gpu: bool):
+        self.task = get_task(task, profile, options)
         self.n = n
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_expert(self.task, n, Path(folder), self.device)

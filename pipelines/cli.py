@@ -28,6 +28,9 @@ DataRoot = Annotated[Optional[str], typer.Option(help="Real dataset folder; abse
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking URI; default sqlite:///<root>/mlflow.db.")]
 Workers = Annotated[int, typer.Option(help="Ray Train workers per expert.")]
 Gpu = Annotated[bool, typer.Option("--gpu/--no-gpu", help="Train and score experts on GPUs (Ray resources).")]
+Options = Annotated[Optional[list[str]], typer.Option(
+    "--task-option", "-o", help="Override a task setting, KEY=VALUE, repeatable (superres: model=fsrcnn, "
+    "expert_width=0.5, epochs=30, K=1, scales=4,3,2 ...).")]
 
 
 @app.callback()
@@ -36,15 +39,23 @@ def _group() -> None:
 
 
 def _config(task: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None,
-            **extra) -> RunConfig:
+            options: list[str] | None = None, **extra) -> RunConfig:
     from tasks import TASKS
 
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}",
                                  param_hint="--task")
+    parsed = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--task-option")
+        parsed[key.strip()] = value.strip()
     try:
-        return RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
-                         **extra)
+        cfg = RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
+                        task_options=parsed, **extra)
+        cfg.task_obj()  # bad task options fail here, as one line
+        return cfg
     except ValueError as err:  # a bad flag value: one line, no traceback
         raise typer.BadParameter(str(err)) from None
 
@@ -62,67 +73,67 @@ def _run(stage: Callable, *args, **kwargs):
 
 @app.command()
 def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-            data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+            data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
             strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False):
     """Stage 1: Ray Data writes Parquet shards per split and per P_n, plus the gate input."""
     from pipelines.prepare import prepare as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, strict=strict))
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict))
 
 
 @app.command("train-experts")
 def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-                  data_root: DataRoot = None, tracking_uri: TrackingUri = None, num_workers: Workers = 1,
-                  gpu: Gpu = False):
+                  data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
+                  num_workers: Workers = 1, gpu: Gpu = False):
     """Stage 2: one Ray Train TorchTrainer run per expert; checkpoints and MLflow runs."""
     from pipelines.train_experts import train_experts as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, num_workers=num_workers, use_gpu=gpu))
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, num_workers=num_workers, use_gpu=gpu))
 
 
 @app.command()
 def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-          data_root: DataRoot = None, tracking_uri: TrackingUri = None, gpu: Gpu = False,
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, gpu: Gpu = False,
           actors: Annotated[int, typer.Option(help="Actors per expert in the Ray Data pool.")] = 1):
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, use_gpu=gpu), actors=actors)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, use_gpu=gpu), actors=actors)
 
 
 @app.command()
 def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-          data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
           methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of methods.")] = None,
           name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None):
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
-    cfg = _config(task, root, profile, data_root, tracking_uri)
+    cfg = _config(task, root, profile, data_root, tracking_uri, option)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
     _run(stage, cfg, grid, name)
 
 
 @app.command()
 def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-           data_root: DataRoot = None, tracking_uri: TrackingUri = None,
+           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
            sweep_file: Annotated[Optional[str], typer.Option(help="Sweep results JSON (default: latest).")] = None):
     """Stage 5: tables, plots and summary.json under <root>/reports/<task>/, logged to MLflow."""
     from pipelines.report import report as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri), sweep_file)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option), sweep_file)
 
 
 @app.command()
 def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
-         tracking_uri: TrackingUri = None):
+         tracking_uri: TrackingUri = None, option: Options = None):
     """Run every stage of every task on the embedded default data and print what ran."""
     from pipelines.demo import run_demo
     from tasks import TASKS
 
     names = [task] if task else list(TASKS)
-    configs = [_config(name, root, profile, data_root, tracking_uri) for name in names]
+    configs = [_config(name, root, profile, data_root, tracking_uri, option) for name in names]
     _run(run_demo, configs)
 
 

@@ -46,7 +46,7 @@ def run_trial(config: dict, data: dict[str, SplitData]) -> dict:
     from ray import tune
 
     torch.set_num_threads(1)  # trials share the cores: one thread each
-    task = get_task(config["task"], config["profile"])
+    task = get_task(config["task"], config["profile"], config.get("options"))
     method = config["method"]
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])

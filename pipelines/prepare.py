@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.runtime import RunConfig, UserError, ensure_ray
-from tasks import SPLITS, BadInput, get_task
+from tasks import SPLITS, BadInput
 from tasks.base import Task
 
 MANIFEST = "manifest.json"
@@ -25,7 +25,7 @@ MANIFEST = "manifest.json"
 
 def prepare(cfg: RunConfig) -> dict:
     """Write the shards of every split; returns the manifest."""
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     data_root = _data_root(cfg, task)
     listings = {split: task.list_sources(data_root, split) for split in SPLITS}
     for split, listing in listings.items():

@@ -16,7 +16,6 @@ from bmoe.curves import rho
 from pipelines.gate_trial import TRAINED_METHODS, expert_performance
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.sweep import load_split
-from tasks import get_task
 
 ORDER = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
 
@@ -26,7 +25,7 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     sweep = _load_sweep(cfg, sweep_file)
     d = task.data_costs()
     d_min, d_max = float(d.min()), float(d.max())

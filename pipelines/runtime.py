@@ -30,7 +30,13 @@ class RunConfig:
     num_workers: int = 1  # Ray Train workers per expert
     use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=dict)  # overrides of the task's settings
+
+    def task_obj(self):
+        """The configured task (pickled to Ray workers as its name, profile and options)."""
+        from tasks import get_task
+
+        return get_task(self.task, self.profile, self.task_options)
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -49,7 +55,8 @@ class RunConfig:
         return self.root_path / kind / self.task
 
     def as_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "extra"}
+        params = {k: v for k, v in asdict(self).items() if k != "task_options"}
+        return {**params, **{f"task.{k}": v for k, v in self.task_options.items()}}
 
 
 def quiet_environment() -> None:

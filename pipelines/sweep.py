@@ -22,7 +22,7 @@ from pipelines.cache import expert_matrix, load_cache
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial
 from pipelines.prepare import require_manifest, shard_path
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
-from tasks import SPLITS, get_task
+from tasks import SPLITS
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ def targets(d: np.ndarray, points: int) -> list[float]:
 def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
     """Every trial of the sweep as a plain dict (Tune's grid search runs through the list)."""
     ts = targets(d, grid.points)
-    base = {"task": cfg.task, "profile": cfg.profile, "seed": grid.seed, "epochs": grid.epochs}
+    base = {"task": cfg.task, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
+            "epochs": grid.epochs}
     configs = []
     for method in grid.methods:
         if method in STATIC_METHODS:
@@ -100,7 +101,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     from ray import tune
 
     manifest = require_manifest(cfg)
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     grid = grid or GRIDS[cfg.profile]
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)

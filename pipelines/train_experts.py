@@ -34,7 +34,7 @@ def train_experts(cfg: RunConfig) -> list[dict]:
     import ray
 
     manifest = require_manifest(cfg)
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     summaries: dict[int, dict] = {}
     todo = []
     for n, name in enumerate(task.expert_names()):
@@ -102,10 +102,11 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
-    task = get_task(cfg.task, cfg.profile)
+    task = cfg.task_obj()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"task": cfg.task, "profile": cfg.profile, "n": n, "seed": cfg.seed},
+        train_loop_config={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
+                           "seed": cfg.seed},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={  # tensors only: sample ids and groups stay behind
             split: ray.data.read_parquet(shard_path(cfg, split, f"p{n}"), columns=["x", *task.target_columns])
@@ -169,7 +170,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    task = get_task(config["task"], config["profile"])
+    task = get_task(config["task"], config["profile"], config["options"])
     n = config["n"]
     torch.manual_seed(config["seed"] + n)
     training = task.expert_training(n)

@@ -7,19 +7,20 @@ from tasks.base import SPLITS, BadInput, Task
 __all__ = ["SPLITS", "BadInput", "Task", "TASKS", "get_task"]
 
 
-def _superres(profile: str) -> Task:
+def _superres(profile: str, options: dict) -> Task:
     from tasks.superres import SuperResTask
 
-    return SuperResTask.for_profile(profile)
+    return SuperResTask.for_profile(profile, **options)
 
 
 TASKS = {"superres": _superres}
 
 
-def get_task(name: str, profile: str) -> Task:
-    """The task `name` configured for `profile`; a clear error for an unknown name."""
+def get_task(name: str, profile: str, options: dict | None = None) -> Task:
+    """The task `name` configured for `profile`, with `options` overriding its settings
+    (e.g. {"model": "fsrcnn"}); a clear error for an unknown name or option."""
     try:
         factory = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}") from None
-    return factory(profile)
+    return factory(profile, dict(options or {}))

@@ -28,6 +28,8 @@ def test_help_lists_every_stage():
         (("sweep", "--methods", "enforce,magic", "--root", "{tmp}"), "unknown method(s) magic"),
         (("prepare", "--data-root", "{tmp}/missing", "--root", "{tmp}"), "is not a folder"),
         (("cache", "--root", "{tmp}"), "run `bmoe prepare` first"),
+        (("prepare", "-o", "modle=fsrcnn", "--root", "{tmp}"), "unknown superres option(s) modle"),
+        (("prepare", "-o", "model=srgan", "--root", "{tmp}"), "unknown super-resolution model 'srgan'"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
@@ -35,3 +37,12 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert out.returncode in (1, 2)
     assert message in " ".join(out.stderr.replace("│", " ").split())
     assert "Traceback" not in out.stderr
+
+
+def test_task_options_select_fsrcnn_experts():
+    from pipelines.runtime import RunConfig
+
+    task = RunConfig(task="superres", profile="smoke", task_options={"model": "fsrcnn", "epochs": "3"}).task_obj()
+    assert task.expert_names() == ["fsrcnn_x4", "fsrcnn_x3", "fsrcnn_x2"]
+    assert task.expert_training(0).epochs == 3
+    assert type(task.build_expert(2)).__name__ == "FSRCNN"

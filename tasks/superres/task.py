@@ -56,7 +56,14 @@ class SuperResTask:
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "SuperResTask":
-        return cls(replace(PROFILES[profile], **overrides))
+        base = PROFILES[profile]
+        unknown = sorted(set(overrides) - set(asdict(base)))
+        if unknown:
+            raise ValueError(f"unknown superres option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(asdict(base))}")
+        typed = {k: type(getattr(base, k))(v) if not isinstance(getattr(base, k), tuple) else
+                 tuple(int(x) for x in str(v).split(",")) for k, v in overrides.items()}
+        return cls(replace(base, **typed))
 
     # -- data -----------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
