@@ -23,6 +23,17 @@ def samples() -> Path:
     return SAMPLES
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks train far faster on one thread than fighting for two busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the whole test session (ray.init costs 5-8 s here)."""

@@ -206,15 +206,6 @@ def two_kinds_of_input(M: int, seed: int):
     return x, kind
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks train far faster on one thread than fighting for two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def routing(gate, x, b):
     with torch.no_grad():
         return enforce_bias(torch.softmax(gate(x), dim=1), b)

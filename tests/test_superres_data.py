@@ -265,14 +265,6 @@ def test_png_bytes_smaller_for_flat_than_noise():
 # -- experts ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("kind", ["espcn", "fsrcnn"])
 @pytest.mark.parametrize("scale", [2, 3, 4])

@@ -198,9 +198,6 @@ class SuperResTask:
 
         return draw_assignment(split, assignment, self.expert_names(), path)
 
-    def describe(self) -> dict:
-        return asdict(self.settings)
-
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
