@@ -174,3 +174,46 @@ def ray_address() -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
+
+
+def test_sweep_logs_to_a_real_mlflow_server(run, tmp_path):
+    """The same sweep against an http:// tracking server on 127.0.0.1 (stopped by its PID)."""
+    import dataclasses
+    import socket
+    import urllib.request
+
+    from pipelines.sweep import GRIDS, sweep, with_methods
+
+    cfg, _, _, _ = run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not become healthy within 90 s")
+        grid = with_methods(GRIDS["smoke"], "random,enforce")
+        result = json.loads(sweep(dataclasses.replace(cfg, tracking_uri=uri), grid, name="over-http").read_text())
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("bmoe-superres")
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_parent_run']}'")
+        assert len(children) == len(result["trials"]) > 0
+        assert all(r.info.status == "FINISHED" for r in children)
+        assert any("test_performance" in r.data.metrics for r in children)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -169,7 +169,7 @@ class SuperResTask:
     def sample_weights(self, cache: pd.DataFrame) -> np.ndarray:
         """(M,) first-order weight of each patch in the reported metric: a patch's squared error
         moves its image's PSNR by -10/ln 10 * delta_sse / SSE_image, so the same error costs more
-        dB in a clean image than in a textured one. Used for the gate's losses and the oracle."""
+        dB in a clean image than in a textured one. The oracle's scores are weighted by it."""
         mse = np.stack([cache[f"sse_y_{n}"] / np.maximum(cache[f"count_y_{n}"], 1)
                         for n in range(len(self.settings.scales))], axis=1).mean(axis=1)
         per_image = pd.Series(mse).groupby(cache["group"].to_numpy()).transform("mean").to_numpy()
