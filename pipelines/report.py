@@ -155,9 +155,17 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
             p = _at(info["points"], v)
             cells.append(f"{p['performance']:.3f} (d̄ {p['d_mean'] / 1000:.2f})" if p else "—")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} |")
+    standard = {"d_target", "d_mean", "performance", "share", "assigned_performance", "b", "lambda", "hyperparameters"}
+    extra = sorted({k for info in summary["methods"].values() for p in info["points"] for k in p} - standard)
+    lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄."]
+    if extra:  # the task's secondary metrics, e.g. RGB PSNR beside Y PSNR
+        lines += ["", "Secondary metrics: " + ", ".join(extra) + " at " + ", ".join(n for n, _ in columns) + ":", "",
+                  "| method | " + " | ".join(f"{k} @ {n}" for k in extra for n, _ in columns) + " |",
+                  "|---|" + "---|" * (len(extra) * len(columns))]
+        for method, info in summary["methods"].items():
+            cells = [f"{p[k]:.3f}" if (p := _at(info["points"], v)) and k in p else "—" for k in extra for _, v in columns]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
-        "",
-        "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄.",
         "",
         "## Each expert on the inputs the gate gave it (our Table II / VI / IX)",
         "",
