@@ -61,11 +61,16 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
 
 
 def _run(stage: Callable, *args, **kwargs):
-    """Call a stage; user errors and bad inputs become one line on stderr and exit code 1."""
+    """Call a stage; user errors and bad inputs become one line on stderr and exit code 1.
+    A stage on an object-store root runs between a pull and a push of its working copy."""
+    import contextlib
+
+    from pipelines.storage import synced
     from tasks import BadInput
 
     try:
-        return stage(*args, **kwargs)
+        with synced(args[0]) if args and isinstance(args[0], RunConfig) else contextlib.nullcontext():
+            return stage(*args, **kwargs)
     except (UserError, BadInput) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -122,6 +127,19 @@ def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile =
     from pipelines.report import report as stage
 
     _run(stage, _config(task, root, profile, data_root, tracking_uri, option), sweep_file)
+
+
+@app.command()
+def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: TrackingUri = None,
+            sweep: Annotated[Optional[list[str]], typer.Option(help="Only these sweeps (repeatable).")] = None,
+            d_target: Annotated[Optional[float], typer.Option(
+                help="Bytes: show each trained method only at its target nearest to this.")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
+    """Across the sweeps in the task's MLflow experiment: each method's rho and best trial (per target), with d_mean."""
+    from pipelines.compare import as_json as to_json, compare as stage, format_table
+
+    rows = _run(stage, _config(task, root, "demo", None, tracking_uri), sweep, d_target)
+    typer.echo(to_json(rows) if as_json else format_table(rows))
 
 
 @app.command()

@@ -31,6 +31,7 @@ class RunConfig:
     use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
     seed: int = 0
     task_options: dict = field(default_factory=dict)  # overrides of the task's settings
+    workdir: str | None = None  # an object-store root's local working copy (default: from $BMOE_WORKDIR)
 
     def task_obj(self):
         """The configured task (pickled to Ray workers as its name, profile and options)."""
@@ -39,12 +40,18 @@ class RunConfig:
         return get_task(self.task, self.profile, self.task_options)
 
     def __post_init__(self):
+        from pipelines.storage import is_uri, working_copy
+
         if self.profile not in PROFILES:
             raise ValueError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
+        if is_uri(self.root) and self.workdir is None:  # fixed once: Ray workers get the same folder
+            object.__setattr__(self, "workdir", str(working_copy(self.root)))
 
     @property
     def root_path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+        """The root on this machine: the folder itself, or an object-store root's working copy
+        (pipelines/storage.py keeps the two in step)."""
+        return Path(self.workdir or self.root).expanduser().resolve()
 
     @property
     def mlflow_uri(self) -> str:
@@ -100,8 +107,11 @@ def ensure_mlflow(cfg: RunConfig, experiment: str | None = None) -> str:
     import mlflow
 
     quiet_environment()
-    if cfg.tracking_uri is None:
-        cfg.root_path.mkdir(parents=True, exist_ok=True)
+    name = experiment or f"bmoe-{cfg.task}"
     mlflow.set_tracking_uri(cfg.mlflow_uri)
-    exp = mlflow.set_experiment(experiment or f"bmoe-{cfg.task}")
-    return exp.experiment_id
+    if cfg.tracking_uri is None:
+        # the default database's artifacts stay under the root too (MLflow's default is ./mlruns)
+        cfg.root_path.mkdir(parents=True, exist_ok=True)
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=(cfg.root_path / "mlartifacts").as_uri())
+    return mlflow.set_experiment(name).experiment_id

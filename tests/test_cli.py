@@ -16,7 +16,7 @@ def bmoe(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_help_lists_every_stage():
     out = bmoe("--help")
     assert out.returncode == 0
-    for stage in ("prepare", "train-experts", "cache", "sweep", "report", "demo"):
+    for stage in ("prepare", "train-experts", "cache", "sweep", "report", "demo", "compare"):
         assert stage in out.stdout
 
 
@@ -24,12 +24,14 @@ def test_help_lists_every_stage():
     "args, message",
     [
         (("demo", "--profile", "huge"), "profile 'huge' is not one of smoke, demo, paper"),
-        (("prepare", "--task", "nope"), "unknown task 'nope'; available: superres"),
+        (("prepare", "--task", "nope"), "unknown task 'nope'; available:"),
         (("sweep", "--methods", "enforce,magic", "--root", "{tmp}"), "unknown method(s) magic"),
         (("prepare", "--data-root", "{tmp}/missing", "--root", "{tmp}"), "is not a folder"),
         (("cache", "--root", "{tmp}"), "run `bmoe prepare` first"),
         (("prepare", "-o", "modle=fsrcnn", "--root", "{tmp}"), "unknown superres option(s) modle"),
         (("prepare", "-o", "model=srgan", "--root", "{tmp}"), "unknown super-resolution model 'srgan'"),
+        (("compare", "--root", "{tmp}"), "no sweeps of task superres in MLflow"),
+        (("cache", "--root", "nosuchscheme://bucket/runs"), "--root nosuchscheme://bucket/runs:"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
