@@ -143,6 +143,42 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
 
 
 @app.command()
+def serve(task: Task = "superres", root: Root = "bmoe-runs",
+          target_cost: Annotated[Optional[float], typer.Option(
+              help="Budget d_t in bytes per routing unit (default d_max/2); requests may override it with "
+                   "the X-BMoE-Target-Cost header or ?target_cost=.")] = None,
+          bias: Annotated[Optional[str], typer.Option(help="Budget as expert shares b1,b2,...: d_t = b.d.")] = None,
+          gate_file: Annotated[Optional[str], typer.Option(help="Gate to serve (default: from the latest sweep).")] = None,
+          expert_uri: Annotated[Optional[list[str]], typer.Option(
+              help="MLflow model URI of each expert in order (models:/NAME/VERSION, runs:/ID/model), repeatable; "
+                   "default: the checkpoints under --root.")] = None,
+          tracking_uri: TrackingUri = None,
+          host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="HTTP port.")] = 8000):
+    """Serve the task's mixture with Ray Serve: POST /<task>/predict, GET /<task>/stats (Ctrl-C stops)."""
+    from pipelines.runtime import ensure_ray
+    from serving.app import budget_target, run as serve_app
+    from serving.loading import load_run
+    from serving.settings import ServeSettings
+
+    try:
+        settings = ServeSettings.from_args({"task": task, "root": root, "target_cost": target_cost, "bias": bias,
+                                            "gate_file": gate_file, "expert_uris": expert_uri or None,
+                                            "tracking_uri": tracking_uri})
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    models = _run(load_run, root, task, gate_file, target_cost, settings.expert_uris, tracking_uri)  # fail fast
+    try:
+        budget_target(settings, models.d)
+        ensure_ray(RunConfig(task=task, root=root))
+        typer.echo(f"serving {task} on http://{host}:{port}/{task}/predict (stats: /{task}/stats)")
+        _run(serve_app, settings, host=host, port=port, blocking=True, models=models)
+    except ValueError as err:  # a budget outside the feasible range, a bad bias
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
          tracking_uri: TrackingUri = None, option: Options = None):

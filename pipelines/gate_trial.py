@@ -14,13 +14,14 @@ Methods:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from bmoe.bias import select_bias
-from bmoe.gating import build_gate, count_macs, enforced_gates, gate_step
+from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
 from tasks import get_task
@@ -184,7 +185,8 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
         gate.load_state_dict(best_state)
     test_assignment = route(data["test"])
     point = _point(task, data["test"], test_assignment, d, d_t, b)
-    return {"points": [point], "val_performance": best, "C_g": c_g, "test_assignment": test_assignment}
+    return {"points": [point], "val_performance": best, "C_g": c_g, "test_assignment": test_assignment,
+            "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
 
 
 def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, report) -> dict:
@@ -223,4 +225,29 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
         lam = calibrate_lambda(val_pred, d, d_t)  # the budget's price of data, set on validation
         assignment = lagrange_assignment(test_pred, d, lam).numpy()
         points.append({**_point(task, data["test"], assignment, d, d_t), "lambda": lam})
-    return {"points": points, "C_g": c_g}
+    return {"points": points, "C_g": c_g,
+            "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std))}
+
+
+def gate_bundle(gate: Gate, config: dict, **extra) -> dict:
+    """A trained gate as plain values and tensors (torch.load(weights_only=True) reads it back):
+    what serving needs to rebuild it and its task. extra: score_mean/score_std (lagrange: the
+    gate predicts standardised scores), d_target and bias (soft/enforce)."""
+    return {"task": config["task"], "profile": config["profile"], "options": dict(config.get("options") or {}),
+            "method": config["method"], "width": float(config["width"]),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}, **extra}
+
+
+def save_gate(bundle: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(bundle, path)
+    return path
+
+
+def load_gate(path: Path) -> tuple[Gate, dict]:
+    """The gate saved by save_gate, in eval mode on the CPU, and its bundle (without weights)."""
+    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    task = get_task(bundle["task"], bundle["profile"], bundle["options"])
+    gate = build_gate(task.gate_spec(), bundle["width"])
+    gate.load_state_dict(bundle.pop("state_dict"))
+    return gate.eval(), bundle

@@ -19,7 +19,7 @@ import pandas as pd
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines.cache import expert_matrix, load_cache
-from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial
+from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
 from pipelines.prepare import require_manifest, shard_path
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from tasks import SPLITS
@@ -149,7 +149,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                             "rerun the same command to resume it")
         records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
-                        "trial_dir": result.path, "assignment_file": metrics.get("assignment_file")})
+                        "trial_dir": result.path, "assignment_file": metrics.get("assignment_file"),
+                        "gate_file": metrics.get("gate_file")})
     out = cfg.task_dir("sweeps") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
@@ -207,6 +208,10 @@ def _trainable(config: dict, data: dict, out_dir: str) -> None:
     result = run_trial(trial, data)
     final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
     assignment = result.pop("test_assignment", None)
+    gate = result.pop("gate", None)
+    if gate is not None:  # the trained gate, for serving (serving/loading.py)
+        path = Path(out_dir).parent / "gates" / f"{tune.get_context().get_trial_id()}.pt"
+        final["gate_file"] = str(save_gate(gate, path))
     if assignment is not None:
         path = Path(out_dir) / f"{tune.get_context().get_trial_id()}.npy"
         np.save(path, assignment)

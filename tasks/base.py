@@ -24,12 +24,30 @@ class BadInput(ValueError):
     """A user's input file that cannot be used; the message names the file and the reason."""
 
 
+class InputTooSmall(BadInput):
+    """A decodable input too small for the task (e.g. an image under one patch): HTTP 422."""
+
+
 @dataclass
 class Listing:
     """The sources of one split (one dict per file or item) and the problems found listing them."""
 
     sources: list[dict]
     problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServedInput:
+    """One serving request decoded on the sensor side (serving/router.py).
+
+    A request holds U routing units (superres: its 64x64 patches; detection or action: one image
+    or clip); the gate routes each unit and only the chosen expert's P_n of it is sent.
+    """
+
+    gate: np.ndarray  # (U, ...) gate inputs in the stored gate-column format (task.gate_tensor)
+    full_data_cost: float  # bytes (K per value) of sending every unit's full input
+    full_wire_bytes: int  # bytes of the full input as decoded (uint8 values)
+    context: Any = None  # whatever the task needs to make P_n and the response (stays on the sensor)
 
 
 @dataclass(frozen=True)
@@ -91,3 +109,49 @@ class Task(Protocol):
 
     def heuristic(self, gate: np.ndarray) -> np.ndarray | None:
         """(M,) hand-made difficulty per input (higher: needs more data), or None."""
+
+    # -- serving (optional: a task is servable by serving/ when it has all four) ----------
+    def decode_request(self, body: bytes) -> ServedInput:
+        """Raw request bytes (image or video file) -> the request's routing units.
+
+        Raises BadInput (HTTP 400: not decodable, truncated) or InputTooSmall (HTTP 422).
+        """
+
+    def request_inputs(self, request: ServedInput, n: int, units: np.ndarray) -> np.ndarray:
+        """(len(units), ...) numeric P_n of the given units: exactly what crosses to expert n."""
+
+    def serve_expert(self, n: int, model: nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
+        """Expert n on a batch of P_n inputs (B, ...): one numeric output array per input."""
+
+    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+        """The JSON prediction from every unit's expert output (outputs[u] came from expert assignment[u])."""
+
+
+def with_options(base, overrides: dict, task: str):
+    """`base` settings (a frozen dataclass) with `overrides` given as strings from the command
+    line (`-o KEY=VALUE`) converted to each field's type: "4,3,2" for tuples of ints, "true"/"false"
+    for flags. An unknown key or a bad value is a ValueError naming the option."""
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {task} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    typed = {}
+    for key, value in overrides.items():
+        current = getattr(base, key)
+        try:
+            if not isinstance(value, str):
+                typed[key] = value
+            elif isinstance(current, bool):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                typed[key] = value.lower() in ("true", "1", "yes")
+            elif isinstance(current, tuple):
+                typed[key] = tuple(int(x) for x in value.split(","))
+            else:
+                typed[key] = type(current)(value)
+        except ValueError:
+            raise ValueError(f"{task} option {key}={value!r}: expected {type(current).__name__} "
+                             f"like {current!r}") from None
+    return replace(base, **typed)

@@ -190,6 +190,7 @@ def test_sweep_logs_to_a_real_mlflow_server(run, tmp_path):
     """The same sweep against infra/mlflow/serve.sh's server on 127.0.0.1 over http (stopped by
     its PID); the runs are read back with MlflowClient and compared with `bmoe compare`."""
     import dataclasses
+    import http.client
     import socket
     import urllib.request
 
@@ -212,7 +213,7 @@ def test_sweep_logs_to_a_real_mlflow_server(run, tmp_path):
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
                     if response.status == 200:
                         break
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not up yet (or not yet the server on that port)
                 assert server.poll() is None, "infra/mlflow/serve.sh exited"
                 time.sleep(0.5)
         else:

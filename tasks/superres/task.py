@@ -4,7 +4,7 @@ PSNR on Y per image reassembled from its patches (section IV-C, Tables V-VII).""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bmoe.gating import SUPERRES_GATE, GateSpec
-from tasks.base import SPLITS, BadInput, ExpertTraining, Listing
-from tasks.superres import metrics, models, patches, readers, synthetic
+from tasks.base import SPLITS, BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.superres import metrics, models, patches, readers, serving, synthetic
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,7 @@ class SuperResTask:
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> "SuperResTask":
-        base = PROFILES[profile]
-        unknown = sorted(set(overrides) - set(asdict(base)))
-        if unknown:
-            raise ValueError(f"unknown superres option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(asdict(base))}")
-        typed = {k: type(getattr(base, k))(v) if not isinstance(getattr(base, k), tuple) else
-                 tuple(int(x) for x in str(v).split(",")) for k, v in overrides.items()}
-        return cls(replace(base, **typed))
+        return cls(with_options(PROFILES[profile], overrides, "superres"))
 
     # -- data -----------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -191,6 +184,19 @@ class SuperResTask:
         """Gradient energy of the patch's luma: textured patches need more resolution."""
         y = metrics.rgb_to_y(np.asarray(gate, dtype=np.float64))  # (M, 64, 64)
         return (np.diff(y, axis=1) ** 2).mean(axis=(1, 2)) + (np.diff(y, axis=2) ** 2).mean(axis=(1, 2))
+
+    # -- serving (tasks/superres/serving.py): one routing unit per 64x64 patch ----------------
+    def decode_request(self, body: bytes) -> ServedInput:
+        return serving.decode_request(body, self.settings.K)
+
+    def request_inputs(self, request: ServedInput, n: int, units: np.ndarray) -> np.ndarray:
+        return serving.request_inputs(request, self.settings.scales[n], units)
+
+    def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
+        return serving.serve_expert(model, x, device)
+
+    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+        return serving.response(request, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
         """Fig. 7: the test image with the most patches, each patch framed by its expert's colour."""

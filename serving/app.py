@@ -1,0 +1,80 @@
+"""Build the Serve application of one task: a Router ingress and one deployment per expert,
+composed through DeploymentHandles (the Router receives the experts' handles when bound).
+
+    serve run serving.app:build_app task=superres root=./bmoe-runs target_cost=4096
+    bmoe serve --task superres --root ./bmoe-runs --target-cost 4096
+    serve deploy serving/serve_config.yaml     # the same app from a config file, on a cluster
+
+Nothing is bound at import time: build_app(args) / build(settings) make the application.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from ray.serve import Application
+
+from serving.experts import Expert
+from serving.loading import ServedModels, load_run
+from serving.router import Router
+from serving.settings import ServeSettings
+
+
+def budget_target(settings: ServeSettings, d: np.ndarray) -> float:
+    """The default d_t: --target-cost, else b . d for --bias, else d_max / 2."""
+    d = np.asarray(d, dtype=np.float64)
+    if settings.target_cost is not None and settings.bias is not None:
+        raise ValueError("give a target cost or a bias, not both")
+    if settings.bias is not None:
+        b = np.asarray(settings.bias, dtype=np.float64)
+        if b.shape != d.shape or (b < 0).any() or not np.isclose(b.sum(), 1.0):
+            raise ValueError(f"bias must be {len(d)} non-negative shares summing to 1, got {settings.bias}")
+        return float(b @ d)
+    target = float(settings.target_cost) if settings.target_cost is not None else float(d.max()) / 2
+    if not (d.min() <= target <= d.max()):
+        raise ValueError(f"target cost {target:g} bytes is outside the feasible range [{d.min():g}, {d.max():g}]")
+    return target
+
+
+def build(settings: ServeSettings, models: ServedModels | None = None) -> Application:
+    """The bound application (Router over one Expert deployment per expert)."""
+    models = models or load_run(settings.root, settings.task, settings.gate_file, settings.target_cost,
+                                settings.expert_uris, settings.tracking_uri)
+    target = budget_target(settings, models.d)
+    experts = []
+    for n, name in enumerate(models.expert_names):
+        scaling = settings.scaling(n)
+        deployment = Expert.options(
+            name=f"{models.task}-expert-{n}-{name}",
+            autoscaling_config=scaling.autoscaling_config(),
+            ray_actor_options=scaling.ray_actor_options(),
+            max_ongoing_requests=scaling.max_ongoing_requests,
+            health_check_period_s=scaling.health_check_period_s,
+        )
+        experts.append(deployment.bind(models.task, models.profile, models.options, n, models.expert_states[n],
+                                       scaling.max_batch_size, scaling.batch_wait_timeout_s))
+    # One Router replica: it is the sensor, and it holds the budget's running state.
+    router = Router.options(name=f"{models.task}-router", num_replicas=1,
+                            ray_actor_options={"num_cpus": settings.router_cpus},
+                            max_ongoing_requests=settings.router_max_ongoing_requests)
+    return router.bind(dataclasses.replace(models, expert_states=[]), settings, target, experts)
+
+
+def build_app(args: dict) -> Application:
+    """Serve's application builder (`serve run serving.app:build_app key=value`, config `args:`)."""
+    return build(ServeSettings.from_args(args))
+
+
+def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
+        models: ServedModels | None = None, access_log: bool = True):
+    """Start Serve's HTTP proxy on host:port (loopback by default) and deploy the task's app at
+    /<task>, so several tasks' apps can share one proxy. Returns the Router's handle.
+    access_log=False keeps load tests and benchmarks from logging a line per request."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    app = build(settings, models)
+    logging = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
+    return serve.run(app, name=settings.task, route_prefix=f"/{settings.task}", blocking=blocking,
+                     logging_config=logging)

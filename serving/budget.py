@@ -1,0 +1,124 @@
+"""Streaming budget control: keep the running mean data cost at the target d_t when inputs
+arrive one at a time, so the batchwise enforcement of Algorithm 1 cannot apply.
+
+Each routing unit goes to argmax_n v_n - lambda * d_n, where v are the gate's per-expert values
+(the lagrange gate's predicted scores, or a soft/enforce gate's log-probabilities) and lambda * d_n
+are per-expert thresholds. lambda starts at the value calibrated on the validation cache for d_t
+(bmoe.lagrange.calibrate_lambda) and is adjusted online from the cumulative overspend
+D_t = sum_i (c_i - d_t): lambda_t = lambda_0 + gain * D_t, an integral controller.
+
+A hard band makes the guarantee unconditional: a choice that would take |D| above B is
+replaced by the best choice that keeps it inside. One always exists when B >= (d_max - d_min) / 2
+(the cheapest expert lowers D by d_t - d_min, the dearest raises it by d_max - d_t, and those two
+steps add up to d_max - d_min). Over any W consecutive units |mean cost - d_t| <= 2B / W, so
+B = 0.9 * tolerance * W * d_t / 2 keeps every window within 0.9 * tolerance (4.5% for 5%) while
+leaving the gate as much freedom as the tolerance allows; B never goes below (d_max - d_min) / 2
+(then the bound is (d_max - d_min) / W, within 5% at W = 200 whenever d_t >= (d_max - d_min) / 10).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bmoe.lagrange import calibrate_lambda
+
+__all__ = ["BudgetController", "window_bound"]
+
+
+def band(d: np.ndarray, target: float, window: int, tolerance: float) -> float:
+    """B: the cumulative overspend allowed either way (see the module docstring)."""
+    return max(float(np.ptp(np.asarray(d, dtype=np.float64))) / 2.0, 0.9 * tolerance * window * target / 2.0, 1e-9)
+
+
+def window_bound(d: np.ndarray, target: float, window: int, tolerance: float = 0.05) -> float:
+    """The largest |mean cost - d_t| the controller allows over `window` consecutive units."""
+    return 2.0 * band(d, target, window, tolerance) / window
+
+
+@dataclass
+class BudgetController:
+    """Routes a stream of units at a mean data cost `target` (bytes per unit)."""
+
+    d: np.ndarray  # (N,) data cost of each expert's P_n, bytes
+    target: float
+    lam0: float  # the price of data calibrated on validation for this target
+    gain: float  # lambda change per byte of cumulative overspend
+    window: int = 200  # units over which the mean must stay within tolerance
+    tolerance: float = 0.05
+    deviation: float = 0.0  # D_t: cumulative cost minus target
+    units: int = 0
+    spent: float = 0.0
+    clamped: int = 0  # units whose gate choice the hard band overrode
+    recent: deque = field(default_factory=deque)
+
+    @classmethod
+    def calibrated(cls, d, target: float, val_values: np.ndarray, window: int = 200,
+                   tolerance: float = 0.05) -> "BudgetController":
+        """A controller whose starting lambda meets `target` on the validation gate values (M, N).
+
+        Raises ValueError naming the feasible range when target is outside [d_min, d_max].
+        """
+        d = np.asarray(d, dtype=np.float64)
+        lam0 = calibrate_lambda(val_values, d, target)
+        # One band's worth of overspend moves lambda by about one value span per cost span:
+        # enough to change most routing decisions, so the band is rarely hit.
+        span = float(np.ptp(val_values)) if np.size(val_values) else 1.0
+        cost_span = max(float(np.ptp(d)), 1e-9)
+        gain = (max(span, 1e-9) / cost_span) / band(d, target, window, tolerance)
+        return cls(d=d, target=float(target), lam0=float(lam0), gain=gain, window=window, tolerance=tolerance)
+
+    @property
+    def band(self) -> float:
+        return band(self.d, self.target, self.window, self.tolerance)
+
+    @property
+    def lam(self) -> float:
+        # Unclamped: the target is two-sided, so an underspending stream gets a negative price
+        # that buys data back, as an overspending one gets a higher price.
+        return self.lam0 + self.gain * self.deviation
+
+    def route(self, values: np.ndarray) -> np.ndarray:
+        """Assign each row of values (U, N) in order; returns (U,) expert indices."""
+        values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+        out = np.empty(len(values), dtype=np.int64)
+        for i, v in enumerate(values):
+            out[i] = self._choose(v)
+        return out
+
+    def _choose(self, v: np.ndarray) -> int:
+        utility = v - self.lam * self.d  # (N,)
+        after = self.deviation + self.d - self.target  # (N,) D if expert n were chosen
+        allowed = np.abs(after) <= self.band * (1 + 1e-9)
+        if not allowed.any():  # unreachable by the band argument; keep the nearest as a safeguard
+            allowed = np.abs(after) == np.abs(after).min()
+        n = int(np.argmax(utility))
+        if not allowed[n]:
+            n = int(np.flatnonzero(allowed)[np.argmax(utility[allowed])])
+            self.clamped += 1
+        cost = float(self.d[n])
+        self.deviation += cost - self.target
+        self.units += 1
+        self.spent += cost
+        self.recent.append(cost)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        return n
+
+    def summary(self) -> dict:
+        """Running figures for /stats."""
+        window_mean = float(np.mean(self.recent)) if self.recent else None
+        return {
+            "target": self.target,
+            "units": self.units,
+            "mean_data_cost": self.spent / self.units if self.units else None,
+            "window": self.window,
+            "window_units": len(self.recent),
+            "window_mean_data_cost": window_mean,
+            "window_error": (window_mean - self.target) / self.target if window_mean is not None else None,
+            "lambda": self.lam,
+            "band_overrides": self.clamped,
+            "guaranteed_window_error": window_bound(self.d, self.target, self.window, self.tolerance) / self.target,
+        }

@@ -1,0 +1,161 @@
+"""What a served mixture is made of, read from a pipeline run root: the frozen experts
+(<root>/experts/<task>/<n>/model.pt), the gate the sweep saved (<root>/sweeps/<task>/gates/),
+and the gate's values on the validation inputs, on which the budget controller calibrates.
+
+Everything is loaded once, where the app is built, and passed to the deployments as plain
+tensors and arrays: replicas on other nodes need no access to the run root.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.runtime import RunConfig, UserError
+
+SERVABLE_METHODS = ("lagrange", "enforce", "soft")  # gates that give every expert a value
+HOOKS = ("decode_request", "request_inputs", "serve_expert", "response")
+
+
+@dataclass
+class ServedModels:
+    """Everything the deployments need, as plain values (picklable to Ray)."""
+
+    task: str
+    profile: str
+    options: dict
+    expert_names: list[str]
+    d: np.ndarray  # (N,) data cost per expert, bytes
+    expert_states: list[dict]  # state_dict of each frozen expert
+    gate: dict  # the gate bundle (pipelines.gate_trial.gate_bundle), state_dict included
+    val_values: np.ndarray  # (M, N) gate values on the validation gate inputs
+    gate_file: str
+
+    def task_obj(self):
+        from tasks import get_task
+
+        return get_task(self.task, self.profile, self.options)
+
+
+def find_gate_file(root: Path, task: str, target: float | None = None) -> Path:
+    """The gate to serve from the task's latest sweep: the lagrange gate (one gate for every
+    budget) if the sweep trained one, else the soft/enforce gate trained nearest the target
+    (best validation performance among equals)."""
+    latest = root / "sweeps" / task / "latest.json"
+    if not latest.exists():
+        raise UserError(f"no sweep for task {task} under {root}: run `bmoe sweep --task {task}` first")
+    sweep = json.loads(Path(json.loads(latest.read_text())["file"]).read_text())
+    trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE_METHODS]
+    if not trials:
+        raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE_METHODS)}): "
+                        "rerun `bmoe sweep` with one of them")
+    lagrange = [t for t in trials if t["config"]["method"] == "lagrange"]
+    if lagrange:
+        return _in_root(Path(lagrange[0]["gate_file"]), root, task, sweep["name"])
+    goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
+    best = min(trials, key=lambda t: (abs(t["config"]["d_target"] - goal), -(t.get("val_performance") or -np.inf)))
+    return _in_root(Path(best["gate_file"]), root, task, sweep["name"])
+
+
+def _in_root(path: Path, root: Path, task: str, sweep: str) -> Path:
+    """The recorded gate file, or the same file under this root when the run was made in
+    another folder or machine (the sweep records absolute paths)."""
+    return path if path.exists() else root / "sweeps" / task / sweep / "gates" / path.name
+
+
+def gate_values(gate: torch.nn.Module, bundle: dict, x: torch.Tensor) -> np.ndarray:
+    """(M, N) per-expert values the router trades against data cost: predicted scores for the
+    lagrange gate, log-probabilities for a soft/enforce gate."""
+    with torch.no_grad():
+        out = gate(x)
+    if bundle["method"] == "lagrange":
+        return out.double().numpy() * bundle["score_std"] + bundle["score_mean"]
+    return torch.log_softmax(out.double(), dim=1).numpy()
+
+
+def load_run(root: str | Path, task: str, gate_file: str | Path | None = None, target: float | None = None,
+             expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
+    """Read a run's experts, gate and validation gate inputs; UserError names what is missing.
+
+    expert_uris: MLflow model URIs (models:/name/version of registered models, runs:/id/model)
+    to serve instead of the checkpoints under the root, one per expert, in expert order.
+    """
+    from pipelines.storage import synced
+
+    base = RunConfig(task=task, root=str(root))
+    with synced(base):  # an object-store root (s3://...): pull the run into its working copy
+        return _load(base, task, gate_file, target, expert_uris, tracking_uri)
+
+
+def _load(base: RunConfig, task: str, gate_file, target, expert_uris, tracking_uri) -> ServedModels:
+    import pandas as pd
+    import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
+
+    from pipelines.gate_trial import load_gate
+    from pipelines.prepare import shard_path
+    from pipelines.train_experts import WEIGHTS, expert_dir
+
+    root = base.root_path
+    path = Path(gate_file) if gate_file else find_gate_file(root, task, target)
+    if not path.exists():
+        raise UserError(f"gate file {path} not found")
+    gate, bundle = load_gate(path)
+    if bundle["task"] != task:
+        raise UserError(f"gate file {path} is for task {bundle['task']}, not {task}")
+    if bundle["method"] not in SERVABLE_METHODS:
+        raise UserError(f"gate file {path} holds a {bundle['method']} gate; servable: {', '.join(SERVABLE_METHODS)}")
+    cfg = RunConfig(task=task, root=base.root, profile=bundle["profile"], task_options=bundle["options"],
+                    workdir=base.workdir)
+    task_obj = cfg.task_obj()
+    missing = [h for h in HOOKS if not callable(getattr(task_obj, h, None))]
+    if missing:
+        raise UserError(f"task {task} cannot be served yet: it lacks {', '.join(missing)} (see tasks/base.py)")
+    if expert_uris:
+        states = load_mlflow_experts(task_obj, list(expert_uris), tracking_uri or cfg.mlflow_uri)
+    else:
+        states = []
+        for n, name in enumerate(task_obj.expert_names()):
+            weights = expert_dir(cfg, n) / WEIGHTS
+            if not weights.exists():
+                raise UserError(f"expert {n} ({name}) of task {task} has no checkpoint {weights}: "
+                                "run `bmoe train-experts` first")
+            states.append(torch.load(weights, map_location="cpu", weights_only=True))
+    val_dir = Path(shard_path(cfg, "val", "gate"))
+    if not val_dir.exists():
+        raise UserError(f"no validation gate inputs at {val_dir}: run `bmoe prepare` first")
+    val_gate = np.stack(pd.read_parquet(val_dir, columns=["gate"])["gate"].to_numpy())
+    values = gate_values(gate, bundle, task_obj.gate_tensor(val_gate))
+    bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
+    return ServedModels(task=task, profile=bundle["profile"], options=dict(bundle["options"]),
+                        expert_names=task_obj.expert_names(), d=np.asarray(task_obj.data_costs(), dtype=np.float64),
+                        expert_states=states, gate=bundle, val_values=values, gate_file=str(path))
+
+
+def load_mlflow_experts(task, uris: list[str], tracking_uri: str) -> list[dict]:
+    """State dicts of the experts logged (or registered) in MLflow, checked against the task's
+    expert architectures so a model of the wrong task or size fails here, in one line."""
+    import mlflow
+
+    names = task.expert_names()
+    if len(uris) != len(names):
+        raise UserError(f"{len(uris)} expert model URI(s) given; task {task.name} has {len(names)} experts "
+                        f"({', '.join(names)})")
+    mlflow.set_tracking_uri(tracking_uri)
+    states = []
+    for n, uri in enumerate(uris):
+        try:
+            state = mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
+        except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException, OSError...
+            reason = " ".join(str(err).split())[:200]
+            raise UserError(f"cannot load expert {n} ({names[n]}) from {uri}: {reason}") from None
+        try:
+            task.build_expert(n).load_state_dict(state)
+        except RuntimeError:
+            raise UserError(f"model {uri} is not expert {n} ({names[n]}) of task {task.name}: "
+                            "its weights do not fit") from None
+        states.append(state)
+    return states

@@ -1,0 +1,104 @@
+"""How a served mixture is deployed: frozen dataclasses, one per deployment kind.
+
+Defaults suit a laptop (fractional CPUs so several replicas fit on 2 cores); on a GPU cluster
+set ExpertScaling.num_gpus (e.g. 0.25: four expert replicas per GPU) and raise max_replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class ExpertScaling:
+    """Replicas, resources and batching of one expert deployment."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 16
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    health_check_period_s: float = 2.0
+
+    def autoscaling_config(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s, "metrics_interval_s": self.metrics_interval_s,
+                "look_back_period_s": self.look_back_period_s}
+
+    def ray_actor_options(self) -> dict:
+        options = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        return options
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """One served task: where its models come from, its budget and its deployments."""
+
+    task: str = "superres"
+    root: str = "bmoe-runs"
+    target_cost: float | None = None  # bytes per routing unit; None: d_max / 2 (or from bias)
+    bias: tuple[float, ...] | None = None  # b: target = b . d (the paper's eq. 6 budget)
+    gate_file: str | None = None  # None: the gate of the task's latest sweep
+    expert_uris: tuple[str, ...] | None = None  # MLflow model URIs instead of the root's checkpoints
+    tracking_uri: str | None = None  # for expert_uris; None: sqlite:///<root>/mlflow.db
+    max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get HTTP 413
+    window: int = 200  # units in the running budget window reported by /stats
+    retries: int = 5  # calls to an expert that died mid-request are retried this often
+    retry_backoff_s: float = 0.2
+    router_cpus: float = 0.25
+    router_max_ongoing_requests: int = 64
+    expert: ExpertScaling = field(default_factory=ExpertScaling)
+    experts: tuple[ExpertScaling, ...] = ()  # per expert, overriding `expert`; empty: all use `expert`
+
+    def scaling(self, n: int) -> ExpertScaling:
+        return self.experts[n] if n < len(self.experts) else self.expert
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeSettings":
+        """From `serve run serving.app:build_app key=value ...` or a config file's `args:`
+        (strings or YAML values); expert scaling keys go under `expert` (a dict)."""
+        args = dict(args)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown serve argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        expert = _expert(args.pop("expert", None) or {})
+        experts = tuple(_expert(e) for e in args.pop("experts", None) or ())
+        out = cls(expert=expert, experts=experts)
+        typed = {}
+        for key, value in args.items():
+            if value is None or value == "":
+                typed[key] = None
+            elif key == "bias":
+                typed[key] = tuple(float(x) for x in (value.split(",") if isinstance(value, str) else value))
+            elif key == "expert_uris":
+                typed[key] = tuple(str(x) for x in (value.split(",") if isinstance(value, str) else value))
+            elif key in ("target_cost", "retry_backoff_s", "router_cpus"):
+                typed[key] = float(value)
+            elif key in ("max_body_bytes", "window", "retries", "router_max_ongoing_requests"):
+                typed[key] = int(value)
+            else:
+                typed[key] = str(value)
+        return replace(out, **typed)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _expert(values: dict) -> ExpertScaling:
+    base = ExpertScaling()
+    known = {f.name for f in fields(ExpertScaling)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown expert scaling key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})

@@ -1,0 +1,184 @@
+"""Serving parts that need no Serve: the streaming budget controller on long streams, the wire
+format, the settings and the config YAML against Serve's own schema, the superres request hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from serving import wire
+from serving.budget import BudgetController, window_bound
+from serving.settings import ServeSettings
+
+D = np.array([3072.0, 64 * 64 / 9 * 12, 12288.0])  # the superres experts' data costs (x4, x3, x2)
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _windows(costs: np.ndarray, width: int) -> np.ndarray:
+    """Mean of every run of `width` consecutive costs."""
+    sums = np.convolve(costs, np.ones(width), mode="valid")
+    return sums / width
+
+
+def _stream(controller: BudgetController, values: np.ndarray) -> np.ndarray:
+    routed = np.concatenate([controller.route(v[None]) for v in values])  # one unit at a time
+    return D[routed]
+
+
+@pytest.mark.parametrize("target", [D.max() / 3, D.max() / 2, 0.8 * D.max()])
+def test_every_200_window_stays_within_5_percent_even_when_the_input_drifts(target):
+    rng = np.random.default_rng(0)
+    val = rng.normal(size=(400, 3)) + np.array([0.0, 0.5, 1.0])  # calibration: dearer experts look better
+    controller = BudgetController.calibrated(D, target, val, window=200)
+    # the stream drifts: first easy inputs (cheap experts look as good), then hard ones
+    easy = rng.normal(size=(1500, 3)) + np.array([0.0, 0.1, 0.2])
+    hard = rng.normal(size=(1500, 3)) + np.array([0.0, 2.0, 4.0])
+    costs = _stream(controller, np.concatenate([easy, hard]))
+    worst = np.abs(_windows(costs, 200) - target).max() / target
+    assert worst <= 0.05, worst
+    assert worst <= window_bound(D, target, 200) / target + 1e-9
+    summary = controller.summary()
+    assert summary["units"] == 3000 and abs(summary["window_mean_data_cost"] - target) / target <= 0.05
+    # the gate still decides: routing is not a fixed rotation of experts
+    assert len(np.unique(costs)) == 3
+
+
+def test_controller_follows_the_gate_where_the_budget_allows():
+    """With values that clearly prefer one expert per input and a target matching their mix,
+    the controller keeps almost every gate choice (the band rarely overrides)."""
+    rng = np.random.default_rng(1)
+    pick = rng.integers(0, 3, size=3000)
+    values = np.full((3000, 3), -5.0)
+    values[np.arange(3000), pick] = 5.0
+    target = float(D[pick].mean())
+    controller = BudgetController.calibrated(D, target, values[:500], window=200)
+    routed = np.concatenate([controller.route(v[None]) for v in values])
+    assert (routed == pick).mean() > 0.9
+    assert abs(D[routed].mean() - target) / target < 0.01
+
+
+def test_target_outside_the_feasible_range_names_it():
+    with pytest.raises(ValueError, match="outside"):
+        BudgetController.calibrated(D, 100.0, np.zeros((10, 3)))
+
+
+def test_wire_round_trip_and_malformed_frames():
+    arrays = [np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3), np.linspace(0, 1, 7, dtype=np.float32)]
+    frame = wire.encode(arrays)
+    back = wire.decode(frame)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(arrays, back))
+    assert len(frame) - sum(a.nbytes for a in arrays) < 40  # compact: a few header bytes per array
+    for bad, reason in [(b"", "magic"), (b"PK\x03\x04" + frame[4:], "magic"), (frame[:-1], "truncated"),
+                        (frame + b"\0", "trailing"), (frame[:9], "truncated")]:
+        with pytest.raises(wire.WireError, match=reason):
+            wire.decode(bad)
+    with pytest.raises(wire.WireError):
+        wire.encode([np.array(["a", "b"], dtype=object)])  # no pickled objects on the wire
+
+
+def test_settings_from_serve_args_and_errors():
+    settings = ServeSettings.from_args({"task": "superres", "root": "/r", "target_cost": "4096", "bias": "",
+                                        "expert": {"max_replicas": "3", "num_gpus": 0.5}})
+    assert settings.target_cost == 4096.0 and settings.bias is None
+    assert settings.scaling(2).max_replicas == 3 and settings.scaling(0).ray_actor_options()["num_gpus"] == 0.5
+    with pytest.raises(ValueError, match="unknown serve argument"):
+        ServeSettings.from_args({"taks": "superres"})
+    with pytest.raises(ValueError, match="unknown expert scaling key"):
+        ServeSettings.from_args({"expert": {"replicas": 2}})
+
+
+def test_budget_target_from_cost_or_bias():
+    from serving.app import budget_target
+
+    assert budget_target(ServeSettings(), D) == D.max() / 2
+    assert budget_target(ServeSettings(bias=(0.5, 0.0, 0.5)), D) == pytest.approx((D[0] + D[2]) / 2)
+    with pytest.raises(ValueError, match="feasible range"):
+        budget_target(ServeSettings(target_cost=20000.0), D)
+    with pytest.raises(ValueError, match="summing to 1"):
+        budget_target(ServeSettings(bias=(0.5, 0.6, 0.0)), D)
+
+
+def test_serve_config_yaml_passes_serves_own_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((PROJECT / "serving" / "serve_config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.http_options.host == "127.0.0.1"
+    app = config.applications[0]
+    assert app.import_path == "serving.app:build_app"
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    settings = ServeSettings.from_args(app.args)  # every arg is one the builder knows
+    assert settings.task == app.name and settings.expert.num_gpus > 0  # a GPU fraction on clusters
+
+
+def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_superres_request_hooks_decode_route_units_and_reject_bad_bytes():
+    from tasks import get_task
+    from tasks.base import BadInput, InputTooSmall
+
+    task = get_task("superres", "smoke")
+    image = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    request = task.decode_request(_png(image))
+    assert request.gate.shape == (2 * 3, 64, 64, 3)  # 64-px grid: 2 rows x 3 columns
+    assert np.array_equal(request.gate[0], image[:64, :64])
+    lr = task.request_inputs(request, 0, np.array([1, 4]))  # x4: 16x16 LR patches of units 1 and 4
+    assert lr.shape == (2, 16, 16, 3) and lr.dtype == np.uint8
+    assert task.decode_request(_png(image, "JPEG")).gate.shape[0] == 6
+    for body, kind in [(b"", BadInput), (b"GIF89a not an image", BadInput), (_png(image)[:300], BadInput),
+                       (_png(image[:40, :200]), InputTooSmall)]:
+        with pytest.raises(kind):
+            task.decode_request(body)
+    gif = io.BytesIO()
+    Image.fromarray(image).save(gif, format="GIF")
+    with pytest.raises(BadInput, match="GIF"):
+        task.decode_request(gif.getvalue())
+
+
+def test_serve_cli_without_a_run_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--root", str(tmp_path)])
+    assert out.exit_code == 1
+    assert "run `bmoe sweep --task superres` first" in out.output and "Traceback" not in out.output
+
+
+def test_the_served_gate_is_found_in_the_latest_sweep(tmp_path):
+    from pipelines.runtime import UserError
+    from serving.loading import find_gate_file
+
+    sweeps = tmp_path / "sweeps" / "superres"
+    gates = sweeps / "s1" / "gates"
+    gates.mkdir(parents=True)
+    with pytest.raises(UserError, match="run `bmoe sweep --task superres` first"):
+        find_gate_file(tmp_path, "superres")
+
+    def write(trials: list[dict]) -> None:
+        (sweeps / "s1.json").write_text(json.dumps({"name": "s1", "trials": trials}))
+        (sweeps / "latest.json").write_text(json.dumps({"name": "s1", "file": str(sweeps / "s1.json")}))
+
+    enforce = [{"config": {"method": "enforce", "d_target": t}, "val_performance": p,
+                "gate_file": str(gates / f"e{i}.pt")} for i, (t, p) in enumerate([(4096.0, 30.0), (8000.0, 31.0)])]
+    write([{"config": {"method": "random"}, "gate_file": None}])
+    with pytest.raises(UserError, match="saved no trained gate"):
+        find_gate_file(tmp_path, "superres")
+    write(enforce)
+    assert find_gate_file(tmp_path, "superres", target=4500.0).name == "e0.pt"  # nearest target
+    assert find_gate_file(tmp_path, "superres", target=7000.0).name == "e1.pt"
+    # the lagrange gate serves every budget; a run moved to another folder still finds it
+    lagrange = {"config": {"method": "lagrange"}, "gate_file": "/elsewhere/sweeps/superres/s1/gates/l.pt"}
+    write([*enforce, lagrange])
+    assert find_gate_file(tmp_path, "superres", target=4500.0) == gates / "l.pt"
