@@ -13,7 +13,13 @@ def _superres(profile: str, options: dict) -> Task:
     return SuperResTask.for_profile(profile, **options)
 
 
-TASKS = {"superres": _superres}
+def _action(profile: str, options: dict) -> Task:
+    from tasks.action import ActionTask
+
+    return ActionTask.for_profile(profile, **options)
+
+
+TASKS = {"superres": _superres, "action": _action}
 
 
 def get_task(name: str, profile: str, options: dict | None = None) -> Task:

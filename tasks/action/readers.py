@@ -1,0 +1,114 @@
+"""UCF-101's layout: <root>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi and <root>/ucfTrainTestlist/
+{classInd.txt, trainlist0K.txt, testlist0K.txt}, for split K in 1..3.
+
+The official list files have CRLF line endings; train lines carry a 1-based label, test lines
+none (the class is the folder; file names may differ from it in case, as
+HandstandPushups/v_HandStandPushups_g01_c01.avi does). UCF-101 has no validation split: ours is the train clips of
+every `val_every`-th group (g05, g10, ...), so no actor appears in two splits. Clips a list
+names but the disk lacks (a partial download) are counted and the first few named; the rest
+are used.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_DIR = "UCF-101"
+LIST_DIR = "ucfTrainTestlist"
+CLASS_INDEX = "classInd.txt"
+NAME = re.compile(r"^v_(?P<cls>[A-Za-z0-9]+)_g(?P<group>\d+)_c(?P<clip>\d+)\.avi$")
+
+
+class BadDataRoot(ValueError):
+    """A data root that is not in UCF-101's layout, or whose list files are malformed."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One listed clip that is on disk."""
+
+    path: Path
+    label: int  # 0-based, classInd's number minus one
+    class_name: str
+    group: int  # gXX: clips of one group share actors and scene
+
+    @property
+    def clip_id(self) -> str:
+        return self.path.stem
+
+
+@dataclass
+class ClipListing:
+    clips: list[Clip]
+    problems: list[str] = field(default_factory=list)
+
+
+def read_class_index(root: Path) -> list[str]:
+    """Class names in label order, from classInd.txt ('1 ApplyEyeMakeup' per line)."""
+    path = root / LIST_DIR / CLASS_INDEX
+    if not path.is_file():
+        raise BadDataRoot(f"{root}: not in UCF-101's layout (expected {LIST_DIR}/{CLASS_INDEX} and {VIDEO_DIR}/)")
+    names: dict[int, str] = {}
+    for number, line in enumerate(_lines(path), start=1):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise BadDataRoot(f"{path}:{number}: expected '<index> <ClassName>', got {line!r}")
+        names[int(parts[0])] = parts[1]
+    if sorted(names) != list(range(1, len(names) + 1)):
+        raise BadDataRoot(f"{path}: class indices must run 1..{len(names)} without gaps")
+    return [names[i] for i in range(1, len(names) + 1)]
+
+
+def list_split(root: Path, split: str, split_number: int = 1, val_every: int = 5) -> ClipListing:
+    """The clips of `split` (train, val or test) of official split `split_number`."""
+    if split_number not in (1, 2, 3):
+        raise BadDataRoot(f"UCF-101 has splits 1, 2 and 3, not {split_number}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    classes = read_class_index(root)
+    index = {name: i for i, name in enumerate(classes)}
+    kind = "test" if split == "test" else "train"
+    path = root / LIST_DIR / f"{kind}list{split_number:02d}.txt"
+    if not path.is_file():
+        raise BadDataRoot(f"{path}: split list not found")
+    clips, problems, missing = [], [], []
+    for number, line in enumerate(_lines(path), start=1):
+        parts = line.split()
+        where = f"{path.name}:{number}"
+        if len(parts) not in (1, 2):
+            problems.append(f"{where}: expected '<Class>/<clip>.avi [label]', got {line!r}")
+            continue
+        rel = parts[0]
+        folder, _, name = rel.partition("/")
+        match = NAME.match(name)
+        # the official lists spell one class two ways (HandstandPushups/v_HandStandPushups_...)
+        if not match or match["cls"].lower() != folder.lower() or folder not in index:
+            problems.append(f"{where}: {rel!r} is not <Class>/v_<Class>_gXX_cYY.avi of a class in {CLASS_INDEX}")
+            continue
+        label = index[folder]
+        if len(parts) == 2 and (not parts[1].isdigit() or int(parts[1]) - 1 != label):
+            problems.append(f"{where}: label {parts[1]} does not match {folder} (index {label + 1} in {CLASS_INDEX})")
+            continue
+        group = int(match["group"])
+        if kind == "train" and (group % val_every == 0) != (split == "val"):
+            continue
+        clip_path = root / VIDEO_DIR / folder / name
+        if not clip_path.is_file():
+            missing.append(rel)
+            continue
+        clips.append(Clip(path=clip_path, label=label, class_name=folder, group=group))
+    if missing:
+        problems.append(f"{path.name}: {len(missing)} listed {split} clips not on disk (partial download?), "
+                        f"e.g. {', '.join(missing[:3])}")
+    return ClipListing(clips=clips, problems=problems)
+
+
+def _lines(path: Path) -> list[str]:
+    """Non-empty lines, with CRLF or LF endings and an optional UTF-8 byte-order mark."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadDataRoot(f"{path}: not a UTF-8 text file") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]

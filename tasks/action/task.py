@@ -1,0 +1,264 @@
+"""The `action` task: UCF-101 action classification from the codec's motion vectors (temporal),
+RGB frames (spatial) or both (fusion), top-1 accuracy (section IV-D, Tables VIII-X).
+
+The gate sees the temporal modality only (Table X: 2 F_t channels of 24 x 24), which the
+sensor has anyway; the spatial frames cross the network only for inputs routed to the spatial
+or fusion expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from bmoe.gating import ACTION_GATE, GateSpec
+from tasks.base import BadInput, ExpertTraining, Listing, with_options
+from tasks.action import frames as rgb
+from tasks.action import models, readers, synthetic
+from tasks.action import motion_vectors as mv
+
+EMBED = "emb"  # cache columns emb00.. hold the temporal expert's embedding (Fig. 9)
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    """One profile's settings; logged to MLflow as they are."""
+
+    F_t: int = 160  # motion-vector frames (the paper: 160, Table X's 320 channels; d_0 = 737.3 kB)
+    F_s: int = 2  # RGB frames
+    H_s: int = 240
+    W_s: int = 320  # with F_s = 2: d_1 = 1843.2 kB, as Table VIII
+    K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
+    motion_scale: float = 1.0  # multiplies the rasterised velocities (pixels per frame)
+    classes: int = 101  # UCF-101; the embedded data has len(synthetic.CLASSES)
+    split: int = 1  # official UCF-101 split K in 1..3
+    val_every: int = 5  # train clips of groups g05, g10, ... form the validation split
+    upsample: int = 24  # server-side size of the motion grid inside the temporal expert
+    expert_width: float = 1.0
+    clips_per_group: int = 3  # embedded data: clips per class and group
+    groups: int = 25  # embedded data: groups per class (1-7 test, as UCF-101's split 1; the rest train/val)
+    clip_height: int = 120
+    clip_width: int = 160
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 2e-3
+
+
+_SYNTH = len(synthetic.CLASSES)
+PROFILES = {
+    "smoke": ActionSettings(F_t=4, F_s=1, H_s=36, W_s=48, classes=_SYNTH, expert_width=0.25, clips_per_group=1,
+                            groups=10, epochs=1, batch_size=16),
+    "demo": ActionSettings(F_t=8, F_s=1, H_s=72, W_s=96, classes=_SYNTH, expert_width=0.5, clips_per_group=3,
+                           epochs=12, batch_size=32),
+    "paper": ActionSettings(epochs=50, batch_size=128, lr=1e-3, clips_per_group=4, clip_height=240, clip_width=320),
+}
+
+
+class ActionTask:
+    """Implements tasks.base.Task for action classification."""
+
+    name = "action"
+    metric_name = "top-1 accuracy (%)"
+    target_columns = ("label",)
+    meta_columns = ("label",)
+
+    def __init__(self, settings: ActionSettings):
+        if settings.split not in (1, 2, 3):
+            raise ValueError(f"UCF-101 has splits 1, 2 and 3, not {settings.split}")
+        if min(settings.F_t, settings.F_s, settings.H_s, settings.W_s, settings.classes) < 1:
+            raise ValueError("F_t, F_s, H_s, W_s and classes must be positive")
+        self.settings = settings
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "ActionTask":
+        return cls(with_options(PROFILES[profile], overrides, "action"))
+
+    # -- data -----------------------------------------------------------------------------
+    def expert_names(self) -> list[str]:
+        return list(models.EXPERT_KINDS)
+
+    def data_costs(self) -> np.ndarray:
+        """d_n: temporal F_t*24*24*2*K, spatial F_s*H_s*W_s*3*K, fusion their sum (section IV-D)."""
+        s = self.settings
+        temporal = s.F_t * mv.GRID * mv.GRID * 2 * s.K
+        spatial = s.F_s * s.H_s * s.W_s * 3 * s.K
+        return np.array([temporal, spatial, temporal + spatial], dtype=np.float64)
+
+    def embedded_data(self, folder: Path) -> Path:
+        """Synthetic clips encoded with MPEG-4 part 2 in UCF-101's layout (synthetic.py)."""
+        s = self.settings
+        stamp = folder / "embedded.json"
+        key = {"clips_per_group": s.clips_per_group, "groups": s.groups, "frames": self.clip_frames(),
+               "height": s.clip_height, "width": s.clip_width, "classes": [c.name for c in synthetic.CLASSES],
+               "version": 1}
+        if stamp.exists() and json.loads(stamp.read_text()) == key:
+            return folder
+        shutil.rmtree(folder / readers.VIDEO_DIR, ignore_errors=True)  # our own tree: no stale clips
+        synthetic.write_ucf101_tree(folder, s.clips_per_group, self.clip_frames(), s.clip_height, s.clip_width,
+                                    groups=s.groups)
+        stamp.write_text(json.dumps(key))
+        return folder
+
+    def clip_frames(self) -> int:
+        """Frames per embedded clip: F_t frames with motion plus the intra frames (GOP 12)."""
+        return self.settings.F_t + self.settings.F_t // 11 + 2
+
+    def list_sources(self, data_root: Path, split: str) -> Listing:
+        try:
+            listing = readers.list_split(data_root, split, self.settings.split, self.settings.val_every)
+        except readers.BadDataRoot as err:
+            raise BadInput(str(err)) from None
+        sources = [{"source_id": c.clip_id, "path": str(c.path), "label": c.label,
+                    "group": f"{c.class_name}_g{c.group:02d}"} for c in listing.clips]
+        return Listing(sources=sources, problems=list(listing.problems))
+
+    def load(self, source: dict) -> list[dict]:
+        s = self.settings
+        path = Path(source["path"])
+        if not 0 <= source["label"] < s.classes:
+            raise BadInput(f"{path}: label {source['label'] + 1} is outside the experts' {s.classes} classes "
+                           f"(set --task-option classes=N to the number of lines in classInd.txt)")
+        try:
+            grid = mv.motion_grids(path, s.F_t, scale=s.motion_scale)  # (F_t, 24, 24, 2)
+            frames = rgb.rgb_frames(path, s.F_s, s.H_s, s.W_s)  # (F_s, H_s, W_s, 3)
+        except (mv.NoMotion, mv.Undecodable, rgb.UnreadableFrames) as err:
+            raise BadInput(str(err)) from None
+        enc_t, enc_s = motion_bytes(grid), jpeg_bytes(frames)
+        return [{"sample_id": source["source_id"], "group": source["group"], "label": int(source["label"]),
+                 "gate": grid, "x0": grid, "x1": frames, "x2": pack(grid, frames),
+                 "enc0": enc_t, "enc1": enc_s, "enc2": enc_t + enc_s}]
+
+    # -- experts --------------------------------------------------------------------------
+    def build_expert(self, n: int) -> torch.nn.Module:
+        s = self.settings
+        return models.build_expert(models.EXPERT_KINDS[n], s.F_t, s.F_s, s.classes, s.expert_width, s.upsample)
+
+    def expert_training(self, n: int) -> ExpertTraining:
+        s = self.settings
+        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+
+    def logits(self, n: int, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits of expert n on its stored input x<n>."""
+        if n == 2:
+            return model(*self.unpack(x))
+        return model(x)
+
+    def train_loss(self, n: int, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["x"]
+        if model.training:
+            x = self.augment(n, x)
+        return F.cross_entropy(self.logits(n, model, x), batch["label"].long())
+
+    def augment(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """Label-preserving shifts for training: an action is the same wherever in the frame it
+        happens, so the motion grid and the frames are rolled by a random offset (one per batch).
+        Without it the small experts memorise the few demo clips (measured on an earlier version
+        of them: temporal expert train 100%, test 61%)."""
+        if n == 2:
+            vectors, frames = self.unpack(x)
+            return pack_torch(self.augment(0, vectors), self.augment(1, frames))
+        dy, dx = (int(v) for v in torch.randint(-6, 7, (2,)))
+        if n == 1:  # (B, F_s, H_s, W_s, 3): the same fraction of the frame as the grid's cells
+            dy, dx = dy * x.shape[2] // mv.GRID, dx * x.shape[3] // mv.GRID
+        return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+    def evaluate(self, n: int, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        x = torch.as_tensor(np.array(batch["x"]), device=device)  # a writable copy of Arrow's buffer
+        labels = torch.as_tensor(np.asarray(batch["label"]), device=device).long()
+        with torch.no_grad():
+            logits = self.logits(n, model, x)
+        columns = {
+            "loss": F.cross_entropy(logits, labels, reduction="none").cpu().numpy(),
+            "score": (logits.argmax(dim=1) == labels).float().cpu().numpy(),  # correct: additive under accuracy
+            "pred": logits.argmax(dim=1).cpu().numpy(),
+        }
+        if n == 0:  # the temporal expert's last hidden layer, for Fig. 9
+            with torch.no_grad():
+                emb = model.embed(x).cpu().numpy()  # (B, D)
+            columns.update({f"{EMBED}{k:02d}": emb[:, k] for k in range(emb.shape[1])})
+        return columns
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fusion's packed uint8 rows -> (B, F_t, 24, 24, 2) float32 vectors, (B, F_s, H_s, W_s, 3) uint8."""
+        s = self.settings
+        b = x.shape[0]
+        n_mv = s.F_t * mv.GRID * mv.GRID * 2 * 4
+        vectors = x[:, :n_mv].contiguous().view(torch.float32).reshape(b, s.F_t, mv.GRID, mv.GRID, 2)
+        frames = x[:, n_mv:].reshape(b, s.F_s, s.H_s, s.W_s, 3)
+        return vectors, frames
+
+    # -- mixture --------------------------------------------------------------------------
+    def metric(self, cache: pd.DataFrame, assignment: np.ndarray) -> dict[str, float]:
+        if len(cache) == 0:
+            return {"performance": float("nan")}
+        n_experts = int(assignment.max()) + 1
+        correct = cache[[f"score_{n}" for n in range(n_experts)]].to_numpy(dtype=np.float64)
+        return {"performance": 100.0 * float(correct[np.arange(len(cache)), assignment].mean())}
+
+    def gate_spec(self) -> GateSpec:
+        """Table X with 2 F_t input channels (the paper's 320: F_t = 160); C_g < 1e8."""
+        return dataclasses.replace(ACTION_GATE, in_channels=2 * self.settings.F_t)
+
+    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
+        """(M, 2 F_t, 24, 24): the temporal modality, dx and dy of each frame as channels."""
+        x = torch.as_tensor(np.array(gate, dtype=np.float32))  # (M, F_t, 24, 24, 2), a writable copy
+        m, f, h, w, _ = x.shape
+        return x.permute(0, 1, 4, 2, 3).reshape(m, 2 * f, h, w) / models.MV_UNIT
+
+    def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random shifts of (B, 2 F_t, 24, 24) grids: which expert a clip needs does not depend
+        on where in the frame the action happens, and the gate's FC layers see positions."""
+        dy, dx = (int(v) for v in torch.randint(-8, 9, (2,), generator=gen))
+        return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+    def heuristic(self, gate: np.ndarray) -> np.ndarray:
+        """Motion-vector magnitude and spread: camera motion (the field's median) and too little
+        motion of its own (spread about the median) make the temporal mode hard (section IV-D)."""
+        v = np.asarray(gate, dtype=np.float64)  # (M, F_t, 24, 24, 2)
+        camera = np.median(v, axis=(2, 3), keepdims=True)  # (M, F_t, 1, 1, 2)
+        own = np.linalg.norm(v - camera, axis=-1).mean(axis=(1, 2, 3))  # (M,)
+        return np.linalg.norm(camera, axis=-1).mean(axis=(1, 2, 3)) - own
+
+    def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
+        """Fig. 9: the temporal expert's embeddings of the test clips, by class and by expert."""
+        from tasks.action.figure import draw_embedding
+
+        return draw_embedding(split.cache, assignment, self.expert_names(), path)
+
+
+def pack(grid: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Fusion's input as one uint8 row: the float32 vectors' bytes, then the frames."""
+    return np.concatenate([np.ascontiguousarray(grid, dtype=np.float32).view(np.uint8).ravel(), frames.ravel()])
+
+
+def pack_torch(vectors: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """The batched inverse of ActionTask.unpack."""
+    b = vectors.shape[0]
+    return torch.cat([vectors.float().contiguous().view(torch.uint8).reshape(b, -1), frames.reshape(b, -1)], dim=1)
+
+
+def motion_bytes(grid: np.ndarray) -> int:
+    """Encoded size of the temporal modality: the grid as float16, deflated."""
+    return len(zlib.compress(grid.astype(np.float16).tobytes(), 6))
+
+
+def jpeg_bytes(frames: np.ndarray, quality: int = 90) -> int:
+    """Encoded size of the spatial modality: each frame as a JPEG."""
+    from PIL import Image
+
+    total = 0
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+        total += buffer.tell()
+    return total

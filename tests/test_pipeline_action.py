@@ -1,0 +1,151 @@
+"""Every stage of the action pipeline on the smoke profile, through real Ray, real MLflow and
+real codecs, on a small UCF-101 tree written here (with a corrupt, an all-intra and a missing
+clip among the listed ones) and on the real sample's layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.runtime import RunConfig, UserError
+from tasks import get_task
+from tasks.action import synthetic
+
+pytestmark = pytest.mark.slow
+
+CORRUPT = "SlideRight/v_SlideRight_g09_c02.avi"
+INTRA = "Rise/v_Rise_g01_c02.avi"
+MISSING = "Fall/v_Fall_g08_c05.avi"
+
+
+def _intra_clip(path: Path, frames: int) -> None:
+    import av
+
+    video = synthetic.render_clip(synthetic.CLASSES[2], frames, 120, 160, np.random.default_rng(3))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 120, 160, "yuv420p"
+        stream.options = {"g": "1"}  # every frame intra-coded: no motion vectors at all
+        for array in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """Synthetic UCF-101 (split 1 layout, CRLF lists) plus three listed clips that cannot be used."""
+    task = get_task("action", "smoke")
+    root = synthetic.write_ucf101_tree(tmp_path_factory.mktemp("ucf"), clips_per_group=1,
+                                       frames=task.clip_frames(), groups=10)
+    lists = root / "ucfTrainTestlist"
+    (root / "UCF-101" / CORRUPT).write_bytes(b"RIFF\x00\x00\x00\x00AVI LIST truncated")
+    _intra_clip(root / "UCF-101" / INTRA, task.clip_frames())
+    with open(lists / "trainlist01.txt", "ab") as fh:
+        fh.write(f"{CORRUPT} 1\r\n{MISSING} 4\r\n".encode())
+    with open(lists / "testlist01.txt", "ab") as fh:
+        fh.write(f"{INTRA}\r\n".encode())
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tree, tmp_path_factory, ray_session):
+    from pipelines.cache import cache
+    from pipelines.prepare import prepare
+    from pipelines.train_experts import train_experts
+
+    cfg = RunConfig(task="action", root=str(tmp_path_factory.mktemp("run")), profile="smoke", data_root=str(tree))
+    manifest = prepare(cfg)
+    experts = train_experts(cfg)
+    files = cache(cfg)
+    return cfg, manifest, experts, files
+
+
+def test_prepare_counts_and_names_bad_clips(run, tree, capsys):
+    from pipelines.prepare import prepare
+
+    cfg, manifest, _, _ = run
+    task = cfg.task_obj()
+    assert manifest["experts"] == ["temporal", "spatial", "fusion"]
+    assert manifest["data_costs"] == [float(d) for d in task.data_costs()]
+    on_disk = {split: len(task.list_sources(tree, split).sources) for split in ("train", "val", "test")}
+    splits = manifest["splits"]
+    assert splits["train"]["samples"] == on_disk["train"] - 1  # the corrupt clip
+    assert splits["val"]["samples"] == on_disk["val"]
+    assert splits["test"]["samples"] == on_disk["test"] - 1  # the all-intra clip
+    train_problems = " | ".join(splits["train"]["problems"])
+    assert "v_SlideRight_g09_c02.avi" in train_problems and "cannot decode" in train_problems
+    assert "1 listed train clips not on disk" in train_problems and MISSING in train_problems
+    assert any("v_Rise_g01_c02.avi" in p and "no motion vectors" in p for p in splits["test"]["problems"])
+    for split, info in splits.items():
+        for part in ("p0", "p1", "p2", "gate"):
+            assert info["shards"][part]["rows"] == info["samples"]
+        enc = info["mean_encoded_bytes"]
+        assert 0 < enc["p0"] < enc["p2"] and 0 < enc["p1"] < enc["p2"]
+        assert enc["p2"] == pytest.approx(enc["p0"] + enc["p1"])
+    again = prepare(cfg)
+    assert again["created"] == manifest["created"]
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_strict_prepare_and_a_partial_download_fail_in_one_line(tree, tmp_path, samples):
+    from pipelines.prepare import prepare
+
+    with pytest.raises(UserError, match="not on disk|cannot decode"):
+        prepare(RunConfig(task="action", root=str(tmp_path / "strict"), profile="smoke", data_root=str(tree),
+                          strict=True))
+    real = samples / "ucf101"
+    if (real / "UCF-101").is_dir():  # the real sample: a single train clip, no val or test clip on disk
+        with pytest.raises(UserError, match=r"no usable val inputs .*not on disk"):
+            prepare(RunConfig(task="action", root=str(tmp_path / "real"), profile="smoke", data_root=str(real),
+                              task_options={"classes": 101}))
+
+
+def test_experts_and_cache(run):
+    cfg, manifest, experts, files = run
+    assert [e["name"] for e in experts] == ["temporal", "spatial", "fusion"]
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    for e in experts:
+        assert Path(e["weights"]).exists()
+        assert "train_loss" in mlflow.get_run(e["mlflow_run_id"]).data.metrics
+    for split, path in files.items():
+        table = pd.read_parquet(path)
+        assert len(table) == manifest["splits"][split]["samples"]
+        assert table["label"].between(0, len(synthetic.CLASSES) - 1).all()
+        for n in range(3):
+            assert np.isfinite(table[f"loss_{n}"]).all() and (table[f"loss_{n}"] >= 0).all()
+            assert set(table[f"score_{n}"].unique()) <= {0.0, 1.0}
+            correct = table[f"pred_{n}"] == table["label"]
+            assert (correct == (table[f"score_{n}"] == 1.0)).all()
+        assert len([c for c in table.columns if c.startswith("emb") and c.endswith("_0")]) > 0
+
+
+def test_sweep_and_report(run):
+    from pipelines.report import report
+    from pipelines.sweep import GRIDS, sweep
+
+    cfg, _, _, _ = run
+    result = json.loads(sweep(cfg, GRIDS["smoke"], name="smoke-sweep").read_text())
+    assert {t["config"]["method"] for t in result["trials"]} == {"experts", "random", "heuristic", "oracle", "soft",
+                                                                  "enforce", "lagrange"}
+    summary = json.loads(report(cfg).read_text())
+    d = get_task("action", "smoke").data_costs()
+    assert summary["task"] == "action" and summary["metric"].startswith("top-1 accuracy")
+    assert summary["experts"] == ["temporal", "spatial", "fusion"] and summary["data_costs"] == list(d)
+    assert 0 < summary["C_g"] < 1e8  # Table X's budget
+    for info in summary["methods"].values():
+        assert np.isfinite(info["rho"])
+        assert all(0.0 <= p["performance"] <= 100.0 for p in info["points"])
+    oracle = summary["methods"]["oracle"]["rho"]
+    assert all(info["rho"] <= oracle + 1e-9 for info in summary["methods"].values())
+    reports = cfg.task_dir("reports")
+    text = (reports / "report.md").read_text()
+    assert "Table I / V / VIII" in text and "Table II / VI / IX" in text and "assignment.png" in text
+    assert (reports / "performance_vs_cost.png").stat().st_size > 10_000
+    assert (reports / "assignment.png").stat().st_size > 10_000  # Fig. 9: embeddings by class and by expert
