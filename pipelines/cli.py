@@ -21,8 +21,9 @@ app = typer.Typer(
     "sweep gates with Ray Tune + MLflow, and report rho per method.",
 )
 
-Task = Annotated[str, typer.Option(help="Task: superres (more tasks land with their issues).")]
-Root = Annotated[str, typer.Option(help="Run root: shards, checkpoints, caches, Tune state, reports, mlflow.db.")]
+Task = Annotated[str, typer.Option(help="Task: superres (DIV2K), detection (COCO) or action (UCF-101).")]
+Root = Annotated[str, typer.Option(help="Run root: shards, checkpoints, caches, Tune state, reports, mlflow.db; "
+                                        "a path, or an object-store URI (s3://, gs://, file://).")]
 Profile = Annotated[str, typer.Option(help=f"Sizes and epochs: {'|'.join(PROFILES)} (smoke: seconds, for tests).")]
 DataRoot = Annotated[Optional[str], typer.Option(help="Real dataset folder; absent: the embedded default data.")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking URI; default sqlite:///<root>/mlflow.db.")]
@@ -30,7 +31,8 @@ Workers = Annotated[int, typer.Option(help="Ray Train workers per expert.")]
 Gpu = Annotated[bool, typer.Option("--gpu/--no-gpu", help="Train and score experts on GPUs (Ray resources).")]
 Options = Annotated[Optional[list[str]], typer.Option(
     "--task-option", "-o", help="Override a task setting, KEY=VALUE, repeatable (superres: model=fsrcnn, "
-    "expert_width=0.5, epochs=30, K=1, scales=4,3,2 ...).")]
+    "scales=4,3,2; detection: resolutions=100,150,300; action: F_t=150, split=2; any task: epochs=30, K=1 ...; "
+    "an unknown key lists the known ones).")]
 
 
 @app.callback()

@@ -108,8 +108,9 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
         train_loop_config={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                            "seed": cfg.seed},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        datasets={  # tensors only: sample ids and groups stay behind
-            split: ray.data.read_parquet(shard_path(cfg, split, f"p{n}"), columns=["x", *task.target_columns])
+        datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
+            split: ray.data.read_parquet(shard_path(cfg, split, f"p{n}"),
+                                         columns=["x", *getattr(task, "train_columns", task.target_columns)])
             for split in ("train", "val")
         },
         run_config=TrainRunConfig(name=f"{cfg.task}-expert-{n}-{fingerprint[:8]}",

@@ -7,6 +7,12 @@ from tasks.base import SPLITS, BadInput, Task
 __all__ = ["SPLITS", "BadInput", "Task", "TASKS", "get_task"]
 
 
+def _detection(profile: str, options: dict) -> Task:
+    from tasks.detection import DetectionTask
+
+    return DetectionTask.for_profile(profile, **options)
+
+
 def _superres(profile: str, options: dict) -> Task:
     from tasks.superres import SuperResTask
 
@@ -19,7 +25,7 @@ def _action(profile: str, options: dict) -> Task:
     return ActionTask.for_profile(profile, **options)
 
 
-TASKS = {"superres": _superres, "action": _action}
+TASKS = {"detection": _detection, "superres": _superres, "action": _action}
 
 
 def get_task(name: str, profile: str, options: dict | None = None) -> Task:

@@ -1,0 +1,250 @@
+"""The `detection` task: SSD experts at input resolutions R_n (100, 150, 300 px in the paper),
+COCO mAP (pycocotools COCOeval, bbox) of the mixture's pooled detections, and the Table IV
+gate on a centre crop (section IV-B, Tables I-IV, Fig. 4).
+
+P_n resizes the whole image to R x R; d_n = 3 R^2 K bytes, and the JPEG bytes of P_n(x) are
+recorded as well. COCO category ids are kept end to end: targets, cached detections and the
+reported mAP all use them; only inside an expert are they labels 1..C.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from bmoe.gating import DETECTION_GATE, GateSpec
+from tasks.base import BadInput, ExpertTraining, Listing, with_options
+from tasks.detection import metrics, models, readers, synthetic
+
+COCO80 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+          33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+          60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """One profile's settings; logged to MLflow as they are."""
+
+    resolutions: tuple[int, ...] = (100, 150, 300)  # R_n, experts cheapest first
+    model: str = "vgg16"  # models.MODELS: vgg16 | resnet50 | ssdlite | tiny
+    width: float = 1.0  # the tiny backbone's channel multiplier
+    min_side: int = 0  # the tiny SSD upsamples a smaller P_n(x) to this side, server-side
+    categories: tuple[int, ...] = COCO80  # the label set, as COCO category ids
+    K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
+    gate_source: int = 300  # the gate sees a centre crop of the image resized to this side...
+    gate_crop: int = 224  # ...of this side (Table IV: 224 of 300)
+    max_boxes: int = 100  # training targets per image, padded (evaluation keeps every box)
+    jpeg_quality: int = 90  # for the recorded JPEG bytes of P_n(x)
+    train_images: int = 0  # embedded data: synthetic train2017 scenes
+    val_images: int = 0  # embedded data: synthetic val2017 scenes (halved into val and test)
+    epochs: int = 120
+    batch_size: int = 32
+    lr: float = 2e-3
+
+
+PROFILES = {
+    "smoke": DetectionSettings(resolutions=(36, 48, 64), model="tiny", width=0.5, categories=synthetic.CATEGORY_IDS,
+                               gate_source=64, gate_crop=48, max_boxes=16, train_images=24, val_images=16,
+                               epochs=1, batch_size=8),
+    "demo": DetectionSettings(resolutions=(50, 75, 150), model="tiny", min_side=100, categories=synthetic.CATEGORY_IDS,
+                              gate_source=128, gate_crop=96, max_boxes=16, train_images=600, val_images=400,
+                              epochs=8, batch_size=16, lr=1e-3),
+    "paper": DetectionSettings(),
+}
+
+
+class DetectionTask:
+    """Implements tasks.base.Task for single-shot detection."""
+
+    name = "detection"
+    metric_name = "COCO mAP@[.5:.95] (pycocotools, bbox, pooled detections)"
+    target_columns = ("boxes", "labels", "gt", "img_w", "img_h", "image_id")
+    train_columns = ("boxes", "labels")  # what an expert trains on: fixed-size tensors
+    meta_columns = ("gt", "img_w", "img_h", "image_id")
+
+    def __init__(self, settings: DetectionSettings):
+        if settings.model not in models.MODELS:
+            raise ValueError(f"unknown detection model {settings.model!r}; expected one of {', '.join(models.MODELS)}")
+        if settings.gate_crop > settings.gate_source:
+            raise ValueError(f"gate_crop {settings.gate_crop} is larger than gate_source {settings.gate_source}")
+        self.settings = settings
+        lut = np.zeros(max(settings.categories) + 1, dtype=np.int64)
+        lut[list(settings.categories)] = np.arange(1, len(settings.categories) + 1)
+        self._label_of = torch.as_tensor(lut)  # COCO id -> label 1..C
+        self._coco_id = np.array((0, *settings.categories), dtype=np.float32)  # label -> COCO id
+        self._pooled = metrics.PooledCOCOEval()
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "DetectionTask":
+        if str(overrides.get("categories")) in ("coco", "coco80"):  # all 80 COCO categories
+            overrides = {**overrides, "categories": COCO80}
+        return cls(with_options(PROFILES[profile], overrides, "detection"))
+
+    # -- data -----------------------------------------------------------------------------
+    def expert_names(self) -> list[str]:
+        return [f"ssd_{self.settings.model}_{r}" for r in self.settings.resolutions]
+
+    def data_costs(self) -> np.ndarray:
+        return np.array([3.0 * r * r * self.settings.K for r in self.settings.resolutions])  # d_n = 3 R^2 K
+
+    def embedded_data(self, folder: Path) -> Path:
+        """Synthetic scenes written as a real COCO tree (instances JSON + JPEG files)."""
+        s = self.settings
+        stamp = folder / "embedded.json"
+        key = {"train": s.train_images, "val": s.val_images, "version": 1}
+        if stamp.exists() and json.loads(stamp.read_text()) == key:
+            return folder
+        if s.train_images <= 0 or s.val_images <= 0:
+            raise BadInput(f"these settings have no embedded data (train_images={s.train_images}, val_images="
+                           f"{s.val_images}): pass --data-root with a COCO tree, or -o train_images=N -o val_images=N")
+        synthetic.write_coco_tree(folder, {"train2017": s.train_images, "val2017": s.val_images}, seed=0)
+        stamp.write_text(json.dumps(key))
+        return folder
+
+    def list_sources(self, data_root: Path, split: str) -> Listing:
+        try:
+            sources, problems = readers.list_split(data_root, split, self.settings.categories)
+        except readers.BadDataRoot as err:
+            raise BadInput(str(err)) from None
+        return Listing(sources=sources, problems=problems)
+
+    def load(self, source: dict) -> list[dict]:
+        """One image -> one row: P_n(x) per R_n with its JPEG size, the gate's centre crop, padded
+        training targets (at most max_boxes, largest first) and every annotation for COCOeval."""
+        s = self.settings
+        width, height = int(source["width"]), int(source["height"])
+        try:
+            image = readers.load_image(Path(source["path"]), width, height)  # (H, W, 3) uint8
+        except readers.BadImage as err:
+            raise BadInput(str(err)) from None
+        anns = np.asarray(source["anns"], dtype=np.float64).reshape(-1, metrics.GT_FIELDS)
+        train = anns[anns[:, 5] == 0]  # crowd regions are ignored by COCOeval and not trained on
+        train = train[np.argsort(-train[:, 2] * train[:, 3], kind="stable")[:s.max_boxes]]
+        boxes = np.zeros((s.max_boxes, 4), dtype=np.float32)  # xyxy in [0, 1] of the image
+        labels = np.zeros(s.max_boxes, dtype=np.int64)  # COCO ids; 0 = padding
+        scale = np.array([width, height, width, height])
+        boxes[:len(train)] = np.concatenate([train[:, :2], train[:, :2] + train[:, 2:4]], axis=1) / scale
+        labels[:len(train)] = train[:, 4]
+        pil = Image.fromarray(image)
+        source_side = pil.resize((s.gate_source, s.gate_source), Image.BILINEAR)
+        lo = (s.gate_source - s.gate_crop) // 2
+        row = {"sample_id": f"{int(source['image_id']):012d}", "group": str(source["source_id"]),
+               "gate": np.asarray(source_side)[lo:lo + s.gate_crop, lo:lo + s.gate_crop],
+               "boxes": boxes, "labels": labels, "gt": metrics.pack(anns, np.float64),
+               "img_w": width, "img_h": height, "image_id": int(source["image_id"])}
+        for n, r in enumerate(s.resolutions):
+            small = source_side if r == s.gate_source else pil.resize((r, r), Image.BILINEAR)
+            row[f"x{n}"] = np.asarray(small)  # (R, R, 3) uint8: what crosses the network
+            buffer = io.BytesIO()
+            small.save(buffer, format="JPEG", quality=s.jpeg_quality)
+            row[f"enc{n}"] = buffer.tell()
+        return [row]
+
+    # -- experts --------------------------------------------------------------------------
+    def build_expert(self, n: int) -> torch.nn.Module:
+        s = self.settings
+        return models.build_detector(s.model, len(s.categories) + 1, s.resolutions[n], s.width, s.min_side)
+
+    def expert_training(self, n: int) -> ExpertTraining:
+        s = self.settings
+        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+
+    def train_loss(self, n: int, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SSD's loss (box regression + classification with hard negatives); in eval mode the
+        mean of the per-image losses (torchvision's eval forward returns detections only)."""
+        images, targets = self._inputs(n, batch, flip=model.training)
+        if model.training:
+            return sum(model(images, targets).values())
+        return models.losses_and_detections(getattr(model, "module", model), images, targets)[0].mean()
+
+    def evaluate(self, n: int, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
+        tensors = {k: torch.as_tensor(np.asarray(batch[k]), device=device) for k in ("x", "boxes", "labels")}
+        images, targets = self._inputs(n, tensors, flip=False)
+        losses, found = models.losses_and_detections(model, images, targets)
+        r = self.settings.resolutions[n]
+        widths, heights = np.asarray(batch["img_w"]), np.asarray(batch["img_h"])
+        dets, scores, counts = [], [], []
+        for i, det in enumerate(found):
+            box = det["boxes"].cpu().numpy() * np.array([widths[i], heights[i], widths[i], heights[i]]) / r
+            rows = np.column_stack([box[:, :2], box[:, 2:] - box[:, :2], det["scores"].cpu().numpy(),
+                                    self._coco_id[det["labels"].cpu().numpy()]])  # (D, 6) xywh, score, COCO id
+            dets.append(metrics.pack(rows, np.float32))
+            size = (int(widths[i]), int(heights[i]))
+            scores.append(self._pooled.image_ap(int(batch["image_id"][i]), size, batch["gt"][i], dets[-1]))
+            counts.append(int((metrics.unpack_gt(batch["gt"][i])[:, 5] == 0).sum()))
+        return {
+            "loss": losses.cpu().numpy(),  # the SSD loss of each image: the gate's training signal
+            "score": np.array(scores),  # the image's own AP@[.5:.95]: the oracle's (weighted) score
+            "objects": np.array(counts),
+            "dets": np.array(dets, dtype=object),
+        }
+
+    def _inputs(self, n: int, batch: dict, flip: bool) -> tuple[list[torch.Tensor], list[dict]]:
+        """SSD's inputs: images (3, R, R) in [0, 1] and targets in R-pixel xyxy with labels 1..C;
+        flip: a random horizontal flip of each image and its boxes (training augmentation)."""
+        r = self.settings.resolutions[n]
+        x = batch["x"].permute(0, 3, 1, 2).float() / 255.0  # (B, 3, R, R)
+        lut = self._label_of.to(x.device)
+        images, targets = [], []
+        for i in range(len(x)):
+            valid = batch["labels"][i] > 0
+            box = batch["boxes"][i][valid].float() * r  # (G, 4)
+            image = x[i]
+            if flip and torch.rand(()) < 0.5:
+                image = image.flip(-1)
+                box = torch.stack([r - box[:, 2], box[:, 1], r - box[:, 0], box[:, 3]], dim=1)
+            keep = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+            images.append(image)
+            targets.append({"boxes": box[keep], "labels": lut[batch["labels"][i][valid][keep]]})
+        return images, targets
+
+    # -- mixture --------------------------------------------------------------------------
+    def metric(self, cache: pd.DataFrame, assignment: np.ndarray) -> dict[str, float]:
+        """COCO mAP@[.5:.95] (and @0.5) of the pooled detections, image i's from expert assignment[i]."""
+        if len(cache) == 0:
+            return {"performance": float("nan"), "map50": float("nan")}
+        assignment = np.asarray(assignment, dtype=np.int64)
+        columns = [cache[f"dets_{n}"].to_numpy() for n in range(int(assignment.max()) + 1)]
+        dets = [columns[a][i] for i, a in enumerate(assignment)]
+        sizes = list(zip(cache["img_w"].to_numpy(), cache["img_h"].to_numpy()))
+        result = self._pooled.evaluate(cache["image_id"].to_numpy(), sizes, list(cache["gt"].to_numpy()), dets)
+        return {"performance": result["map"], "map50": result["map50"]}
+
+    def sample_weights(self, cache: pd.DataFrame) -> np.ndarray:
+        """(M,) objects per image: pooled AP weighs an image by how many boxes it holds, so the
+        oracle weighs each image's own AP by it."""
+        return np.maximum(cache["objects_0"].to_numpy(dtype=np.float64), 1.0)
+
+    def gate_spec(self) -> GateSpec:
+        side = self.settings.gate_crop
+        return replace(DETECTION_GATE, in_size=(side, side), n_experts=len(self.settings.resolutions))
+
+    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
+        """(M, 3, C, C) centre crops standardised with fixed constants."""
+        x = torch.as_tensor(np.asarray(gate)).permute(0, 3, 1, 2).float() / 255.0
+        return (x - 0.45) / 0.25
+
+    def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Horizontal flips: how much resolution a scene needs does not depend on its handedness."""
+        return x.flip(3) if int(torch.randint(0, 2, (1,), generator=gen)) else x
+
+    def heuristic(self, gate: np.ndarray) -> np.ndarray:
+        """Edge density of the crop: the share of pixels with a strong luma gradient (many small
+        objects and clutter make many edges)."""
+        y = np.asarray(gate, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (M, C, C)
+        gx, gy = np.abs(np.diff(y, axis=2))[:, :-1, :], np.abs(np.diff(y, axis=1))[:, :, :-1]
+        return ((gx + gy) > 40.0).mean(axis=(1, 2))
+
+    def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
+        """Test images per expert the gate chose (Fig. 4's companion picture)."""
+        from tasks.detection.figure import draw_assignment
+
+        return draw_assignment(split, assignment, self.expert_names(), path)
+
