@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.core import median_time  # noqa: E402
 from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
 from tasks import SPLITS  # noqa: E402
 from tasks.action import synthetic  # noqa: E402
@@ -42,21 +42,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "action_pipeline.json"
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "ucf101" / "UCF-101"
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def extraction(path: Path, repeats: int) -> dict:
     """Frames/s of plain decoding, decoding with vector export, and the full 24x24x2 grids."""
     frames = count_frames(path, export_mvs=False)
-    plain = _median_seconds(lambda: count_frames(path, export_mvs=False), repeats)
-    export = _median_seconds(lambda: count_frames(path, export_mvs=True), repeats)
-    grids = _median_seconds(lambda: motion_grids(path, frames), repeats)  # every frame with vectors
+    plain = median_time(lambda: count_frames(path, export_mvs=False), repeats, warmup=0)
+    export = median_time(lambda: count_frames(path, export_mvs=True), repeats, warmup=0)
+    grids = median_time(lambda: motion_grids(path, frames), repeats, warmup=0)  # every frame with vectors
     return {"file": path.name, "frames": frames, "bytes": path.stat().st_size,
             "plain_fps": frames / plain, "export_mvs_fps": frames / export, "grid_fps": frames / grids,
             "export_over_plain": plain / export, "grid_over_plain": plain / grids}
