@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bmoe.gating import ACTION_GATE, GateSpec
-from tasks.base import BadInput, ExpertTraining, Listing, with_options
+from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
 from tasks.action import frames as rgb
-from tasks.action import models, readers, synthetic
+from tasks.action import models, readers, serving, synthetic
 from tasks.action import motion_vectors as mv
 
 EMBED = "emb"  # cache columns emb00.. hold the temporal expert's embedding (Fig. 9)
@@ -134,9 +134,14 @@ class ActionTask:
         except (mv.NoMotion, mv.Undecodable, rgb.UnreadableFrames) as err:
             raise BadInput(str(err)) from None
         enc_t, enc_s = motion_bytes(grid), jpeg_bytes(frames)
+        x0, x1, x2 = self.expert_inputs(grid, frames)
         return [{"sample_id": source["source_id"], "group": source["group"], "label": int(source["label"]),
-                 "gate": grid, "x0": grid, "x1": frames, "x2": pack(grid, frames),
-                 "enc0": enc_t, "enc1": enc_s, "enc2": enc_t + enc_s}]
+                 "gate": grid, "x0": x0, "x1": x1, "x2": x2, "enc0": enc_t, "enc1": enc_s, "enc2": enc_t + enc_s}]
+
+    def expert_inputs(self, grid: np.ndarray, frames: np.ndarray) -> list[np.ndarray]:
+        """P_n of one clip, as stored for training and sent when serving: the motion grid, the
+        frames, and fusion's packed uint8 row."""
+        return [grid, frames, pack(grid, frames)]
 
     # -- experts --------------------------------------------------------------------------
     def build_expert(self, n: int) -> torch.nn.Module:
@@ -228,6 +233,19 @@ class ActionTask:
         camera = np.median(v, axis=(2, 3), keepdims=True)  # (M, F_t, 1, 1, 2)
         own = np.linalg.norm(v - camera, axis=-1).mean(axis=(1, 2, 3))  # (M,)
         return np.linalg.norm(camera, axis=-1).mean(axis=(1, 2, 3)) - own
+
+    # -- serving (tasks/action/serving.py): one routing unit per clip ------------------------
+    def decode_request(self, body: bytes) -> ServedInput:
+        return serving.decode_request(self, body)
+
+    def request_inputs(self, request: ServedInput, n: int, units: np.ndarray) -> np.ndarray:
+        return serving.request_inputs(request, n, units)
+
+    def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
+        return serving.serve_expert(self, n, model, x, device)
+
+    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+        return serving.response(self, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
         """Fig. 9: the temporal expert's embeddings of the test clips, by class and by expert."""

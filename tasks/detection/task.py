@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from bmoe.gating import DETECTION_GATE, GateSpec
-from tasks.base import BadInput, ExpertTraining, Listing, with_options
-from tasks.detection import metrics, models, readers, synthetic
+from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.detection import metrics, models, readers, serving, synthetic
 
 COCO80 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
           33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
@@ -241,6 +241,20 @@ class DetectionTask:
         y = np.asarray(gate, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (M, C, C)
         gx, gy = np.abs(np.diff(y, axis=2))[:, :-1, :], np.abs(np.diff(y, axis=1))[:, :, :-1]
         return ((gx + gy) > 40.0).mean(axis=(1, 2))
+
+    # -- serving (tasks/detection/serving.py): one routing unit per image ----------------------
+    def decode_request(self, body: bytes) -> ServedInput:
+        s = self.settings
+        return serving.decode_request(body, s.gate_source, s.gate_crop, s.K)
+
+    def request_inputs(self, request: ServedInput, n: int, units: np.ndarray) -> np.ndarray:
+        return serving.request_inputs(request, self.settings.resolutions[n], units)
+
+    def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
+        return serving.serve_expert(model, x, device, self._coco_id)
+
+    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+        return serving.response(request, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
         """Test images per expert the gate chose (Fig. 4's companion picture)."""
