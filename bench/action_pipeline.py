@@ -76,7 +76,7 @@ def part2(folder: Path) -> dict:
     cfg = RunConfig(task="action", root=str(folder / "run"), profile="demo")
     task = cfg.task_obj()
     start = time.perf_counter()
-    data_root = task.embedded_data(cfg.root_path / "raw" / "action")
+    data_root = task.embedded_data(cfg.layout.raw())
     write_s = time.perf_counter() - start
     sources = [s for split in SPLITS for s in task.list_sources(data_root, split).sources]
     start = time.perf_counter()

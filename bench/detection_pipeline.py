@@ -91,7 +91,7 @@ def bench_cache(work: Path, root: str | None) -> dict:
         manifest = json.loads((Path(root) / "data" / "detection" / "manifest.json").read_text())
         cfg = RunConfig(task="detection", root=root, profile=manifest["profile"])
     ensure_ray(cfg)
-    stamp = cfg.task_dir("cache") / "cache.json"
+    stamp = cfg.layout.cache_stamp()
     if stamp.exists():
         stamp.unlink()  # force a full rerun
     started = time.perf_counter()

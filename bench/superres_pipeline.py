@@ -234,7 +234,7 @@ def bench_prepare(work: Path) -> dict:
     with _timed(t, "loop_s"):
         loop_manifest = loop_prepare(task, raw, loop_out)
     loop_samples = sum(info["samples"] for info in loop_manifest["splits"].values())
-    check = compare_shards(cfg.task_dir("data"), loop_out, [f"p{n}" for n in range(len(task.data_costs()))] + ["gate"])
+    check = compare_shards(cfg.layout.data(), loop_out, [f"p{n}" for n in range(len(task.data_costs()))] + ["gate"])
     ray_pps, loop_pps = samples / t["ray_s"], loop_samples / t["loop_s"]
     return {
         "profile": "demo", "sources": sources, "samples": samples, "loop_samples": loop_samples,
@@ -263,7 +263,7 @@ def setup_run(work: Path) -> tuple[RunConfig, dict]:
     from pipelines.train_experts import train_experts
 
     cfg = RunConfig(task="superres", root=str(work / "smoke"), profile="smoke")
-    print(f"\n== part 2 setup: smoke run (prepare, train-experts, cache) in {cfg.root_path} ==")
+    print(f"\n== part 2 setup: smoke run (prepare, train-experts, cache) in {cfg.root} ==")
     times = {}
     for name, stage in (("prepare", prepare), ("train_experts", train_experts), ("cache", cache)):
         with _timed(times, f"{name}_s"):
@@ -278,16 +278,15 @@ def _to_float(x):
 
 def load_expert_inputs(cfg: RunConfig, task, split: str, sample_ids) -> dict:
     """The P_n inputs and targets of one split from the Parquet shards, in the cache's row order."""
-    import pandas as pd
     import ray.data  # noqa: F401  registers Ray's Arrow tensor types: tensor columns read as ndarrays
     import torch
 
-    from pipelines.prepare import shard_path
+    from storage import read_table
 
     out = {"x": []}
     for n in range(len(task.expert_names())):
         columns = ["sample_id", "x"] + (list(task.target_columns) if n == 0 else [])
-        frame = pd.read_parquet(shard_path(cfg, split, f"p{n}"), columns=columns).set_index("sample_id").loc[sample_ids]
+        frame = read_table(cfg.layout.shards(split, f"p{n}"), columns).to_pandas().set_index("sample_id").loc[sample_ids]
         out["x"].append(torch.as_tensor(np.stack(frame["x"].to_numpy())))
         if n == 0:
             out["hr"] = torch.as_tensor(np.stack(frame["hr"].to_numpy()))
@@ -387,7 +386,7 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
 
     from pipelines.gate_trial import _train_biased_gate, expert_performance
     from pipelines.sweep import GRIDS, load_split, targets
-    from pipelines.train_experts import expert_dir, load_expert
+    from pipelines.train_experts import load_expert
 
     task = get_task(cfg.task, cfg.profile)
     grid = GRIDS["demo"]
@@ -397,14 +396,14 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     config = {"task": cfg.task, "profile": cfg.profile, "method": "enforce", "d_target": d_t,
               "batch_size": grid.batch_sizes[0], "lr": grid.lrs[0], "width": grid.widths[0], "w_bias": 0.0,
               "epochs": epochs, "seed": 0}
-    print(f"\n== part 2: one `enforce` trial, {epochs} epochs, from {cfg.root_path} (profile {cfg.profile}) ==")
+    print(f"\n== part 2: one `enforce` trial, {epochs} epochs, from {cfg.root} (profile {cfg.profile}) ==")
     load = {}
     with _timed(load, "cache_load_s"):
         data = {split: load_split(cfg, task, split) for split in SPLITS}
     with _timed(load, "shard_load_s"):
         inputs = {split: load_expert_inputs(cfg, task, split, data[split].cache["sample_id"]) for split in SPLITS}
     with _timed(load, "expert_load_s"):
-        experts = [load_expert(task, n, expert_dir(cfg, n)) for n in range(len(d))]
+        experts = [load_expert(task, n, cfg.layout.weights(n)) for n in range(len(d))]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as run_trial: sweep trials share the cores, one thread each
@@ -431,7 +430,7 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     batch = min(config["batch_size"], M)
     cached_s, expert_s = statistics.median(cached_times), statistics.median(expert_times)
     return {
-        "root": str(cfg.root_path), "profile": cfg.profile, "config": config,
+        "root": str(cfg.root), "profile": cfg.profile, "config": config,
         "samples": {s: len(data[s].losses) for s in SPLITS}, "batch": batch, "steps_per_epoch": M // batch,
         "steps": expert_result["steps"], "repeats": repeats, **load,
         "cached_s_per_trial": cached_s, "cached_s_all": cached_times,
@@ -524,7 +523,7 @@ def main(argv=None) -> dict:
                 parser.error(f"--root {args.root}: no {manifest}; run `bmoe demo` (or prepare/train-experts/cache)")
             profile = json.loads(manifest.read_text())["profile"]
         reuse = RunConfig(task="superres", root=args.root, profile=profile)
-        if not (reuse.task_dir("cache") / "cache.json").exists():
+        if not reuse.layout.cache_stamp().exists():
             parser.error(f"--root {args.root}: no expert cache; run `bmoe cache --root {args.root}` first")
 
     t0 = time.perf_counter()

@@ -2,23 +2,23 @@
 
 Ray Data batch inference with an actor pool per expert writes, per sample, each expert's loss
 (the gate's training signal) and score (additive under the task metric: the oracle's input)
-and any task columns the metric needs, to <root>/cache/<task>/<split>.parquet. A gate sweep
-then never runs an expert: that is the main performance lever of the whole pipeline.
+and any task columns the metric needs, to cache/<task>/<split>.parquet under the root. Each
+actor loads its expert's weights from the root itself, on whichever node it runs. A gate
+sweep then never runs an expert: that is the main performance lever of the whole pipeline.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.prepare import require_manifest, shard_path
+from pipelines.prepare import require_manifest
 from pipelines.runtime import RunConfig, UserError, ensure_ray
-from pipelines.train_experts import META, expert_dir, load_expert
+from pipelines.train_experts import load_expert
+from storage import read_json, read_table, write_json, write_table
 from tasks import SPLITS, get_task
 
 
@@ -28,33 +28,31 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
 
     manifest = require_manifest(cfg)
     task = cfg.task_obj()
+    layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
-    out = cfg.task_dir("cache")
-    stamp = out / "cache.json"
     key = {"data": manifest["fingerprint"], "experts": experts}
-    files = {split: str(out / f"{split}.parquet") for split in SPLITS}
-    if stamp.exists() and json.loads(stamp.read_text()) == key and all(Path(f).exists() for f in files.values()):
+    files = {split: layout.cache(split) for split in SPLITS}
+    if read_json(layout.cache_stamp()) == key and all(f.exists() for f in files.values()):
         print("cache: data and experts unchanged, cache kept")
-        return files
+        return {split: str(f) for split, f in files.items()}
 
     ensure_ray(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tables = {split: pd.read_parquet(shard_path(cfg, split, "gate"), columns=["sample_id", "group", *task.meta_columns])
-              for split in SPLITS}
+    tables = {split: read_table(layout.shards(split, "gate"), columns=["sample_id", "group", *task.meta_columns])
+              .to_pandas() for split in SPLITS}
     for n in range(len(experts)):
         # one pass per expert over all splits: one actor pool, one model load
-        paths = [shard_path(cfg, split, f"p{n}") for split in SPLITS]
+        paths = [str(layout.shards(split, f"p{n}")) for split in SPLITS]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
             fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
-                                   "folder": str(expert_dir(cfg, n)), "use_gpu": cfg.use_gpu},
+                                   "weights": str(layout.weights(n)), "use_gpu": cfg.use_gpu},
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
             batch_format="numpy",
             num_gpus=1 if cfg.use_gpu else 0,
         ).to_pandas()
-        split_of = scored.pop("path").map(lambda p: Path(p).parent.parent.name)
+        split_of = scored.pop("path").map(lambda p: p.rsplit("/", 3)[-3])  # .../<split>/p<n>/<file>
         scored = scored.rename(columns={c: f"{c}_{n}" for c in scored.columns if c != "sample_id"})
         for split in SPLITS:
             part = scored[split_of == split]
@@ -64,18 +62,18 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
         missing = table.filter(like="loss_").isna().any(axis=1)
         if missing.any():  # a bug, not user input: every prepared sample must be scored
             raise RuntimeError(f"cache: {int(missing.sum())} {split} samples were not scored by every expert")
-        table.sort_values("sample_id", kind="stable").reset_index(drop=True).to_parquet(files[split], index=False)
-    stamp.write_text(json.dumps(key))
+        write_table(table.sort_values("sample_id", kind="stable").reset_index(drop=True), files[split])
+    write_json(layout.cache_stamp(), key)
     print(f"cache: {', '.join(f'{s} {len(t)}' for s, t in tables.items())} samples x {len(experts)} experts "
           f"in {time.perf_counter() - started:.1f}s")
-    return files
+    return {split: str(f) for split, f in files.items()}
 
 
 def load_cache(cfg: RunConfig, split: str) -> pd.DataFrame:
-    path = cfg.task_dir("cache") / f"{split}.parquet"
+    path = cfg.layout.cache(split)
     if not path.exists():
-        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root_path}: run `bmoe cache` first")
-    return pd.read_parquet(path)
+        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+    return read_table(path).to_pandas()
 
 
 def expert_matrix(table: pd.DataFrame, column: str, n_experts: int) -> np.ndarray:
@@ -86,11 +84,11 @@ def expert_matrix(table: pd.DataFrame, column: str, n_experts: int) -> np.ndarra
 class _ExpertScorer:
     """Actor: holds one frozen expert and scores batches of its P_n shard."""
 
-    def __init__(self, task: str, profile: str, options: dict, n: int, folder: str, use_gpu: bool):
+    def __init__(self, task: str, profile: str, options: dict, n: int, weights: str, use_gpu: bool):
         self.task = get_task(task, profile, options)
         self.n = n
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_expert(self.task, n, Path(folder), self.device)
+        self.model = load_expert(self.task, n, weights, self.device)  # read from the root on this node
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -101,8 +99,8 @@ class _ExpertScorer:
 def _expert_fingerprints(cfg: RunConfig, task) -> list[str]:
     prints = []
     for n in range(len(task.expert_names())):
-        meta = expert_dir(cfg, n) / META
-        if not meta.exists():
+        meta = read_json(cfg.layout.expert_meta(n))
+        if meta is None:
             raise UserError(f"expert {n} of task {cfg.task} is not trained: run `bmoe train-experts` first")
-        prints.append(json.loads(meta.read_text())["fingerprint"])
+        prints.append(meta["fingerprint"])
     return prints

@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from pipelines.runtime import PROFILES, RunConfig, UserError, quiet_environment
+from storage import StoragePath
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +42,9 @@ def _group() -> None:
 
 
 def _config(task: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None,
-            options: list[str] | None = None, **extra) -> RunConfig:
+            options: list[str] | None = None, tracking: bool = False, **extra) -> RunConfig:
+    """The stage's RunConfig; a bad root (or, for a stage that logs to MLflow, a URI root
+    without a tracking server) stops here, before any work, in one line."""
     from tasks import TASKS
 
     if task not in TASKS:
@@ -57,22 +60,28 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
         cfg = RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
                         task_options=parsed, **extra)
         cfg.task_obj()  # bad task options fail here, as one line
+        if tracking:
+            cfg.mlflow_uri  # noqa: B018  a URI root needs --tracking-uri
+        root = cfg.layout.root
+        if isinstance(root, StoragePath):
+            try:
+                root.filesystem  # noqa: B018  unknown scheme, bad bucket, no credentials
+            except ValueError as err:
+                raise UserError(f"--root {err}") from None
         return cfg
     except ValueError as err:  # a bad flag value: one line, no traceback
         raise typer.BadParameter(str(err)) from None
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _run(stage: Callable, *args, **kwargs):
-    """Call a stage; user errors and bad inputs become one line on stderr and exit code 1.
-    A stage on an object-store root runs between a pull and a push of its working copy."""
-    import contextlib
-
-    from pipelines.storage import synced
+    """Call a stage; user errors and bad inputs become one line on stderr and exit code 1."""
     from tasks import BadInput
 
     try:
-        with synced(args[0]) if args and isinstance(args[0], RunConfig) else contextlib.nullcontext():
-            return stage(*args, **kwargs)
+        return stage(*args, **kwargs)
     except (UserError, BadInput) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -95,7 +104,8 @@ def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Pr
     """Stage 2: one Ray Train TorchTrainer run per expert; checkpoints and MLflow runs."""
     from pipelines.train_experts import train_experts as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, num_workers=num_workers, use_gpu=gpu))
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True,
+                        num_workers=num_workers, use_gpu=gpu))
 
 
 @app.command()
@@ -116,7 +126,7 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
-    cfg = _config(task, root, profile, data_root, tracking_uri, option)
+    cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
     _run(stage, cfg, grid, name)
 
@@ -128,7 +138,7 @@ def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile =
     """Stage 5: tables, plots and summary.json under <root>/reports/<task>/, logged to MLflow."""
     from pipelines.report import report as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option), sweep_file)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True), sweep_file)
 
 
 @app.command()
@@ -140,7 +150,7 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
     """Across the sweeps in the task's MLflow experiment: each method's rho and best trial (per target), with d_mean."""
     from pipelines.compare import as_json as to_json, compare as stage, format_table
 
-    rows = _run(stage, _config(task, root, "demo", None, tracking_uri), sweep, d_target)
+    rows = _run(stage, _config(task, root, "demo", None, tracking_uri, tracking=True), sweep, d_target)
     typer.echo(to_json(rows) if as_json else format_table(rows))
 
 
@@ -189,7 +199,7 @@ def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; de
     from tasks import TASKS
 
     names = [task] if task else list(TASKS)
-    configs = [_config(name, root, profile, data_root, tracking_uri, option) for name in names]
+    configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True) for name in names]
     _run(run_demo, configs)
 
 

@@ -14,7 +14,6 @@ Methods:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
+from storage import AnyPath, load_torch, save_torch
 from tasks import get_task
 
 STATIC_METHODS = ("experts", "random", "heuristic", "oracle")  # no training: all targets in one trial
@@ -238,15 +238,14 @@ def gate_bundle(gate: Gate, config: dict, **extra) -> dict:
             "state_dict": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}, **extra}
 
 
-def save_gate(bundle: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(bundle, path)
+def save_gate(bundle: dict, path: AnyPath) -> AnyPath:
+    save_torch(bundle, path)
     return path
 
 
-def load_gate(path: Path) -> tuple[Gate, dict]:
+def load_gate(path: AnyPath) -> tuple[Gate, dict]:
     """The gate saved by save_gate, in eval mode on the CPU, and its bundle (without weights)."""
-    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    bundle = load_torch(path)
     task = get_task(bundle["task"], bundle["profile"], bundle["options"])
     gate = build_gate(task.gate_spec(), bundle["width"])
     gate.load_state_dict(bundle.pop("state_dict"))

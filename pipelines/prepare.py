@@ -1,15 +1,17 @@
 """Stage 1, prepare: raw data -> Parquet shards per split and per P_n, plus the gate input.
 
-Layout: <root>/data/<task>/<split>/p<n>/*.parquet and <split>/gate/*.parquet, with
-manifest.json (row counts, checksums, d_n, problems). Rerunning with unchanged inputs and
-intact outputs does no work. Bad files are named and counted, never silently lost.
+Layout (pipelines/layout.py): data/<task>/<split>/p<n>/*.parquet and <split>/gate/*.parquet,
+with manifest.json (row counts and footer checksums per file, d_n, problems). Ray Data reads
+each source and writes the shards at the root's URI from whichever node does the work.
+Rerunning with unchanged inputs and intact outputs does no work. Bad files are named and
+counted, never silently lost; a file a worker cannot read is counted apart from bad content.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import tempfile
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -17,15 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.runtime import RunConfig, UserError, ensure_ray
-from tasks import SPLITS, BadInput
+from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
+from tasks import SPLITS, BadInput, UnreadableInput
 from tasks.base import Task
 
-MANIFEST = "manifest.json"
+EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
 
 
 def prepare(cfg: RunConfig) -> dict:
     """Write the shards of every split; returns the manifest."""
     task = cfg.task_obj()
+    layout = cfg.layout
     data_root = _data_root(cfg, task)
     listings = {split: task.list_sources(data_root, split) for split in SPLITS}
     for split, listing in listings.items():
@@ -35,10 +39,9 @@ def prepare(cfg: RunConfig) -> dict:
         if cfg.strict and listing.problems:
             raise UserError(listing.problems[0])
 
-    out = cfg.task_dir("data")
     fingerprint = _fingerprint(task, listings)
     previous = read_manifest(cfg)
-    if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(out, previous):
+    if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(layout, previous):
         print(f"prepare: inputs unchanged since {previous['created']}, shards intact: nothing to do")
         return previous
 
@@ -52,53 +55,58 @@ def prepare(cfg: RunConfig) -> dict:
         "data_costs": [float(c) for c in task.data_costs()],
         "splits": {},
     }
-    if out.exists():
-        shutil.rmtree(out)
+    remove_tree(layout.data())
     for split in SPLITS:
         started = time.perf_counter()
-        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split], out / split)
+        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split])
         info = manifest["splits"][split]
         print(f"prepare: {split}: {info['samples']} samples from {info['sources']} sources, "
-              f"{len(info['problems'])} problems, {time.perf_counter() - started:.1f}s")
+              f"{len(info['problems'])} problems, {len(info['unreadable'])} unreadable, "
+              f"{time.perf_counter() - started:.1f}s")
         for problem in info["problems"]:
             print(f"  skipped: {problem}")
+        for problem in info["unreadable"]:
+            print(f"  unreadable: {problem}")
     manifest["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_json(layout.manifest(), manifest)
+    unreadable = sum(len(info["unreadable"]) for info in manifest["splits"].values())
+    if unreadable:
+        raise UserError(f"{unreadable} input files could not be read by the Ray workers (named above): the shards "
+                        f"hold the rest; make the data root readable from every node and rerun")
     return manifest
 
 
 def read_manifest(cfg: RunConfig) -> dict | None:
-    path = cfg.task_dir("data") / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(cfg.layout.manifest())
 
 
 def require_manifest(cfg: RunConfig) -> dict:
     manifest = read_manifest(cfg)
     if manifest is None:
-        raise UserError(f"no prepared data for task {cfg.task} under {cfg.root_path}: run `bmoe prepare` first")
+        raise UserError(f"no prepared data for task {cfg.task} under {cfg.root}: run `bmoe prepare` first")
     return manifest
 
 
-def shard_path(cfg: RunConfig, split: str, part: str) -> str:
-    """Folder of one shard set: part is 'p<n>' (expert n's input) or 'gate'."""
-    return str(cfg.task_dir("data") / split / part)
-
-
-def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, folder: Path) -> dict:
+def _prepare_split(cfg: RunConfig, task: Task, split: str, listing) -> dict:
     import ray
 
+    layout = cfg.layout
+    log = _problem_log()
     blocks = max(1, min(len(listing.sources), 64))
-    rows = ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task)).materialize()
+    rows = ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)).materialize()
     count = rows.count()
     produced = set(rows.select_columns(["source_id"]).to_pandas()["source_id"]) if count else set()
-    problems = list(listing.problems)
+    found = ray.get(log.found.remote())  # what the workers could not read or decode, by source
+    ray.kill(log)
+    problems, unreadable = list(listing.problems), []
     for source in listing.sources:
         if source["source_id"] not in produced:
-            problems.append(_why_empty(task, source))
-    if cfg.strict and len(problems) > len(listing.problems):
-        raise UserError(problems[len(listing.problems)])
+            kind, message = found.get(source["source_id"], ("bad", f"{source['source_id']}: produced no samples"))
+            (unreadable if kind == "unreadable" else problems).append(message)
+    if cfg.strict and (unreadable or len(problems) > len(listing.problems)):
+        raise UserError((unreadable + problems[len(listing.problems):])[0])
     if count == 0:
-        raise UserError(f"no usable {split} inputs: {'; '.join(problems[:3])}")
+        raise UserError(f"no usable {split} inputs: {'; '.join((unreadable + problems)[:3])}")
 
     costs = task.data_costs()
     # Built-in column operations only: a UDF that carries the task would make every write
@@ -108,28 +116,56 @@ def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, folder: Path
         expert_rows = rows.select_columns(["sample_id", "group", *task.target_columns, f"x{n}", f"enc{n}"]) \
             .rename_columns({f"x{n}": "x", f"enc{n}": "encoded_bytes"}) \
             .add_column("data_cost_bytes", _constant(float(costs[n])), batch_format="numpy")
-        shards[f"p{n}"] = _write(expert_rows, folder / f"p{n}")
-    shards["gate"] = _write(rows.select_columns(["sample_id", "group", "gate", *task.meta_columns]), folder / "gate")
-    encoded = rows.select_columns([f"enc{n}" for n in range(len(costs))]).to_pandas().mean() if count else {}
+        shards[f"p{n}"] = _write(expert_rows, layout.shards(split, f"p{n}"))
+    shards["gate"] = _write(rows.select_columns(["sample_id", "group", "gate", *task.meta_columns]),
+                            layout.shards(split, "gate"))
+    encoded = rows.select_columns([f"enc{n}" for n in range(len(costs))]).to_pandas().mean()
     return {
         "sources": len(listing.sources),
         "samples": count,
         "problems": problems,
-        "mean_encoded_bytes": {f"p{n}": float(encoded[f"enc{n}"]) for n in range(len(costs))} if count else {},
+        "unreadable": unreadable,
+        "mean_encoded_bytes": {f"p{n}": float(encoded[f"enc{n}"]) for n in range(len(costs))},
         "shards": shards,
     }
 
 
-class _Loader:
-    """Ray Data flat_map: one source -> its sample rows; a bad source yields no rows (named later)."""
+def _problem_log():
+    """A small actor the loaders tell why a source gave no rows, from whichever node they run on."""
+    import ray
 
-    def __init__(self, task: Task):
-        self.task = task
+    @ray.remote(num_cpus=0)
+    class ProblemLog:
+        def __init__(self):
+            self._found: dict[str, tuple[str, str]] = {}
+
+        def add(self, source_id: str, kind: str, message: str) -> None:
+            self._found[source_id] = (kind, message)
+
+        def found(self) -> dict[str, tuple[str, str]]:
+            return self._found
+
+    return ProblemLog.remote()
+
+
+class _Loader:
+    """Ray Data flat_map: one source -> its sample rows. A source that cannot be read, or whose
+    content is bad, yields no rows and is told to the problem log (a worker's view, not the
+    driver's: the driver may see files that a worker node cannot)."""
+
+    def __init__(self, task: Task, log):
+        self.task, self.log = task, log
 
     def __call__(self, source: dict) -> list[dict]:
+        import ray
+
         try:
             samples = self.task.load(source)
-        except BadInput:
+        except UnreadableInput as err:
+            ray.get(self.log.add.remote(source["source_id"], "unreadable", str(err)))
+            return []
+        except BadInput as err:
+            ray.get(self.log.add.remote(source["source_id"], "bad", str(err)))
             return []
         for sample in samples:
             sample["source_id"] = source["source_id"]
@@ -145,30 +181,66 @@ def _constant(value: float):
     return column
 
 
-def _write(ds, folder: Path) -> dict:
+def _write(ds, folder: AnyPath) -> dict:
+    """Ray Data writes the shard files at the folder's URI; their row counts and checksums come
+    from the Parquet footers (two small reads per file), never from reading the data back."""
     ds.write_parquet(str(folder))
-    files = sorted(folder.glob("*.parquet"))
-    return {
-        "rows": ds.count(),
-        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files],
-    }
+    files = [_footer(f) for f in sorted(folder.glob("*.parquet"))]
+    return {"rows": sum(f["rows"] for f in files), "files": files}
 
 
-def _why_empty(task: Task, source: dict) -> str:
-    try:
-        task.load(source)
-    except BadInput as err:
-        return str(err)
-    return f"{source['source_id']}: produced no samples"
+def _footer(path: AnyPath) -> dict:
+    """{name, bytes, rows, footer_sha256} of one Parquet file."""
+    import pyarrow.parquet as pq
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(size - 8)
+        length = int.from_bytes(f.read(4), "little")
+        f.seek(size - 8 - length)
+        footer = f.read(length)
+    rows = pq.read_metadata(_footer_buffer(footer)).num_rows
+    return {"name": path.name, "bytes": size, "rows": rows, "footer_sha256": hashlib.sha256(footer).hexdigest()}
 
 
-def _data_root(cfg: RunConfig, task: Task) -> Path:
+def _footer_buffer(footer: bytes):
+    """A file-like holding just a Parquet footer, which is all pyarrow reads for metadata."""
+    import pyarrow as pa
+
+    tail = len(footer).to_bytes(4, "little") + b"PAR1"
+    return pa.BufferReader(b"PAR1" + footer + tail)
+
+
+def _data_root(cfg: RunConfig, task: Task) -> AnyPath:
     if cfg.data_root is None:
-        return task.embedded_data(cfg.root_path / "raw" / task.name)
-    root = Path(cfg.data_root).expanduser().resolve()
+        return _embedded_data(cfg, task)
+    try:
+        root = as_path(cfg.data_root)
+    except ValueError as err:
+        raise UserError(f"--data-root {err}") from None
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder")
     return root
+
+
+def _embedded_data(cfg: RunConfig, task: Task) -> AnyPath:
+    """The task's embedded data set under <root>/raw/<task>. For an object-store root it is
+    generated in a temporary folder on this machine and uploaded once (workers read it from
+    the store); an upload whose settings stamp is unchanged is kept."""
+    raw = cfg.layout.raw()
+    if not isinstance(raw, StoragePath):
+        return task.embedded_data(raw)
+    with tempfile.TemporaryDirectory(prefix="bmoe-embedded-") as tmp:
+        local = Path(tmp)
+        stamp = read_json(raw / EMBEDDED_STAMP)
+        if stamp is not None:  # the task regenerates nothing when its settings match the stamp
+            (local / EMBEDDED_STAMP).write_text(json.dumps(stamp))
+        task.embedded_data(local)
+        if any(p.is_file() and p.name != EMBEDDED_STAMP for p in local.rglob("*")):
+            remove_tree(raw)
+            count = upload_tree(local, raw)
+            print(f"prepare: embedded {task.name} data written to {raw} ({count} files)")
+    return raw
 
 
 def _fingerprint(task: Task, listings: dict) -> str:
@@ -179,29 +251,22 @@ def _fingerprint(task: Task, listings: dict) -> str:
                              default=str).encode())
     for split in SPLITS:
         for source in listings[split].sources:
-            stamp = dict(source, split=split)
-            path = source.get("path")
-            if path and Path(path).exists():
-                st = Path(path).stat()
-                stamp["_stat"] = [st.st_size, st.st_mtime_ns]
-            digest.update(json.dumps(stamp, sort_keys=True, default=str).encode())
+            digest.update(json.dumps(dict(source, split=split), sort_keys=True, default=str).encode())
         digest.update(json.dumps(listings[split].problems).encode())
     return digest.hexdigest()
 
 
-def _outputs_intact(out: Path, manifest: dict) -> bool:
+def _outputs_intact(layout, manifest: dict) -> bool:
+    """Every shard file the manifest names is there with its size (one listing per shard set),
+    and no file was left unread last time."""
     for split, info in manifest.get("splits", {}).items():
+        if info.get("unreadable"):
+            return False
         for part, shard in info["shards"].items():
-            for f in shard["files"]:
-                path = out / split / part / f["name"]
-                if not path.exists() or path.stat().st_size != f["bytes"]:
-                    return False
+            folder = layout.shards(split, part)
+            if not folder.is_dir():
+                return False
+            sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+            if any(sizes.get(f["name"]) != f["bytes"] for f in shard["files"]):
+                return False
     return True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,13 +1,16 @@
 """Stage 5, report: the paper's tables and figures for one task, from its latest sweep.
 
-Writes <root>/reports/<task>/summary.json, report.md and PNG plots, and logs them to the
-sweep's parent MLflow run. For trained methods, each target's trial is the one with the best
+Writes reports/<task>/summary.json, report.md and PNG plots under the root, and logs them to
+the sweep's parent MLflow run. For trained methods, each target's trial is the one with the best
 validation performance (cross-validation of w_bias, M, lr, width); its test figures are shown.
+A report already made from the same sweep record is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +18,39 @@ import numpy as np
 from bmoe.curves import rho
 from pipelines.gate_trial import TRAINED_METHODS, expert_performance
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
-from pipelines.sweep import load_split
+from pipelines.sweep import load_array, load_split
+from storage import AnyPath, as_path, read_json, upload_tree
 
 ORDER = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
 
 
-def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
+def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
     """Write the task's report; returns summary.json's path."""
+    layout = cfg.layout
+    sweep = _load_sweep(cfg, sweep_file)
+    made_from = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()
+    existing = read_json(layout.reports() / "summary.json")
+    if existing is not None and existing.get("made_from") == made_from:
+        print(f"report: {layout.reports() / 'report.md'} is up to date with sweep {sweep['name']}: kept")
+        return layout.reports() / "summary.json"
+    with tempfile.TemporaryDirectory(prefix="bmoe-report-") as tmp:
+        summary = _write_report(cfg, sweep, Path(tmp))
+        summary_path = Path(tmp) / "summary.json"
+        summary_path.write_text(json.dumps({**summary, "made_from": made_from}, indent=2))
+        _log_to_mlflow(cfg, sweep, summary, Path(tmp))
+        upload_tree(Path(tmp), layout.reports())
+    print(f"report: {layout.reports() / 'report.md'}")
+    for method, info in summary["methods"].items():
+        print(f"  rho {method:<10} {info['rho']:.4f}")
+    return layout.reports() / "summary.json"
+
+
+def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
+    """summary (returned), report.md and the figures, into the local folder `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     task = cfg.task_obj()
-    sweep = _load_sweep(cfg, sweep_file)
     d = task.data_costs()
     d_min, d_max = float(d.min()), float(d.max())
     test = load_split(cfg, task, "test")
@@ -52,9 +76,6 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
         "C_g": int(c_g),
         "methods": methods,
     }
-    out = cfg.task_dir("reports")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     figures = [_plot_curves(summary, out / "performance_vs_cost.png")]
     draw = getattr(task, "draw_assignment", None)
     enforce = chosen.get("enforce", {})
@@ -62,22 +83,23 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> Path:
         # the picture at d_max/3 (or the nearest target), where the gate's choices matter most
         d_t = min(enforce, key=lambda t: abs(t - d_max / 3))
         assignment_file = enforce[d_t].get("assignment_file")
-        if assignment_file and Path(assignment_file).exists():
-            figures.append(draw(test, np.load(assignment_file), out / "assignment.png"))
+        assignment = cfg.layout.resolve(assignment_file) if assignment_file else None
+        if assignment is not None and assignment.exists():
+            figures.append(draw(test, load_array(assignment), out / "assignment.png"))
     (out / "report.md").write_text(_markdown(summary, figures))
-    print(f"report: {out / 'report.md'}")
-    for method, info in methods.items():
-        print(f"  rho {method:<10} {info['rho']:.4f}")
+    return summary
 
+
+def _log_to_mlflow(cfg: RunConfig, sweep: dict, summary: dict, out: Path) -> None:
+    """rho per method as metrics of the sweep's parent run, the report's files as its artifacts."""
     import mlflow
 
     ensure_mlflow(cfg)
     with mlflow.start_run(run_id=sweep["mlflow_parent_run"]):
-        for method, info in methods.items():
+        for method, info in summary["methods"].items():
             mlflow.log_metric(f"rho_{method}", info["rho"])
         mlflow.log_artifacts(str(out), artifact_path="report")
     mlflow.MlflowClient().set_terminated(sweep["mlflow_parent_run"])
-    return out / "summary.json"
 
 
 def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -> float:
@@ -99,14 +121,16 @@ def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -
 
 def _load_sweep(cfg: RunConfig, sweep_file: str | None) -> dict:
     if sweep_file is None:
-        latest = cfg.task_dir("sweeps") / "latest.json"
-        if not latest.exists():
-            raise UserError(f"no sweep of task {cfg.task} under {cfg.root_path}: run `bmoe sweep` first")
-        sweep_file = json.loads(latest.read_text())["file"]
-    path = Path(sweep_file)
-    if not path.exists():
+        latest = read_json(cfg.layout.latest_sweep())
+        if latest is None:
+            raise UserError(f"no sweep of task {cfg.task} under {cfg.root}: run `bmoe sweep` first")
+        path = cfg.layout.resolve(latest["file"])
+    else:
+        path = as_path(sweep_file)
+    sweep = read_json(path)
+    if sweep is None:
         raise UserError(f"sweep results {path} not found")
-    return json.loads(path.read_text())
+    return sweep
 
 
 def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[float, dict]]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 PROFILES = ("smoke", "demo", "paper")
 
@@ -22,16 +21,15 @@ class RunConfig:
     """Options shared by every stage (the CLI's common flags)."""
 
     task: str = "superres"
-    root: str = "bmoe-runs"
+    root: str = "bmoe-runs"  # a local folder or an object-store URI (s3://bucket/runs)
     profile: str = "demo"
     data_root: str | None = None  # None: the task's embedded default data
-    tracking_uri: str | None = None  # None: sqlite:///<root>/mlflow.db
+    tracking_uri: str | None = None  # None: sqlite:///<root>/mlflow.db (local roots only)
     strict: bool = False  # fail on the first bad input instead of counting it
     num_workers: int = 1  # Ray Train workers per expert
     use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
     seed: int = 0
     task_options: dict = field(default_factory=dict)  # overrides of the task's settings
-    workdir: str | None = None  # an object-store root's local working copy (default: from $BMOE_WORKDIR)
 
     def task_obj(self):
         """The configured task (pickled to Ray workers as its name, profile and options)."""
@@ -40,26 +38,27 @@ class RunConfig:
         return get_task(self.task, self.profile, self.task_options)
 
     def __post_init__(self):
-        from pipelines.storage import is_uri, working_copy
-
         if self.profile not in PROFILES:
             raise ValueError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
-        if is_uri(self.root) and self.workdir is None:  # fixed once: Ray workers get the same folder
-            object.__setattr__(self, "workdir", str(working_copy(self.root)))
 
     @property
-    def root_path(self) -> Path:
-        """The root on this machine: the folder itself, or an object-store root's working copy
-        (pipelines/storage.py keeps the two in step)."""
-        return Path(self.workdir or self.root).expanduser().resolve()
+    def layout(self):
+        """Every path of this task's run under the root (pipelines/layout.py)."""
+        from pipelines.layout import RunLayout
+
+        try:
+            return RunLayout.of(self.root, self.task)
+        except ValueError as err:  # a URI pyarrow cannot resolve: one line
+            raise UserError(f"--root {err}") from None
 
     @property
     def mlflow_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.root_path / 'mlflow.db'}"
-
-    def task_dir(self, kind: str) -> Path:
-        """<root>/<kind>/<task>, e.g. kind='data', 'experts', 'cache', 'reports'."""
-        return self.root_path / kind / self.task
+        if self.tracking_uri:
+            return self.tracking_uri
+        if self.layout.is_remote:
+            raise UserError(f"--root {self.root} is in object storage, where a sqlite file is not a database: "
+                            "pass --tracking-uri of an MLflow server (infra/mlflow/serve.sh starts one)")
+        return f"sqlite:///{self.layout.mlflow_db()}"
 
     def as_params(self) -> dict:
         params = {k: v for k, v in asdict(self).items() if k != "task_options"}
@@ -94,9 +93,9 @@ def ensure_ray(cfg: RunConfig) -> None:
         ray.init(log_to_driver=True)
         return
     kwargs = dict(include_dashboard=False, log_to_driver=True)
-    # Ray's socket paths must stay under ~107 characters: keep state under the root when short.
-    temp = cfg.root_path / "ray"
-    if len(str(temp)) < 60:
+    # Ray's socket paths must stay under ~107 characters: keep state under a local root when short.
+    temp = cfg.layout.ray_temp()
+    if not cfg.layout.is_remote and len(str(temp)) < 60:
         temp.mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp)
     ray.init(**kwargs)
@@ -110,8 +109,8 @@ def ensure_mlflow(cfg: RunConfig, experiment: str | None = None) -> str:
     name = experiment or f"bmoe-{cfg.task}"
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     if cfg.tracking_uri is None:
-        # the default database's artifacts stay under the root too (MLflow's default is ./mlruns)
-        cfg.root_path.mkdir(parents=True, exist_ok=True)
+        # the default database's artifacts stay under the (local) root too (MLflow's default is ./mlruns)
+        cfg.layout.root.mkdir(parents=True, exist_ok=True)
         if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=(cfg.root_path / "mlartifacts").as_uri())
+            mlflow.create_experiment(name, artifact_location=(cfg.layout.root / "mlartifacts").as_uri())
     return mlflow.set_experiment(name).experiment_id

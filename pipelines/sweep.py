@@ -2,27 +2,35 @@
 
 Each trial trains (or applies) a gate on the expert cache only. MLflow: one experiment per
 task, a parent run per sweep, one child run per trial (params, per-epoch metrics, final test
-performance, d_mean, u, C_g). Interrupt a sweep and rerun the same command: it resumes with
-Tuner.restore, and finished trials are neither rerun nor logged twice.
+performance, d_mean, u, C_g, the trained gate as an artifact). Tune's state lives under the
+root's tune/ storage path; trials write their gates and test assignments to the root from
+whichever node runs them. Interrupt a sweep and rerun the same command, on any machine that
+sees the root: it resumes with Tuner.restore, and finished trials are neither rerun nor logged
+twice. A sweep whose record is complete is not run again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines.cache import expert_matrix, load_cache
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
-from pipelines.prepare import require_manifest, shard_path
+from pipelines.layout import RunLayout
+from pipelines.prepare import require_manifest
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
+from storage import AnyPath, read_json, read_table, write_bytes, write_json
 from tasks import SPLITS
+
+MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this many times
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def load_split(cfg: RunConfig, task, split: str) -> SplitData:
     import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
 
     table = load_cache(cfg, split)
-    gate = pd.read_parquet(shard_path(cfg, split, "gate"), columns=["sample_id", "gate"])
+    gate = read_table(cfg.layout.shards(split, "gate"), columns=["sample_id", "gate"]).to_pandas()
     gate = gate.set_index("sample_id").loc[table["sample_id"]]
     n = len(task.expert_names())
     return SplitData(gate=np.stack(gate["gate"].to_numpy()), cache=table,
@@ -102,34 +110,38 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
 
     manifest = require_manifest(cfg)
     task = cfg.task_obj()
+    layout = cfg.layout
     grid = grid or GRIDS[cfg.profile]
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)
-    cache_key = json.loads((cfg.task_dir("cache") / "cache.json").read_text()) \
-        if (cfg.task_dir("cache") / "cache.json").exists() else None
+    cache_key = read_json(layout.cache_stamp())
     if cache_key is None:
-        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root_path}: run `bmoe cache` first")
+        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
     key = hashlib.sha256(json.dumps({"grid": asdict(grid), "cache": cache_key, "data": manifest["fingerprint"]},
                                     sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"sweep-{key}"
+    out = layout.sweep_record(name)
+    done = read_json(out)
+    if done is not None and len(done.get("trials", [])) == len(configs):
+        print(f"sweep: {name} already complete ({len(configs)} trials): kept {out}")
+        write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
+        return out
 
     ensure_ray(cfg)
     experiment_id = ensure_mlflow(cfg)
     parent = _parent_run(name, experiment_id, grid, cfg)
     data = {split: load_split(cfg, task, split) for split in SPLITS}
-    assignments = cfg.task_dir("sweeps") / name / "assignments"
-    assignments.mkdir(parents=True, exist_ok=True)
-    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data, out_dir=str(assignments)),
+    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data, layout=layout, sweep_name=name),
                                     {"cpu": 1})
-    storage = cfg.root_path / "tune" / cfg.task
-    path = storage / name
-    callbacks = [_ResumableMLflowLogger(tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
+    path = layout.tune_experiment(name)
+    callbacks = [_ResumableMLflowLogger(layout, tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1)
+    run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
     started = time.perf_counter()
-    if tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(path):
         print(f"sweep: resuming {name} from {path}")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         print(f"sweep: {name}: {len(configs)} trials ({', '.join(grid.methods)}), MLflow parent run {parent}")
         tuner = tune.Tuner(
@@ -151,16 +163,14 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
                         "trial_dir": result.path, "assignment_file": metrics.get("assignment_file"),
                         "gate_file": metrics.get("gate_file")})
-    out = cfg.task_dir("sweeps") / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
                "seconds": round(time.perf_counter() - started, 1), "trials": records}
-    out.write_text(json.dumps(summary, indent=2))
-    (cfg.task_dir("sweeps") / "latest.json").write_text(json.dumps({"name": name, "file": str(out)}))
+    write_json(out, summary)
+    write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
     with mlflow.start_run(run_id=parent):
         mlflow.log_metric("trials", len(records))
-        mlflow.log_artifact(str(out))
+        mlflow.log_dict(summary, out.name)
     mlflow.MlflowClient().set_terminated(parent)
     print(f"sweep: {len(records)} trials done in {summary['seconds']}s -> {out}")
     return out
@@ -181,7 +191,12 @@ def _parent_run(name: str, experiment_id: str, grid: SweepGrid, cfg: RunConfig) 
 
 class _ResumableMLflowLogger(MLflowLoggerCallback):
     """One MLflow run per trial, across resumes: a trial restarted by Tuner.restore logs into
-    the run its first attempt opened instead of opening a second one."""
+    the run its first attempt opened instead of opening a second one. A trial's trained gate
+    (written to the root by the trial) is logged as an artifact of its run when it ends."""
+
+    def __init__(self, layout: RunLayout, **kwargs):
+        super().__init__(**kwargs)
+        self.layout = layout
 
     def log_trial_start(self, trial):
         if trial not in self._trial_runs:
@@ -198,10 +213,23 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
                     client.update_run(found[0].info.run_id, status="RUNNING")
         super().log_trial_start(trial)
 
+    def log_trial_end(self, trial, failed: bool = False):
+        gate_file = (trial.last_result or {}).get("gate_file")
+        if gate_file and not failed:
+            import mlflow
 
-def _trainable(config: dict, data: dict, out_dir: str) -> None:
-    """Tune function trainable: run the trial, then report its final record (the test
-    assignment goes to a file under the run root, for the report's figures)."""
+            gate = self.layout.resolve(gate_file)
+            with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
+                local = Path(tmp) / gate.name
+                local.write_bytes(gate.read_bytes())
+                mlflow.MlflowClient(self.tracking_uri).log_artifact(self._trial_runs[trial], str(local), "gate")
+        super().log_trial_end(trial, failed)
+
+
+def _trainable(config: dict, data: dict, layout: RunLayout, sweep_name: str) -> None:
+    """Tune function trainable: run the trial, then report its final record. The trained gate
+    and the test assignment are written to the run root from the node the trial runs on, and
+    recorded relative to the root."""
     from ray import tune
 
     trial = config["trial"]
@@ -209,13 +237,11 @@ def _trainable(config: dict, data: dict, out_dir: str) -> None:
     final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
     assignment = result.pop("test_assignment", None)
     gate = result.pop("gate", None)
+    trial_id = tune.get_context().get_trial_id()
     if gate is not None:  # the trained gate, for serving (serving/loading.py)
-        path = Path(out_dir).parent / "gates" / f"{tune.get_context().get_trial_id()}.pt"
-        final["gate_file"] = str(save_gate(gate, path))
+        final["gate_file"] = layout.relative(save_gate(gate, layout.gate(sweep_name, trial_id)))
     if assignment is not None:
-        path = Path(out_dir) / f"{tune.get_context().get_trial_id()}.npy"
-        np.save(path, assignment)
-        final["assignment_file"] = str(path)
+        final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
     if "val_performance" in result:
         final["val_performance"] = result["val_performance"]
     if len(result["points"]) == 1:  # one target: its figures as plain metrics for MLflow
@@ -225,6 +251,17 @@ def _trainable(config: dict, data: dict, out_dir: str) -> None:
     else:
         final["mean_test_performance"] = float(np.mean([p["performance"] for p in result["points"]]))
     tune.report(final)
+
+
+def _save_array(array: np.ndarray, path: AnyPath) -> AnyPath:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_array(path: AnyPath) -> np.ndarray:
+    return np.load(io.BytesIO(path.read_bytes()))
 
 
 def with_methods(grid: SweepGrid, methods: str | None) -> SweepGrid:

@@ -1,9 +1,11 @@
 """Stage 2, train-experts: one Ray Train TorchTrainer run per expert, reading its P_n shards.
 
 Workers and GPUs come from the run config (CPU here, CUDA on a cluster with no code change).
-The final weights go to <root>/experts/<task>/<n>/model.pt with the settings that made them;
-metrics per epoch and the model are logged to MLflow. An expert whose data and settings are
-unchanged is not trained again.
+Ray Train keeps each fit's checkpoints (model, optimizer, epoch) under the root's ray-train/
+storage path: a fit that fails or is interrupted resumes from its last epoch, on this machine
+or another that sees the root. The final weights go to experts/<task>/<n>/model.pt with the
+settings that made them; metrics per epoch and the model are logged to MLflow. An expert
+whose data and settings are unchanged is not trained again.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pipelines.prepare import require_manifest, shard_path
+from pipelines.prepare import require_manifest
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
+from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
 from tasks import get_task
 
-WEIGHTS = "model.pt"
-META = "expert.json"
+WEIGHTS = "model.pt"  # inside a Ray Train checkpoint: the model's state_dict
+OPTIMIZER = "optimizer.pt"  # and the optimizer's, so a resumed fit continues where it stopped
+HISTORY = "history.json"  # one row per finished epoch
+MAX_FAILURES = 2  # worker or node failures a fit survives (it restarts from its last checkpoint)
 
 
 def train_experts(cfg: RunConfig) -> list[dict]:
@@ -38,12 +43,11 @@ def train_experts(cfg: RunConfig) -> list[dict]:
     summaries: dict[int, dict] = {}
     todo = []
     for n, name in enumerate(task.expert_names()):
-        folder = expert_dir(cfg, n)
         fingerprint = _fingerprint(manifest, task, n, cfg)
-        meta_path = folder / META
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
-            print(f"train-experts: expert {n} ({name}) unchanged, kept {folder / WEIGHTS}")
-            summaries[n] = json.loads(meta_path.read_text())
+        meta = read_json(cfg.layout.expert_meta(n), {})
+        if meta.get("fingerprint") == fingerprint and cfg.layout.weights(n).exists():
+            print(f"train-experts: expert {n} ({name}) unchanged, kept {cfg.layout.weights(n)}")
+            summaries[n] = meta
         else:
             todo.append((n, fingerprint))
     if todo:
@@ -84,42 +88,43 @@ def _concurrent_fits(cfg: RunConfig) -> int:
     return max(1, (cpus - 1) // per_fit) if per_fit else max(1, int(ray.cluster_resources().get("GPU", 1)))
 
 
-def expert_dir(cfg: RunConfig, n: int) -> Path:
-    return cfg.task_dir("experts") / str(n)
-
-
-def load_expert(task, n: int, folder: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The frozen expert n, in eval mode, on `device`."""
+def load_expert(task, n: int, weights: str | AnyPath, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The frozen expert n from its weights file (any path or URI), in eval mode, on `device`."""
     model = task.build_expert(n)
-    model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_torch(as_path(weights)))
     return model.to(device).eval()
 
 
 def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict]]:
     """Ray Train fit of expert n; returns its final weights and per-epoch history."""
     import ray.data
-    from ray.train import RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
     task = cfg.task_obj()
+    # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                            "seed": cfg.seed},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
-            split: ray.data.read_parquet(shard_path(cfg, split, f"p{n}"),
+            split: ray.data.read_parquet(str(cfg.layout.shards(split, f"p{n}")),
                                          columns=["x", *getattr(task, "train_columns", task.target_columns)])
             for split in ("train", "val")
         },
         run_config=TrainRunConfig(name=f"{cfg.task}-expert-{n}-{fingerprint[:8]}",
-                                  storage_path=str(cfg.root_path / "ray-train")),
+                                  storage_path=cfg.layout.train_storage(),
+                                  failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"expert {n}: the fit ended without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True)
-        history = json.loads((Path(ckpt) / "history.json").read_text())
+        history = json.loads((Path(ckpt) / HISTORY).read_text())
     return state, history
 
 
@@ -144,9 +149,10 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
     import mlflow
 
     name = task.expert_names()[n]
-    folder = expert_dir(cfg, n)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / WEIGHTS)
+    layout = cfg.layout
+    save_torch(state, layout.weights(n))
+    model = task.build_expert(n)
+    model.load_state_dict(state)
     ensure_mlflow(cfg)
     with mlflow.start_run(run_name=f"expert-{n}-{name}") as run:
         mlflow.set_tags({"bmoe.stage": "train-experts", "bmoe.expert": n})
@@ -156,12 +162,12 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         mlflow.log_metric("train_seconds", seconds)
-        mlflow.pytorch.log_model(load_expert(task, n, folder), name="model", serialization_format="pickle",
+        mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         run_id = run.info.run_id
-    summary = {"expert": n, "name": name, "fingerprint": fingerprint, "weights": str(folder / WEIGHTS),
+    summary = {"expert": n, "name": name, "fingerprint": fingerprint, "weights": layout.relative(layout.weights(n)),
                "mlflow_run_id": run_id, "seconds": round(seconds, 2), "final": history[-1] if history else {}}
-    (folder / META).write_text(json.dumps(summary, indent=2))
+    write_json(layout.expert_meta(n), summary)
     print(f"train-experts: expert {n} ({name}) done in {seconds:.1f}s: {summary['final']}")
     return summary
 
@@ -176,12 +182,20 @@ def _train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"] + n)
     training = task.expert_training(n)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(task.build_expert(n))
+    model = task.build_expert(n)
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
+    history = []
+    checkpoint = ray.train.get_checkpoint()  # set when this fit resumes after a failure or interruption
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            model.load_state_dict(torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(torch.load(Path(ckpt) / OPTIMIZER, map_location="cpu", weights_only=True))
+            history = json.loads((Path(ckpt) / HISTORY).read_text())
+        print(f"train-experts: expert {n} resumes after epoch {len(history)} from its checkpoint")
+    model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    history = []
-    for epoch in range(1, training.epochs + 1):
+    for epoch in range(len(history) + 1, training.epochs + 1):
         model.train()
         total, count = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
@@ -206,7 +220,8 @@ def _train_loop(config: dict) -> None:
             if ray.train.get_context().get_world_rank() == 0:
                 unwrapped = model.module if hasattr(model, "module") else model
                 torch.save(unwrapped.state_dict(), Path(tmp) / WEIGHTS)
-                (Path(tmp) / "history.json").write_text(json.dumps(history))
+                torch.save(optimizer.state_dict(), Path(tmp) / OPTIMIZER)
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(row, checkpoint=checkpoint)
 

@@ -1,5 +1,5 @@
-"""What a served mixture is made of, read from a pipeline run root: the frozen experts
-(<root>/experts/<task>/<n>/model.pt), the gate the sweep saved (<root>/sweeps/<task>/gates/),
+"""What a served mixture is made of, read from a pipeline run root (a local folder or an
+object-store URI; paths from pipelines/layout.py): the frozen experts, the gate the sweep saved,
 and the gate's values on the validation inputs, on which the budget controller calibrates.
 
 Everything is loaded once, where the app is built, and passed to the deployments as plain
@@ -8,14 +8,13 @@ tensors and arrays: replicas on other nodes need no access to the run root.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
+from pipelines.layout import RunLayout
 from pipelines.runtime import RunConfig, UserError
+from storage import AnyPath, as_path, load_torch, read_json
 
 SERVABLE_METHODS = ("lagrange", "enforce", "soft")  # gates that give every expert a value
 HOOKS = ("decode_request", "request_inputs", "serve_expert", "response")
@@ -41,35 +40,32 @@ class ServedModels:
         return get_task(self.task, self.profile, self.options)
 
 
-def find_gate_file(root: Path, task: str, target: float | None = None) -> Path:
+def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
     """The gate to serve from the task's latest sweep: the lagrange gate (one gate for every
     budget) if the sweep trained one, else the soft/enforce gate trained nearest the target
     (best validation performance among equals)."""
-    latest = root / "sweeps" / task / "latest.json"
-    if not latest.exists():
-        raise UserError(f"no sweep for task {task} under {root}: run `bmoe sweep --task {task}` first")
-    sweep = json.loads(Path(json.loads(latest.read_text())["file"]).read_text())
+    latest = read_json(layout.latest_sweep())
+    sweep = read_json(layout.resolve(latest["file"])) if latest else None
+    if sweep is None:
+        raise UserError(f"no sweep for task {layout.task} under {layout.root}: "
+                        f"run `bmoe sweep --task {layout.task}` first")
     trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE_METHODS]
     if not trials:
         raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE_METHODS)}): "
                         "rerun `bmoe sweep` with one of them")
     lagrange = [t for t in trials if t["config"]["method"] == "lagrange"]
     if lagrange:
-        return _in_root(Path(lagrange[0]["gate_file"]), root, task, sweep["name"])
+        return layout.resolve(lagrange[0]["gate_file"])
     goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
     best = min(trials, key=lambda t: (abs(t["config"]["d_target"] - goal), -(t.get("val_performance") or -np.inf)))
-    return _in_root(Path(best["gate_file"]), root, task, sweep["name"])
+    return layout.resolve(best["gate_file"])
 
 
-def _in_root(path: Path, root: Path, task: str, sweep: str) -> Path:
-    """The recorded gate file, or the same file under this root when the run was made in
-    another folder or machine (the sweep records absolute paths)."""
-    return path if path.exists() else root / "sweeps" / task / sweep / "gates" / path.name
-
-
-def gate_values(gate: torch.nn.Module, bundle: dict, x: torch.Tensor) -> np.ndarray:
+def gate_values(gate, bundle: dict, x) -> np.ndarray:
     """(M, N) per-expert values the router trades against data cost: predicted scores for the
     lagrange gate, log-probabilities for a soft/enforce gate."""
+    import torch
+
     with torch.no_grad():
         out = gate(x)
     if bundle["method"] == "lagrange":
@@ -77,30 +73,20 @@ def gate_values(gate: torch.nn.Module, bundle: dict, x: torch.Tensor) -> np.ndar
     return torch.log_softmax(out.double(), dim=1).numpy()
 
 
-def load_run(root: str | Path, task: str, gate_file: str | Path | None = None, target: float | None = None,
+def load_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
              expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
     """Read a run's experts, gate and validation gate inputs; UserError names what is missing.
 
     expert_uris: MLflow model URIs (models:/name/version of registered models, runs:/id/model)
     to serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    from pipelines.storage import synced
-
-    base = RunConfig(task=task, root=str(root))
-    with synced(base):  # an object-store root (s3://...): pull the run into its working copy
-        return _load(base, task, gate_file, target, expert_uris, tracking_uri)
-
-
-def _load(base: RunConfig, task: str, gate_file, target, expert_uris, tracking_uri) -> ServedModels:
-    import pandas as pd
     import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
 
     from pipelines.gate_trial import load_gate
-    from pipelines.prepare import shard_path
-    from pipelines.train_experts import WEIGHTS, expert_dir
+    from storage import read_table
 
-    root = base.root_path
-    path = Path(gate_file) if gate_file else find_gate_file(root, task, target)
+    layout = RunConfig(task=task, root=str(root)).layout
+    path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
     if not path.exists():
         raise UserError(f"gate file {path} not found")
     gate, bundle = load_gate(path)
@@ -108,8 +94,8 @@ def _load(base: RunConfig, task: str, gate_file, target, expert_uris, tracking_u
         raise UserError(f"gate file {path} is for task {bundle['task']}, not {task}")
     if bundle["method"] not in SERVABLE_METHODS:
         raise UserError(f"gate file {path} holds a {bundle['method']} gate; servable: {', '.join(SERVABLE_METHODS)}")
-    cfg = RunConfig(task=task, root=base.root, profile=bundle["profile"], task_options=bundle["options"],
-                    workdir=base.workdir)
+    cfg = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"],
+                    tracking_uri=tracking_uri)
     task_obj = cfg.task_obj()
     missing = [h for h in HOOKS if not callable(getattr(task_obj, h, None))]
     if missing:
@@ -119,15 +105,15 @@ def _load(base: RunConfig, task: str, gate_file, target, expert_uris, tracking_u
     else:
         states = []
         for n, name in enumerate(task_obj.expert_names()):
-            weights = expert_dir(cfg, n) / WEIGHTS
+            weights = layout.weights(n)
             if not weights.exists():
                 raise UserError(f"expert {n} ({name}) of task {task} has no checkpoint {weights}: "
                                 "run `bmoe train-experts` first")
-            states.append(torch.load(weights, map_location="cpu", weights_only=True))
-    val_dir = Path(shard_path(cfg, "val", "gate"))
+            states.append(load_torch(weights))
+    val_dir = layout.shards("val", "gate")
     if not val_dir.exists():
         raise UserError(f"no validation gate inputs at {val_dir}: run `bmoe prepare` first")
-    val_gate = np.stack(pd.read_parquet(val_dir, columns=["gate"])["gate"].to_numpy())
+    val_gate = np.stack(read_table(val_dir, columns=["gate"]).to_pandas()["gate"].to_numpy())
     values = gate_values(gate, bundle, task_obj.gate_tensor(val_gate))
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
     return ServedModels(task=task, profile=bundle["profile"], options=dict(bundle["options"]),

@@ -144,7 +144,7 @@ def test_sweep_and_report(run):
         assert all(0.0 <= p["performance"] <= 100.0 for p in info["points"])
     oracle = summary["methods"]["oracle"]["rho"]
     assert all(info["rho"] <= oracle + 1e-9 for info in summary["methods"].values())
-    reports = cfg.task_dir("reports")
+    reports = cfg.layout.reports()
     text = (reports / "report.md").read_text()
     assert "Table I / V / VIII" in text and "Table II / VI / IX" in text and "assignment.png" in text
     assert (reports / "performance_vs_cost.png").stat().st_size > 10_000

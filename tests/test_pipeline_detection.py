@@ -33,7 +33,7 @@ def run(tmp_path_factory, ray_session):
 
 def test_prepare_reads_the_embedded_coco_tree(run):
     cfg, manifest, _, _ = run
-    raw = cfg.root_path / "raw" / "detection"
+    raw = cfg.layout.raw()
     assert (raw / "annotations" / "instances_train2017.json").exists() and any((raw / "val2017").glob("*.jpg"))
     assert manifest["experts"] == ["ssd_tiny_36", "ssd_tiny_48", "ssd_tiny_64"]
     assert manifest["data_costs"] == [3 * 36**2 * 4.0, 3 * 48**2 * 4.0, 3 * 64**2 * 4.0]
@@ -86,7 +86,7 @@ def test_sweep_and_report(run):
             assert 0 <= p["performance"] <= 1 and {"d_target", "d_mean"} <= set(p)
             if method != "experts":
                 assert 0 <= p["map50"] <= 1
-    reports = cfg.task_dir("reports")
+    reports = cfg.layout.reports()
     text = (reports / "report.md").read_text()
     assert "rho" in text and "map50" in text
     assert (reports / "performance_vs_cost.png").stat().st_size > 10_000

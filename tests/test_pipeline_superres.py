@@ -24,24 +24,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_session):
-    """A smoke run taken through prepare, train-experts and cache once for the module. Its root
-    is an object-store URI (file://, the same pyarrow path as s3://): the stages work in the
-    working copy under $BMOE_WORKDIR, and the CLI and job tests below sync it to the store."""
+    """A smoke run taken through prepare, train-experts and cache once for the module, on a
+    local root given as a file:// URI (tests/test_cluster.py runs the same stages on S3)."""
     from pipelines.cache import cache
     from pipelines.prepare import prepare
     from pipelines.train_experts import train_experts
 
-    before = os.environ.get("BMOE_WORKDIR")
-    os.environ["BMOE_WORKDIR"] = str(tmp_path_factory.mktemp("workdir"))  # CLI subprocesses inherit it
-    cfg = RunConfig(task="superres", root=(tmp_path_factory.mktemp("bucket") / "runs").as_uri(), profile="smoke")
+    cfg = RunConfig(task="superres", root=(tmp_path_factory.mktemp("store") / "runs").as_uri(), profile="smoke")
     manifest = prepare(cfg)
     experts = train_experts(cfg)
     files = cache(cfg)
     yield cfg, manifest, experts, files
-    if before is None:
-        os.environ.pop("BMOE_WORKDIR", None)
-    else:
-        os.environ["BMOE_WORKDIR"] = before
 
 
 def test_prepare_writes_shards_per_expert_and_is_idempotent(run, capsys):
@@ -55,7 +48,9 @@ def test_prepare_writes_shards_per_expert_and_is_idempotent(run, capsys):
         assert info["samples"] > 0 and info["problems"] == []
         for part in ("p0", "p1", "p2", "gate"):
             assert info["shards"][part]["rows"] == info["samples"]
-            assert all((cfg.task_dir("data") / split / part / f["name"]).exists() for f in info["shards"][part]["files"])
+            files = info["shards"][part]["files"]
+            assert all((cfg.layout.shards(split, part) / f["name"]).exists() for f in files)
+            assert sum(f["rows"] for f in files) == info["samples"] and all(len(f["footer_sha256"]) == 64 for f in files)
         # PNG bytes of the LR patch grow with resolution, as the data costs do
         enc = info["mean_encoded_bytes"]
         assert enc["p0"] < enc["p1"] < enc["p2"]
@@ -69,7 +64,7 @@ def test_experts_checkpointed_and_logged_to_mlflow(run):
     assert [e["expert"] for e in experts] == [0, 1, 2]
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     for e in experts:
-        assert Path(e["weights"]).exists()
+        assert cfg.layout.resolve(e["weights"]) == cfg.layout.weights(e["expert"]) and cfg.layout.weights(e["expert"]).exists()
         logged = mlflow.get_run(e["mlflow_run_id"])
         assert "train_loss" in logged.data.metrics
         assert mlflow.pytorch.load_model(f"runs:/{e['mlflow_run_id']}/model") is not None
@@ -114,14 +109,14 @@ def test_sweep_report_and_mlflow_runs(run):
             assert {"d_target", "d_mean", "performance"} <= set(p)
     # budgets: quota methods spend the target up to one input's rounding, the oracle at most one
     # input's cost step over it (on 2 cores the smoke test set is too small to rank methods)
-    m_test = json.loads((cfg.task_dir("data") / "manifest.json").read_text())["splits"]["test"]["samples"]
+    m_test = json.loads(cfg.layout.manifest().read_text())["splits"]["test"]["samples"]
     step = (summary["d_max"] - summary["d_min"]) / m_test
     for method in ("random", "heuristic", "enforce"):
         for p in summary["methods"][method]["points"]:
             assert abs(p["d_mean"] - p["d_target"]) <= step + 1e-6, (method, p)
     for p in summary["methods"]["oracle"]["points"]:
         assert p["d_mean"] <= p["d_target"] + step + 1e-6
-    reports = cfg.task_dir("reports")
+    reports = cfg.layout.reports()
     assert (reports / "report.md").read_text().count("|") > 20
     assert (reports / "performance_vs_cost.png").stat().st_size > 10_000
 
@@ -184,173 +179,3 @@ def ray_address() -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
-
-
-def test_sweep_logs_to_a_real_mlflow_server(run, tmp_path):
-    """The same sweep against infra/mlflow/serve.sh's server on 127.0.0.1 over http (stopped by
-    its PID); the runs are read back with MlflowClient and compared with `bmoe compare`."""
-    import dataclasses
-    import http.client
-    import socket
-    import urllib.request
-
-    from pipelines.compare import compare, format_table
-    from pipelines.sweep import GRIDS, sweep, with_methods
-
-    cfg, _, _, _ = run
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "BMOE_MLFLOW_DATA": str(tmp_path / "server"), "BMOE_MLFLOW_PORT": str(port),
-           "BMOE_MLFLOW_WORKERS": "1", "MLFLOW": str(Path(sys.executable).parent / "mlflow")}
-    server = subprocess.Popen(["bash", str(PROJECT / "infra" / "mlflow" / "serve.sh")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (OSError, http.client.HTTPException):  # not up yet (or not yet the server on that port)
-                assert server.poll() is None, "infra/mlflow/serve.sh exited"
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not become healthy within 90 s")
-        grid = with_methods(GRIDS["smoke"], "random,enforce")
-        remote = dataclasses.replace(cfg, tracking_uri=uri)
-        result = json.loads(sweep(remote, grid, name="over-http").read_text())
-        client = mlflow.MlflowClient(uri)
-        experiment = client.get_experiment_by_name("bmoe-superres")
-        children = client.search_runs([experiment.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{result['mlflow_parent_run']}'")
-        assert len(children) == len(result["trials"]) > 0
-        assert all(r.info.status == "FINISHED" for r in children)
-        assert any("test_performance" in r.data.metrics for r in children)
-        assert (tmp_path / "server" / "mlflow.db").exists()  # the script's sqlite backend, not the run root's
-
-        rows = compare(remote)
-        enforce = [r for r in rows if r.method == "enforce"]
-        targets = sorted({t["config"]["d_target"] for t in result["trials"] if t["config"]["method"] == "enforce"})
-        assert [r.d_target for r in enforce] == targets  # one best trial per target
-        for row in enforce:  # the best on validation among that target's trials
-            trials = [t for t in result["trials"]
-                      if t["config"]["method"] == "enforce" and t["config"]["d_target"] == row.d_target]
-            assert row.val_performance == pytest.approx(max(t["val_performance"] for t in trials))
-            assert row.d_mean == pytest.approx(next(t["points"][0]["d_mean"] for t in trials
-                                                    if t["val_performance"] == max(x["val_performance"] for x in trials)))
-        assert {r.method for r in rows} == {"random", "enforce"} and all(r.rho is None for r in rows)  # no report yet
-        assert "sweep over-http:" in format_table(rows)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a slow graceful shutdown on a busy machine
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-
-
-def test_ray_job_submit_to_a_real_head(run, tmp_path):
-    """`ray start --head` on 127.0.0.1, then `bmoe demo` sent with `ray job submit --working-dir .`
-    as on a cluster. The job reuses the module's prepared data, experts and cache (the stages
-    are idempotent), so it sweeps and reports for real; the head is stopped by its PIDs."""
-    import tempfile
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    cfg, _, _, _ = run
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    temp = tempfile.mkdtemp(prefix="bmoe-head-", dir="/tmp")  # Ray's socket paths must stay short
-    ports = free_ports(7)
-    start = subprocess.run(
-        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports[0]}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}",
-         f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-         f"--ray-client-server-port={ports[4]}", f"--metrics-export-port={ports[5]}",
-         f"--runtime-env-agent-port={ports[6]}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        address = f"http://127.0.0.1:{ports[1]}"
-        runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                                    "BMOE_WORKDIR": os.environ["BMOE_WORKDIR"]},
-                       "excludes": [".venv", "bmoe-runs", ".git"]}
-        submitted = time.time()
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-             "--submission-id", "bmoe-smoke-demo", "--runtime-env-json", json.dumps(runtime_env), "--",
-             "bmoe", "demo", "--task", "superres", "--profile", "smoke", "--root", cfg.root],
-            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=500)
-        logs = job.stdout + job.stderr
-        assert job.returncode == 0, logs[-3000:]
-        assert JobSubmissionClient(address).get_job_status("bmoe-smoke-demo") == JobStatus.SUCCEEDED
-        # it ran on the module's root: the finished stages were kept, the sweep and report are new
-        assert "nothing to do" in logs and "cache kept" in logs
-        summary = json.loads((cfg.task_dir("reports") / "summary.json").read_text())
-        assert summary["sweep"].startswith("sweep-") and summary["profile"] == "smoke"
-        assert (cfg.task_dir("reports") / "summary.json").stat().st_mtime > submitted
-        mlflow.set_tracking_uri(cfg.mlflow_uri)
-        parent = mlflow.search_runs(experiment_names=["bmoe-superres"], output_format="list",
-                                    filter_string=f"tags.`bmoe.sweep_parent` = '{summary['sweep']}'")
-        assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-        assert {f"rho_{m}" for m in summary["methods"]} <= set(parent[0].data.metrics)
-        # the object store now holds the run: shards, checkpoints, cache, Tune state, reports, MLflow
-        store = Path(cfg.root.removeprefix("file://"))
-        for stored in ("data/superres/manifest.json", "experts/superres/0/model.pt", "cache/superres/test.parquet",
-                       f"tune/superres/{summary['sweep']}", f"sweeps/superres/{summary['sweep']}.json",
-                       "reports/superres/summary.json", "reports/superres/report.md", "mlflow.db"):
-            assert (store / stored).exists(), stored
-        assert not (store / "raw").exists()  # the embedded data is regenerated, not stored
-    finally:
-        stop_processes(temp)
-        subprocess.run(["rm", "-rf", temp], check=False)
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def stop_processes(marker: str, grace: float = 15.0) -> None:
-    """SIGTERM every process whose command line names `marker` (a Ray head's temp dir) and its
-    descendants, SIGKILL what is left after `grace` s: `ray stop` would stop every Ray on the machine."""
-    def find() -> set[int]:
-        parents, found = {}, set()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if marker in cmdline:
-                found.add(int(proc.name))
-        while grown := {pid for pid, ppid in parents.items() if ppid in found} - found:
-            found |= grown
-        return found
-
-    def signal_all(pids: set[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    signal_all(find(), signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while (left := find()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    signal_all(left, signal.SIGKILL)

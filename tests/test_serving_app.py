@@ -39,7 +39,7 @@ def make_run(root) -> str:
     from bmoe.gating import build_gate
     from pipelines.gate_trial import gate_bundle, save_gate
     from pipelines.prepare import prepare
-    from pipelines.train_experts import WEIGHTS, expert_dir
+    from storage import save_torch
 
     data = root / "images"  # a tiny folder of real PNGs in the split-folder layout
     for k, split in enumerate(("train", "val", "test")):
@@ -51,11 +51,10 @@ def make_run(root) -> str:
     task = cfg.task_obj()
     torch.manual_seed(0)
     for n in range(len(task.expert_names())):
-        expert_dir(cfg, n).mkdir(parents=True, exist_ok=True)
-        torch.save(task.build_expert(n).state_dict(), expert_dir(cfg, n) / WEIGHTS)
+        save_torch(task.build_expert(n).state_dict(), cfg.layout.weights(n))
     gate = build_gate(task.gate_spec(), 0.25)
     config = {"task": "superres", "profile": "smoke", "options": {}, "method": "lagrange", "width": 0.25}
-    path = cfg.task_dir("sweeps") / "test" / "gates" / "lagrange.pt"
+    path = cfg.layout.gate("test", "lagrange")
     return str(save_gate(gate_bundle(gate, config, score_mean=-0.01, score_std=0.01), path))
 
 
@@ -241,8 +240,8 @@ def test_experts_can_come_from_mlflow_models_instead_of_checkpoints(run_root, tm
     import mlflow
 
     from pipelines.runtime import UserError
-    from pipelines.train_experts import WEIGHTS, expert_dir
     from serving.loading import load_run
+    from storage import load_torch
 
     root, gate_file = run_root
     cfg = RunConfig(task="superres", root=str(root), profile="smoke")
@@ -253,7 +252,7 @@ def test_experts_can_come_from_mlflow_models_instead_of_checkpoints(run_root, tm
     with mlflow.start_run() as logged:
         for n in range(3):
             model = task.build_expert(n)
-            model.load_state_dict(torch.load(expert_dir(cfg, n) / WEIGHTS, weights_only=True))
+            model.load_state_dict(load_torch(cfg.layout.weights(n)))
             mlflow.pytorch.log_model(model, name=f"expert{n}", serialization_format="pickle",
                                      pip_requirements=["torch"])  # no environment inference: fast
     uris = [f"runs:/{logged.info.run_id}/expert{n}" for n in range(3)]

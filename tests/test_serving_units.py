@@ -157,31 +157,33 @@ def test_serve_cli_without_a_run_is_one_line(tmp_path):
 
 
 def test_the_served_gate_is_found_in_the_latest_sweep(tmp_path):
+    from pipelines.layout import RunLayout
     from pipelines.runtime import UserError
     from serving.loading import find_gate_file
 
+    layout = RunLayout.of(tmp_path, "superres")
     sweeps = tmp_path / "sweeps" / "superres"
     gates = sweeps / "s1" / "gates"
     gates.mkdir(parents=True)
     with pytest.raises(UserError, match="run `bmoe sweep --task superres` first"):
-        find_gate_file(tmp_path, "superres")
+        find_gate_file(layout)
 
     def write(trials: list[dict]) -> None:
         (sweeps / "s1.json").write_text(json.dumps({"name": "s1", "trials": trials}))
-        (sweeps / "latest.json").write_text(json.dumps({"name": "s1", "file": str(sweeps / "s1.json")}))
+        (sweeps / "latest.json").write_text(json.dumps({"name": "s1", "file": "sweeps/superres/s1.json"}))
 
     enforce = [{"config": {"method": "enforce", "d_target": t}, "val_performance": p,
-                "gate_file": str(gates / f"e{i}.pt")} for i, (t, p) in enumerate([(4096.0, 30.0), (8000.0, 31.0)])]
+                "gate_file": f"sweeps/superres/s1/gates/e{i}.pt"} for i, (t, p) in enumerate([(4096.0, 30.0), (8000.0, 31.0)])]
     write([{"config": {"method": "random"}, "gate_file": None}])
     with pytest.raises(UserError, match="saved no trained gate"):
-        find_gate_file(tmp_path, "superres")
+        find_gate_file(layout)
     write(enforce)
-    assert find_gate_file(tmp_path, "superres", target=4500.0).name == "e0.pt"  # nearest target
-    assert find_gate_file(tmp_path, "superres", target=7000.0).name == "e1.pt"
-    # the lagrange gate serves every budget; a run moved to another folder still finds it
+    assert find_gate_file(layout, target=4500.0).name == "e0.pt"  # nearest target
+    assert find_gate_file(layout, target=7000.0).name == "e1.pt"
+    # the lagrange gate serves every budget; an absolute path recorded by an older run, moved since, is found here
     lagrange = {"config": {"method": "lagrange"}, "gate_file": "/elsewhere/sweeps/superres/s1/gates/l.pt"}
     write([*enforce, lagrange])
-    assert find_gate_file(tmp_path, "superres", target=4500.0) == gates / "l.pt"
+    assert find_gate_file(layout, target=4500.0) == gates / "l.pt"
 
 
 @pytest.mark.parametrize("task_name", ["superres", "detection", "action"])
