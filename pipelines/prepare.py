@@ -56,9 +56,10 @@ def prepare(cfg: RunConfig) -> dict:
         "splits": {},
     }
     remove_tree(layout.data())
+    log = _problem_log()
     for split in SPLITS:
         started = time.perf_counter()
-        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split])
+        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split], log)
         info = manifest["splits"][split]
         print(f"prepare: {split}: {info['samples']} samples from {info['sources']} sources, "
               f"{len(info['problems'])} problems, {len(info['unreadable'])} unreadable, "
@@ -87,17 +88,15 @@ def require_manifest(cfg: RunConfig) -> dict:
     return manifest
 
 
-def _prepare_split(cfg: RunConfig, task: Task, split: str, listing) -> dict:
+def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log) -> dict:
     import ray
 
     layout = cfg.layout
-    log = _problem_log()
     blocks = max(1, min(len(listing.sources), 64))
     rows = ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)).materialize()
     count = rows.count()
     produced = set(rows.select_columns(["source_id"]).to_pandas()["source_id"]) if count else set()
-    found = ray.get(log.found.remote())  # what the workers could not read or decode, by source
-    ray.kill(log)
+    found = ray.get(log.take.remote())  # what the workers could not read or decode, by source
     problems, unreadable = list(listing.problems), []
     for source in listing.sources:
         if source["source_id"] not in produced:
@@ -142,8 +141,10 @@ def _problem_log():
         def add(self, source_id: str, kind: str, message: str) -> None:
             self._found[source_id] = (kind, message)
 
-        def found(self) -> dict[str, tuple[str, str]]:
-            return self._found
+        def take(self) -> dict[str, tuple[str, str]]:
+            """What was told since the last take (one split's sources)."""
+            found, self._found = self._found, {}
+            return found
 
     return ProblemLog.remote()
 
@@ -216,9 +217,10 @@ def _data_root(cfg: RunConfig, task: Task) -> AnyPath:
         return _embedded_data(cfg, task)
     try:
         root = as_path(cfg.data_root)
-    except ValueError as err:
+        is_dir = root.is_dir()
+    except ValueError as err:  # a URI pyarrow cannot resolve: scheme, bucket, credentials
         raise UserError(f"--data-root {err}") from None
-    if not root.is_dir():
+    if not is_dir:
         raise UserError(f"--data-root {root} is not a folder")
     return root
 

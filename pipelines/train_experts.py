@@ -192,6 +192,7 @@ def _train_loop(config: dict) -> None:
             optimizer.load_state_dict(torch.load(Path(ckpt) / OPTIMIZER, map_location="cpu", weights_only=True))
             history = json.loads((Path(ckpt) / HISTORY).read_text())
         print(f"train-experts: expert {n} resumes after epoch {len(history)} from its checkpoint")
+    resumed_after = len(history)
     model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -214,6 +215,8 @@ def _train_loop(config: dict) -> None:
                 val_total += float(task.train_loss(n, model, batch)) * size
                 val_count += size
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_total / max(val_count, 1)}
+        if resumed_after and epoch == resumed_after + 1:  # the first epoch of a resumed fit says so
+            row["resumed_after"] = resumed_after
         history.append(row)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

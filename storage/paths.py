@@ -191,7 +191,7 @@ class StoragePath:
         raise ValueError(f"StoragePath.open supports 'rb' and 'wb', not {mode!r}")
 
     def read_bytes(self) -> bytes:
-        with self.open("rb") as f:
+        with self.filesystem.open_input_stream(self.key) as f:  # one GET (open_input_file adds a HEAD)
             return f.read()
 
     def read_text(self, encoding: str = "utf-8") -> str:

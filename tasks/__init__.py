@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.base import SPLITS, BadInput, Task
+from tasks.base import SPLITS, BadInput, Task, UnreadableInput
 
-__all__ = ["SPLITS", "BadInput", "Task", "TASKS", "get_task"]
+__all__ = ["SPLITS", "BadInput", "UnreadableInput", "Task", "TASKS", "get_task"]
 
 
 def _detection(profile: str, options: dict) -> Task:

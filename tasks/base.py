@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -17,11 +17,22 @@ from torch import nn
 
 from bmoe.gating import GateSpec
 
+if TYPE_CHECKING:
+    from storage import StoragePath
+
 SPLITS = ("train", "val", "test")
 
 
 class BadInput(ValueError):
     """A user's input file that cannot be used; the message names the file and the reason."""
+
+
+class UnreadableInput(BadInput):
+    """An input file that the node loading it cannot read (not there, no permission, the object
+    store refused or could not be reached): a problem of where the file is and who reads it, not of
+    its content, which is a plain BadInput. The one-line message names the file and the node, e.g.
+    "s3://b/x.png: cannot be read on node host1 (FileNotFoundError: ...)". Raised by
+    tasks.inputs.read_input, which every task's load reads its file through."""
 
 
 class InputTooSmall(BadInput):
@@ -76,12 +87,14 @@ class Task(Protocol):
     def embedded_data(self, folder: Path) -> Path:
         """Write the embedded default data set in the task's real format; return its root."""
 
-    def list_sources(self, data_root: Path, split: str) -> Listing: ...
+    def list_sources(self, data_root: Path | StoragePath, split: str) -> Listing:
+        """Each source: "source_id", "path" (str of the file: a URI for a remote one),
+        "stamp" ([st_size, st_mtime_ns] from the listing) and the task's own keys."""
 
     def load(self, source: dict) -> list[dict]:
         """Decode one source into sample rows: sample_id, group, gate, x<n>, enc<n>, targets, meta.
 
-        Raises BadInput for a file that cannot be used.
+        Raises UnreadableInput for a file this node cannot read, BadInput for bad content.
         """
 
     # -- experts ------------------------------------------------------------------------

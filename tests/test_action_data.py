@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import assert_same_rows
 from bmoe.gating import build_gate, count_macs
 from tasks import BadInput, get_task
 from tasks.action import synthetic
@@ -263,3 +264,55 @@ def test_metric_gate_tensor_heuristic_and_figure(tmp_path):
     assert len(embedding_columns(cache)) == 5
     path = draw_embedding(cache, np.arange(M) % 3, task.expert_names(), tmp_path / "fig9.png")
     assert path.stat().st_size > 10_000
+
+
+# -- a data root in an object store (moto S3 on 127.0.0.1) ------------------------------------------
+
+
+def test_ucf101_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_named(
+        tmp_path, s3_bucket, s3_requests, monkeypatch):
+    import socket
+    import tempfile
+
+    from storage import upload_tree
+    from tasks import UnreadableInput
+
+    local = synthetic.write_ucf101_tree(tmp_path / "ucf", clips_per_group=1, frames=6, height=64, width=80,
+                                        groups=10, classes=synthetic.CLASSES[:2])
+    gone = next((local / "UCF-101").glob("*/*_g08_c01.avi"))
+    gone.unlink()  # listed, not on disk: counted on both sides
+    remote = s3_bucket / "ucf"
+    upload_tree(local, remote)
+    scratch = tmp_path / "scratch"  # where decord's temporary copies of remote clips go
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    task = get_task("action", "smoke")
+    for split in SPLITS:
+        s3_requests.seen.clear()
+        theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
+        assert any("list-type=2" in r[1] for r in s3_requests.seen)  # the recorder sees the listing...
+        assert not [r for r in s3_requests.seen if r[1].split("?")[0].endswith(".avi")]  # ...and no clip asked alone
+        assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
+        for a, b in zip(ours.sources, theirs.sources, strict=True):
+            assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
+            assert {k: v for k, v in a.items() if k not in ("path", "stamp")} == \
+                   {k: v for k, v in b.items() if k not in ("path", "stamp")}
+            assert a["stamp"][0] == b["stamp"][0] == Path(b["path"]).stat().st_size and a["stamp"][1] > 0
+        for a, b in list(zip(ours.sources, theirs.sources))[:3]:  # decoding: a few per split (time)
+            assert_same_rows(task.load(a), task.load(b))
+    assert list(scratch.iterdir()) == []  # every temporary copy deleted
+    problems = task.list_sources(remote, "train").problems
+    assert len(problems) == 1 and "1 listed train clips not on disk" in problems[0]
+
+    source = task.list_sources(remote, "test").sources[0]
+    (remote / "UCF-101" / source["group"].rsplit("_g", 1)[0] / f"{source['source_id']}.avi").unlink()
+    with pytest.raises(UnreadableInput) as err:  # listed, then gone before a worker reads it
+        task.load(source)
+    assert str(err.value).startswith(f"{source['path']}: cannot be read on node {socket.gethostname()} (")
+    assert "\n" not in str(err.value)
+    junk = task.list_sources(remote, "test").sources[0]
+    (remote / "UCF-101" / junk["group"].rsplit("_g", 1)[0] / f"{junk['source_id']}.avi").write_bytes(b"RIFF junk")
+    with pytest.raises(BadInput, match=junk["source_id"]) as err:  # read fine, not a video: plain BadInput
+        task.load(junk)
+    assert not isinstance(err.value, UnreadableInput)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import assert_same_rows
 from bmoe.gating import build_gate, count_macs
 from tasks import BadInput, get_task
 from tasks.detection import metrics, models, readers, synthetic
@@ -214,3 +215,50 @@ def test_options_and_profiles():
         get_task("detection", "demo", {"resolution": "1"})
     with pytest.raises(ValueError, match="unknown detection model"):
         get_task("detection", "demo", {"model": "yolo"})
+
+
+# -- a data root in an object store (moto S3 on 127.0.0.1) ------------------------------------------
+
+
+def test_coco_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_named(
+        tree, tmp_path, s3_bucket, s3_requests):
+    import socket
+
+    from storage import upload_tree
+    from tasks import UnreadableInput
+
+    local = tmp_path / "coco"
+    shutil.copytree(tree, local)
+    data = json.loads((local / "annotations" / "instances_val2017.json").read_text())
+    gone = data["images"][0]["file_name"]
+    (local / "val2017" / gone).unlink()  # listed, not on disk: named and counted on both sides
+    remote = s3_bucket / "coco"
+    upload_tree(local, remote)
+
+    task = get_task("detection", "smoke")
+    for split in ("train", "val", "test"):
+        s3_requests.seen.clear()
+        theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
+        assert any("list-type=2" in r[1] for r in s3_requests.seen)  # the recorder sees the listings...
+        assert not [r for r in s3_requests.seen if r[1].split("?")[0].endswith(".jpg")]  # ...and no image asked alone
+        assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
+        for a, b in zip(ours.sources, theirs.sources, strict=True):
+            assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
+            assert {k: v for k, v in a.items() if k not in ("path", "stamp")} == \
+                   {k: v for k, v in b.items() if k not in ("path", "stamp")}
+            assert a["stamp"][0] == b["stamp"][0] == (local / b["path"]).stat().st_size and a["stamp"][1] > 0
+        for a, b in list(zip(ours.sources, theirs.sources))[:3]:  # decoding: a few per split (time)
+            assert_same_rows(task.load(a), task.load(b))
+    problems = task.list_sources(remote, "val").problems + task.list_sources(remote, "test").problems
+    assert any(gone in p and "not on disk" in p for p in problems)
+    assert any("1 of" in p and "listed images are not under s3://" in p for p in problems)
+
+    source = task.list_sources(remote, "train").sources[0]
+    (remote / "train2017" / source["path"].rsplit("/", 1)[1]).unlink()  # gone before a worker reads it
+    with pytest.raises(UnreadableInput) as err:
+        task.load(source)
+    assert str(err.value).startswith(f"{source['path']}: cannot be read on node {socket.gethostname()} (")
+    assert "\n" not in str(err.value)
+    (remote / "annotations" / "instances_train2017.json").write_bytes(b"{not json")
+    with pytest.raises(BadInput, match="not valid JSON"):
+        task.list_sources(remote, "train")

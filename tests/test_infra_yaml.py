@@ -1,6 +1,8 @@
 """The cluster YAMLs: launcher configs against the schema Ray ships and Ray's own (offline) config
-preparation, KubeRay manifests for the fields KubeRay needs, the RayService's Serve config against
-Serve's schema model. Each check also runs on a broken copy, to show that it can fail.
+preparation, KubeRay manifests for the fields KubeRay needs and for a run root in object storage
+(every stage on one s3:// root with --tracking-uri, no volume for it, credentials on every Ray pod),
+the RayService's Serve config against Serve's schema model. Each check also runs on a broken copy,
+to show that it can fail.
 
 Fast and offline: nothing here starts Ray or contacts a cloud or a Kubernetes cluster.
 """
@@ -36,6 +38,12 @@ SHELL_OPERATORS = {";", "&&", "||", "|", "&", ";;", "(", ")", "<", ">", ">>"}
 # (it appends 6 characters for the cluster and "-serve-svc" for a Service).
 DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 MAX_KUBERAY_NAME = 47
+# The RayJob runs the whole pipeline, in this order, on a run root in object storage.
+PIPELINE_STAGES = ["prepare", "train-experts", "cache", "sweep", "report"]
+OBJECT_STORE_URI = re.compile(r"(s3|gs)://[^/\s]+(/\S*)?")
+# Pod volumes that hold no run data (scratch, credentials, config); anything else (a PVC, NFS, a host
+# path, a CSI volume) would be a shared volume for the run root, which now lives in the bucket.
+SCRATCH_VOLUMES = {"emptyDir", "secret", "configMap", "projected", "downwardAPI"}
 
 
 def load(path: Path) -> dict:
@@ -378,6 +386,75 @@ def check_ray_cluster_spec(spec: dict) -> None:
     exposed = [t for t in _walk(spec, "serviceType") if t != "ClusterIP"]
     exposed += [t for t in _walk(spec, "type") if t in ("LoadBalancer", "NodePort")]
     assert not exposed, f"a Service would be exposed outside the cluster: {exposed}"
+    check_object_store_access(spec)
+
+
+def _pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    head = ("headGroupSpec", (spec.get("headGroupSpec") or {}).get("template") or {})
+    workers = [(g.get("groupName"), g.get("template") or {}) for g in spec.get("workerGroupSpecs") or []]
+    return [head, *workers]
+
+
+def _has_secret_credentials(container: dict) -> bool:
+    from_secret = any((source or {}).get("secretRef", {}).get("name") for source in container.get("envFrom") or [])
+    keyed = {
+        item.get("name")
+        for item in container.get("env") or []
+        if ((item.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
+    }
+    return from_secret or "AWS_ACCESS_KEY_ID" in keyed
+
+
+def check_object_store_access(spec: dict) -> None:
+    """The run root is in a bucket: no pod mounts a volume for it, and every Ray pod (head and each
+    worker group) gets the bucket's credentials: from a Secret (envFrom / secretKeyRef) or through a
+    service account (IRSA, workload identity)."""
+    for where, template in _pod_templates(spec):
+        pod = template.get("spec") or {}
+        for volume in pod.get("volumes") or []:
+            kinds = set(volume) - {"name"}
+            assert kinds <= SCRATCH_VOLUMES, (
+                f"{where}: volume {volume.get('name')!r} ({', '.join(sorted(kinds))}) looks like a volume for "
+                "the run root; the run root is in object storage"
+            )
+        containers = pod.get("containers") or []
+        ok = bool(pod.get("serviceAccountName")) or (containers and _has_secret_credentials(containers[0]))
+        assert ok, f"{where}: no object-store credentials (envFrom a Secret, secretKeyRef or serviceAccountName)"
+
+
+def rayjob_stages(entrypoint: str) -> list[list[str]]:
+    """The `bmoe` commands the RayJob's entrypoint runs, in order (inside its `bash -c '...'`)."""
+    tokens = simple_commands(entrypoint)[0]
+    script = tokens[2] if tokens[:2] in (["bash", "-c"], ["sh", "-c"]) else shlex.join(tokens)
+    return [t for t in simple_commands(script) if t and t[0] == "bmoe" and len(t) > 1]
+
+
+def check_rayjob_stages(entrypoint: str) -> None:
+    """Every stage, in order, on one object-store root, each with an MLflow server to log to."""
+    stages = rayjob_stages(entrypoint)
+    names = [t[1] for t in stages]
+    ordered = [n for n in names if n in PIPELINE_STAGES]
+    assert ordered == PIPELINE_STAGES, (
+        f"the entrypoint runs stages {names}; expected {', '.join(PIPELINE_STAGES)} in that order"
+    )
+    roots = set()
+    for tokens in stages:
+        opts = options(tokens[2:])
+        root = opts.get("root")
+        assert root and OBJECT_STORE_URI.fullmatch(root), (
+            f"bmoe {tokens[1]}: --root {root!r} is not an object-store URI (s3://bucket/...)"
+        )
+        roots.add(root)
+        tracking = opts.get("tracking-uri")
+        assert tracking and "://" in tracking, (
+            f"bmoe {tokens[1]}: no --tracking-uri (a URI root needs an MLflow server)"
+        )
+    assert len(roots) == 1, f"the stages use different run roots: {sorted(roots)}"
+    prepare = options(stages[names.index("prepare")][2:])
+    data_root = prepare.get("data-root")
+    assert data_root and OBJECT_STORE_URI.fullmatch(data_root), (
+        f"bmoe prepare: --data-root {data_root!r} is not an object-store URI (no volume holds the data)"
+    )
 
 
 def check_rayjob(doc: dict) -> None:
@@ -401,6 +478,7 @@ def check_rayjob(doc: dict) -> None:
     assert isinstance(ttl, int) and ttl >= 0, f"ttlSecondsAfterFinished {ttl!r}"
     deadline = spec.get("activeDeadlineSeconds", 1)
     assert isinstance(deadline, int) and deadline > 0, f"activeDeadlineSeconds {deadline!r}"
+    check_rayjob_stages(entrypoint)
     check_ray_cluster_spec(spec.get("rayClusterSpec"))
 
 
@@ -415,6 +493,8 @@ def check_rayservice(doc: dict) -> dict:
     import_path = apps[0].get("import_path")
     assert import_path == "serving.app:build_app", f"import_path {import_path!r}"
     assert apps[0].get("route_prefix") == "/", f"route_prefix {apps[0].get('route_prefix')!r}"
+    root = str((apps[0].get("args") or {}).get("root"))
+    assert OBJECT_STORE_URI.fullmatch(root), f"serve root {root!r} is not an object-store URI"
     check_ray_cluster_spec(spec.get("rayClusterConfig"))
     return serve_config
 
@@ -424,6 +504,30 @@ def test_rayjob_has_what_kuberay_needs():
     check_rayjob(doc)
     head_params = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
     assert head_params["dashboard-host"] == "0.0.0.0"
+
+
+def test_rayjob_runs_every_stage_on_the_bucket():
+    stages = rayjob_stages(load(RAYJOB)["spec"]["entrypoint"])
+    assert [t[1] for t in stages] == PIPELINE_STAGES
+    for tokens in stages:
+        opts = options(tokens[2:])
+        assert opts["root"].startswith("s3://"), tokens
+        assert opts["tracking-uri"], tokens
+        assert (opts.get("task"), opts.get("profile")) == ("superres", "paper"), tokens
+    gpu = {t[1] for t in stages if "gpu" in options(t[2:])}
+    assert gpu == {"train-experts", "cache"}
+
+
+@pytest.mark.parametrize("path", [RAYJOB, RAYSERVICE], ids=["rayjob", "rayservice"])
+def test_kuberay_manifests_mount_no_volume_for_the_run_root(path):
+    doc = load(path)
+    assert not list(_walk(doc, "persistentVolumeClaim")), "a PersistentVolumeClaim is still mounted"
+    paths = [mount.get("mountPath") for mounts in _walk(doc, "volumeMounts") for mount in mounts]
+    assert paths == [p for p in paths if p == "/dev/shm"], f"mounts besides /dev/shm: {paths}"
+    for where, template in _pod_templates(_cluster(doc)):
+        container = template["spec"]["containers"][0]
+        secrets = [s["secretRef"]["name"] for s in container.get("envFrom") or [] if "secretRef" in s]
+        assert secrets == ["bmoe-object-store"], f"{where}: credentials from {secrets}"
 
 
 def test_rayservice_has_what_kuberay_needs_and_serve_accepts_its_config():
@@ -463,6 +567,33 @@ def _gpu_limits(doc: dict) -> dict:
 
 def _set_entrypoint(doc: dict, entrypoint: str) -> None:
     doc["spec"]["entrypoint"] = entrypoint
+
+
+def _edit_stage(doc: dict, stage: str, old: str, new: str) -> None:
+    """Replace `old` by `new` in one stage's command of the RayJob entrypoint."""
+    parts = doc["spec"]["entrypoint"].split(";")
+    hits = [i for i, part in enumerate(parts) if f"bmoe {stage} " in part]
+    assert len(hits) == 1 and old in parts[hits[0]], f"{old!r} not in the {stage} stage"
+    parts[hits[0]] = parts[hits[0]].replace(old, new)
+    doc["spec"]["entrypoint"] = ";".join(parts)
+
+
+def _drop_stage(doc: dict, stage: str) -> None:
+    parts = doc["spec"]["entrypoint"].split(";")
+    kept = [part for part in parts if f"bmoe {stage} " not in part]
+    assert len(kept) == len(parts) - 1, f"no {stage} stage"
+    entrypoint = ";".join(kept)
+    doc["spec"]["entrypoint"] = entrypoint if entrypoint.endswith("'") else entrypoint + "'"
+
+
+def _add_run_root_volume(template: dict) -> None:
+    template["spec"].setdefault("volumes", []).append(
+        {"name": "bmoe-runs", "persistentVolumeClaim": {"claimName": "bmoe-runs"}}
+    )
+
+
+def _drop_credentials(template: dict) -> None:
+    template["spec"]["containers"][0].pop("envFrom")
 
 
 RAYJOB_BREAKAGES = {
@@ -507,6 +638,40 @@ RAYJOB_BREAKAGES = {
     "no maxReplicas": (lambda d: _worker(d).pop("maxReplicas"), "replica counts"),
     "no gpu": (lambda d: _gpu_limits(d).pop("nvidia.com/gpu"), "nvidia.com/gpu"),
     "load balancer": (lambda d: _head(d).update(serviceType="LoadBalancer"), "exposed"),
+    "no report": (lambda d: _drop_stage(d, "report"), "in that order"),
+    "no prepare": (lambda d: _drop_stage(d, "prepare"), "in that order"),
+    "local root": (
+        lambda d: _edit_stage(d, "cache", "--root s3://my-bucket/bmoe-runs", "--root /mnt/bmoe-runs"),
+        "bmoe cache: --root '/mnt/bmoe-runs' is not an object-store URI",
+    ),
+    "file:// root": (
+        lambda d: _edit_stage(d, "report", "s3://my-bucket/bmoe-runs", "file:///mnt/bmoe-runs"),
+        "bmoe report: --root",
+    ),
+    "no tracking uri": (
+        lambda d: _edit_stage(d, "train-experts", "--tracking-uri http://mlflow:5000", ""),
+        "bmoe train-experts: no --tracking-uri",
+    ),
+    "roots differ": (
+        lambda d: _edit_stage(d, "sweep", "s3://my-bucket/bmoe-runs", "s3://my-bucket/other-runs"),
+        "different run roots",
+    ),
+    "local data root": (
+        lambda d: _edit_stage(d, "prepare", "s3://my-bucket/DIV2K", "/mnt/DIV2K"),
+        "--data-root '/mnt/DIV2K'",
+    ),
+    "pvc for the run root": (
+        lambda d: _add_run_root_volume(_worker(d)["template"]),
+        "looks like a volume for the run root",
+    ),
+    "worker without credentials": (
+        lambda d: _drop_credentials(_worker(d)["template"]),
+        "gpu: no object-store credentials",
+    ),
+    "head without credentials": (
+        lambda d: _drop_credentials(_head(d)["template"]),
+        "headGroupSpec: no object-store credentials",
+    ),
 }
 
 
@@ -548,6 +713,18 @@ RAYSERVICE_BREAKAGES = {
         "containers is empty",
     ),
     "load balancer": (lambda d: _head(d).update(serviceType="LoadBalancer"), "exposed"),
+    "local root": (
+        lambda d: _replace_in_serve_config(d, "root: s3://my-bucket/bmoe-runs", "root: /mnt/bmoe-runs"),
+        "serve root '/mnt/bmoe-runs'",
+    ),
+    "pvc for the run root": (
+        lambda d: _add_run_root_volume(_head(d)["template"]),
+        "looks like a volume for the run root",
+    ),
+    "worker without credentials": (
+        lambda d: _drop_credentials(_worker(d)["template"]),
+        "gpu: no object-store credentials",
+    ),
 }
 
 

@@ -4,6 +4,7 @@ byte counts, the experts' shapes, the data property the mixture relies on, and p
 from __future__ import annotations
 
 import math
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import assert_same_rows
+from tasks import UnreadableInput
 from tasks.superres.metrics import (
     PSNR_CAP_DB,
     image_psnr,
@@ -227,8 +230,11 @@ def test_load_rgb_refuses_bad_files(tmp_path):
         load_rgb(small)
     assert "smaller than one 64x64 patch" in _one_line_naming(err, small)
 
-    with pytest.raises(BadImage):
+    # a file this node cannot read is not a bad image: UnreadableInput, naming the file and the node
+    with pytest.raises(UnreadableInput) as err:
         load_rgb(tmp_path / "missing.png")
+    message = _one_line_naming(err, tmp_path / "missing.png")
+    assert not isinstance(err.value, BadImage) and f"on node {socket.gethostname()}" in message
 
 
 # -- patches, LR, bytes --------------------------------------------------------------------------
@@ -397,3 +403,49 @@ def test_border_mask_counts_by_hand():
     assert errors.sse_y.tolist() == pytest.approx([0, 0, 0, 0, y_err, y_err])
     assert errors.sse_rgb.tolist() == pytest.approx([0, 0, 0, 0, 3 * 100.0**2, 3 * 100.0**2])
     assert patch_errors(sr, hr, positions, shape, scale=3).count_y[0] == 61 * 61
+
+
+# -- a data root in an object store (moto S3 on 127.0.0.1) ------------------------------------------
+
+
+def test_div2k_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_named(
+        tmp_path, s3_bucket, s3_requests):
+    from storage import upload_tree
+    from tasks import BadInput, UnreadableInput, get_task
+
+    local = tmp_path / "DIV2K"
+    for i in (1, 2):
+        _save(local / "DIV2K_train_HR" / f"{i:04d}.png", _noise(64, 128, i))
+        _save(local / "DIV2K_train_LR_bicubic" / "X2" / f"{i:04d}x2.png", _noise(32, 64, i))
+    for i in range(801, 805):
+        _save(local / "DIV2K_valid_HR" / f"{i:04d}.png", _noise(64, 64, i))
+    _save(local / "DIV2K_train_HR" / "0003.bmp", _noise(64, 64))  # maybe an image: a problem line
+    remote = s3_bucket / "DIV2K"
+    assert upload_tree(local, remote) == 9
+
+    task = get_task("superres", "smoke")
+    for split in SPLITS:
+        s3_requests.seen.clear()
+        theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
+        assert any("list-type=2" in r[1] for r in s3_requests.seen)  # the recorder sees the listings...
+        assert not [r for r in s3_requests.seen if r[1].endswith((".png", ".bmp"))]  # ...and no file asked alone
+        assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
+        assert [s["source_id"] for s in ours.sources] == [s["source_id"] for s in theirs.sources]
+        for a, b in zip(ours.sources, theirs.sources):
+            assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
+            assert a["stamp"][0] == b["stamp"][0] == (local / b["path"]).stat().st_size and a["stamp"][1] > 0
+            assert_same_rows(task.load(a), task.load(b))
+    listing = find_images(remote, "train")
+    assert listing.layout == "div2k" and set(listing.lr_dirs) == {2} and listing.problems[0].endswith(
+        "convert it to PNG to use it") and "s3://" in listing.problems[0]
+
+    source = task.list_sources(remote, "val").sources[0]
+    (remote / "DIV2K_valid_HR" / "0801.png").unlink()  # listed, then gone before a worker reads it
+    with pytest.raises(UnreadableInput) as err:
+        task.load(source)
+    assert str(err.value).startswith(f"{remote}/DIV2K_valid_HR/0801.png: cannot be read on node "
+                                     f"{socket.gethostname()} (") and "\n" not in str(err.value)
+    (remote / "DIV2K_valid_HR" / "0802.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # read fine, bad content
+    with pytest.raises(BadInput, match="not a readable PNG/JPEG") as err:
+        task.load(task.list_sources(remote, "val").sources[0])
+    assert not isinstance(err.value, UnreadableInput)

@@ -7,13 +7,18 @@ HandstandPushups/v_HandStandPushups_g01_c01.avi does). UCF-101 has no validation
 every `val_every`-th group (g05, g10, ...), so no actor appears in two splits. Clips a list
 names but the disk lacks (a partial download) are counted and the first few named; the rest
 are used.
+
+The root is a local folder or an object-store URI: the clips are listed once (a set of present
+names), never probed one listed clip at a time, and the list files are read through their paths.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from storage import AnyPath, StoragePath
+from tasks.inputs import input_path, unreadable
 
 VIDEO_DIR = "UCF-101"
 LIST_DIR = "ucfTrainTestlist"
@@ -27,9 +32,9 @@ class BadDataRoot(ValueError):
 
 @dataclass(frozen=True)
 class Clip:
-    """One listed clip that is on disk."""
+    """One listed clip that is on disk (in the store): its path comes from the folder's listing."""
 
-    path: Path
+    path: AnyPath
     label: int  # 0-based, classInd's number minus one
     class_name: str
     group: int  # gXX: clips of one group share actors and scene
@@ -45,8 +50,9 @@ class ClipListing:
     problems: list[str] = field(default_factory=list)
 
 
-def read_class_index(root: Path) -> list[str]:
+def read_class_index(root: AnyPath | str) -> list[str]:
     """Class names in label order, from classInd.txt ('1 ApplyEyeMakeup' per line)."""
+    root = input_path(root)
     path = root / LIST_DIR / CLASS_INDEX
     if not path.is_file():
         raise BadDataRoot(f"{root}: not in UCF-101's layout (expected {LIST_DIR}/{CLASS_INDEX} and {VIDEO_DIR}/)")
@@ -61,20 +67,23 @@ def read_class_index(root: Path) -> list[str]:
     return [names[i] for i in range(1, len(names) + 1)]
 
 
-def list_split(root: Path, split: str, split_number: int = 1, val_every: int = 5) -> ClipListing:
+def list_split(root: AnyPath | str, split: str, split_number: int = 1, val_every: int = 5) -> ClipListing:
     """The clips of `split` (train, val or test) of official split `split_number`."""
     if split_number not in (1, 2, 3):
         raise BadDataRoot(f"UCF-101 has splits 1, 2 and 3, not {split_number}")
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}")
+    root = input_path(root)
     classes = read_class_index(root)
     index = {name: i for i, name in enumerate(classes)}
     kind = "test" if split == "test" else "train"
     path = root / LIST_DIR / f"{kind}list{split_number:02d}.txt"
     if not path.is_file():
         raise BadDataRoot(f"{path}: split list not found")
+    lines = _lines(path)
+    present = clips_on_disk(root / VIDEO_DIR)  # one listing, not one request per listed clip
     clips, problems, missing = [], [], []
-    for number, line in enumerate(_lines(path), start=1):
+    for number, line in enumerate(lines, start=1):
         parts = line.split()
         where = f"{path.name}:{number}"
         if len(parts) not in (1, 2):
@@ -94,8 +103,8 @@ def list_split(root: Path, split: str, split_number: int = 1, val_every: int = 5
         group = int(match["group"])
         if kind == "train" and (group % val_every == 0) != (split == "val"):
             continue
-        clip_path = root / VIDEO_DIR / folder / name
-        if not clip_path.is_file():
+        clip_path = present.get(f"{folder}/{name}")
+        if clip_path is None:
             missing.append(rel)
             continue
         clips.append(Clip(path=clip_path, label=label, class_name=folder, group=group))
@@ -105,10 +114,31 @@ def list_split(root: Path, split: str, split_number: int = 1, val_every: int = 5
     return ClipListing(clips=clips, problems=problems)
 
 
-def _lines(path: Path) -> list[str]:
+def clips_on_disk(video_dir: AnyPath) -> dict[str, AnyPath]:
+    """{"<Class>/<clip>": path} of every file one folder below `video_dir`, from one listing of
+    the tree on an object store (one listing per class folder locally); {} when there is none."""
+    found: dict[str, AnyPath] = {}
+    try:
+        if isinstance(video_dir, StoragePath):
+            for path in video_dir.files():  # recursive: one paged listing, each child keeps its stat
+                rel = path.relative_to(video_dir).parts
+                if len(rel) == 2:
+                    found["/".join(rel)] = path
+        else:
+            for folder in video_dir.iterdir():
+                if folder.is_dir():
+                    found.update({f"{folder.name}/{p.name}": p for p in folder.iterdir() if p.is_file()})
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return found
+
+
+def _lines(path: AnyPath) -> list[str]:
     """Non-empty lines, with CRLF or LF endings and an optional UTF-8 byte-order mark."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:  # listed a moment ago: gone, no permission, or the store refused
+        raise BadDataRoot(str(unreadable(path, err))) from None
     except UnicodeDecodeError:
         raise BadDataRoot(f"{path}: not a UTF-8 text file") from None
     return [line.strip() for line in text.splitlines() if line.strip()]

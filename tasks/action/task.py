@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bmoe.gating import ACTION_GATE, GateSpec
+from storage import AnyPath
 from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.inputs import file_stamp, input_path, read_input
 from tasks.action import frames as rgb
 from tasks.action import models, readers, serving, synthetic
 from tasks.action import motion_vectors as mv
@@ -113,24 +115,30 @@ class ActionTask:
         """Frames per embedded clip: F_t frames with motion plus the intra frames (GOP 12)."""
         return self.settings.F_t + self.settings.F_t // 11 + 2
 
-    def list_sources(self, data_root: Path, split: str) -> Listing:
+    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+        """UCF-101's layout, local or in an object store; each source's "path" is the clip's text
+        (a URI for a remote clip) and "stamp" its [st_size, st_mtime_ns] from the listing."""
         try:
             listing = readers.list_split(data_root, split, self.settings.split, self.settings.val_every)
         except readers.BadDataRoot as err:
             raise BadInput(str(err)) from None
-        sources = [{"source_id": c.clip_id, "path": str(c.path), "label": c.label,
+        sources = [{"source_id": c.clip_id, "path": str(c.path), "stamp": file_stamp(c.path), "label": c.label,
                     "group": f"{c.class_name}_g{c.group:02d}"} for c in listing.clips]
         return Listing(sources=sources, problems=list(listing.problems))
 
     def load(self, source: dict) -> list[dict]:
+        """One clip -> one row. The clip's bytes are read once, through its path (UnreadableInput
+        if this node cannot); PyAV decodes its motion vectors from them in memory, decord its frames
+        (from the local file, or a temporary copy of the bytes for a clip in an object store)."""
         s = self.settings
-        path = Path(source["path"])
+        path = input_path(source["path"])
         if not 0 <= source["label"] < s.classes:
             raise BadInput(f"{path}: label {source['label'] + 1} is outside the experts' {s.classes} classes "
                            f"(set --task-option classes=N to the number of lines in classInd.txt)")
+        data = read_input(path)
         try:
-            grid = mv.motion_grids(path, s.F_t, scale=s.motion_scale)  # (F_t, 24, 24, 2)
-            frames = rgb.rgb_frames(path, s.F_s, s.H_s, s.W_s)  # (F_s, H_s, W_s, 3)
+            grid = mv.motion_grids(path, s.F_t, scale=s.motion_scale, data=data)  # (F_t, 24, 24, 2)
+            frames = rgb.rgb_frames(path, s.F_s, s.H_s, s.W_s, data=data)  # (F_s, H_s, W_s, 3)
         except (mv.NoMotion, mv.Undecodable, rgb.UnreadableFrames) as err:
             raise BadInput(str(err)) from None
         enc_t, enc_s = motion_bytes(grid), jpeg_bytes(frames)

@@ -13,6 +13,9 @@ Problems (one line each; past LIMIT per kind a count line): images listed but no
 annotations of images not listed, categories outside the task's label set, zero-area boxes
 (left out), boxes reaching outside their image by more than a pixel (clipped; left out if
 nothing is left). Unreadable JPEGs are found by load_image, when the image is decoded.
+
+The root is a local folder or an object-store URI: the instances JSON is read through its path,
+and each image folder is listed once (a set of names), never probed one file_name at a time.
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ import contextlib
 import hashlib
 import io
 import json
-from pathlib import Path
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from storage import AnyPath
+from tasks.inputs import file_stamp, files_in, input_path, read_input, unreadable
 
 __all__ = ["BadDataRoot", "BadImage", "LIMIT", "find_instances", "list_split", "load_image"]
 
 SPLITS = ("train", "val", "test")
 LIMIT = 20  # problems named per kind and split; the rest are counted
 TOLERANCE = 1.0  # pixels a box may reach outside its image before it is reported (rounding)
+_BYTES_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # Pillow names the buffer it read
 
 
 class BadDataRoot(ValueError):
@@ -41,9 +48,9 @@ class BadImage(ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
 
 
-def find_instances(root: Path) -> dict[str, tuple[Path, Path]]:
+def find_instances(root: AnyPath | str) -> dict[str, tuple[AnyPath, AnyPath]]:
     """{name: (instances JSON, image folder)} for every annotations/instances_<name>.json."""
-    root = Path(root)
+    root = input_path(root)
     folder = root / "annotations"
     found = {p.stem.removeprefix("instances_"): (p, root / p.stem.removeprefix("instances_"))
              for p in sorted(folder.glob("instances_*.json"))} if folder.is_dir() else {}
@@ -53,10 +60,12 @@ def find_instances(root: Path) -> dict[str, tuple[Path, Path]]:
     return found
 
 
-def list_split(root: Path, split: str, categories: tuple[int, ...]) -> tuple[list[dict], list[str]]:
-    """The images of `split` as sources (id, path, size, annotations) and the problems found.
+def list_split(root: AnyPath | str, split: str, categories: tuple[int, ...]) -> tuple[list[dict], list[str]]:
+    """The images of `split` as sources (id, path, stamp, size, annotations) and the problems found.
 
-    Each source's "anns" rows are [x, y, w, h, category_id, iscrowd, area] in image pixels.
+    Each source's "anns" rows are [x, y, w, h, category_id, iscrowd, area] in image pixels; its
+    "path" is the image's text (a URI for a remote file) and "stamp" its [st_size, st_mtime_ns]
+    from the folder's listing.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -80,13 +89,17 @@ def list_split(root: Path, split: str, categories: tuple[int, ...]) -> tuple[lis
             if ann.get("image_id") not in coco.imgs:
                 problems.add("orphan", f"annotation {ann.get('id')}: image {ann.get('image_id')} is not listed; "
                                        "left out")
+    present = files_in(image_dir)  # one listing of the folder, not one request per listed image
     sources, missing = [], 0
     for image_id in image_ids:
         info = coco.imgs[image_id]
-        path = image_dir / str(info.get("file_name", ""))
-        if not path.is_file():
+        file_name = str(info.get("file_name", ""))
+        path = _present(image_dir, file_name, present)
+        stamp = file_stamp(path) if path is not None else None
+        if stamp is None:
             missing += 1
-            problems.add("missing", f"{path}: listed in {json_path.name} but not on disk; left out")
+            problems.add("missing", f"{_joined(image_dir, file_name)}: listed in {json_path.name} but not on disk; "
+                                    "left out")
             continue
         width, height = int(info.get("width", 0)), int(info.get("height", 0))
         anns = []
@@ -94,7 +107,7 @@ def list_split(root: Path, split: str, categories: tuple[int, ...]) -> tuple[lis
             row = _annotation_row(ann, width, height, known, wanted, path.name, problems)
             if row is not None:
                 anns.append(row)
-        sources.append({"source_id": str(image_id), "path": str(path), "image_id": int(image_id),
+        sources.append({"source_id": str(image_id), "path": str(path), "stamp": stamp, "image_id": int(image_id),
                         "width": width, "height": height, "anns": anns})
     if missing:
         problems.lines.append(f"{json_path.name} ({split}): {missing} of {len(image_ids)} listed images are not "
@@ -102,14 +115,39 @@ def list_split(root: Path, split: str, categories: tuple[int, ...]) -> tuple[lis
     return sources, problems.finish()
 
 
-def load_image(path: Path, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of one listed image; BadImage if it is unreadable or not the JSON's size."""
+def _present(image_dir: AnyPath, file_name: str, present: dict[str, AnyPath]) -> AnyPath | None:
+    """The listed path of `file_name` if the folder's listing holds it, else None. A file_name
+    with a folder in it (not COCO's own layout) is checked on its own."""
+    if "/" not in file_name:
+        return present.get(file_name)
     try:
-        with Image.open(path) as img:
+        path = image_dir / file_name
+    except ValueError:  # '.' or '..' in an object-store key
+        return None
+    return path if path.is_file() else None
+
+
+def _joined(image_dir: AnyPath, file_name: str) -> str:
+    """The text of image_dir / file_name, for a message (even where a store refuses the key)."""
+    try:
+        return str(image_dir / file_name)
+    except ValueError:
+        return f"{image_dir}/{file_name}"
+
+
+def load_image(path: AnyPath | str, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of one listed image, read through its path then decoded from its bytes;
+    tasks.UnreadableInput if this node cannot read it, BadImage if it does not decode or is not
+    the JSON's size."""
+    path = input_path(path)
+    data = read_input(path)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             rgb = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImage(f"{path}: not a readable image ({type(err).__name__}: {err}); left out") from None
+        reason = _BYTES_REPR.sub("", str(err))
+        raise BadImage(f"{path}: not a readable image ({type(err).__name__}: {reason}); left out") from None
     if rgb.shape[:2] != (height, width):
         raise BadImage(f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} but its JSON entry says "
                        f"{width}x{height}; left out")
@@ -171,12 +209,23 @@ def _annotation_row(ann: dict, width: int, height: int, known: set, wanted: set,
     return [x0, y0, x1 - x0, y1 - y0, float(category), float(bool(ann.get("iscrowd", 0))), area]
 
 
-def _load_coco(path: Path):
+def _load_coco(path: AnyPath):
+    """pycocotools' COCO index of an instances JSON read through its path (never by file name)."""
     from pycocotools.coco import COCO
 
     try:
+        data = path.read_bytes()
+    except OSError as err:  # listed a moment ago: gone, no permission, or the store refused
+        raise BadDataRoot(str(unreadable(path, err))) from None
+    try:
+        dataset = json.loads(data)
+        if not isinstance(dataset, dict):  # what COCO(file) asserts
+            raise AssertionError(f"annotation file format {type(dataset)} not supported")
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
+            coco = COCO()
+            coco.dataset = dataset
+            coco.createIndex()
+        return coco
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadDataRoot(f"{path}: not valid JSON ({err}); expected a COCO instances file") from None
     except (KeyError, TypeError, AssertionError) as err:

@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from bmoe.gating import DETECTION_GATE, GateSpec
+from storage import AnyPath
 from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.inputs import input_path
 from tasks.detection import metrics, models, readers, serving, synthetic
 
 COCO80 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
@@ -108,7 +110,9 @@ class DetectionTask:
         stamp.write_text(json.dumps(key))
         return folder
 
-    def list_sources(self, data_root: Path, split: str) -> Listing:
+    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+        """A COCO tree, local or in an object store (readers.list_split: the split rules, the
+        problems named and counted, each source's path, stamp, size and annotations)."""
         try:
             sources, problems = readers.list_split(data_root, split, self.settings.categories)
         except readers.BadDataRoot as err:
@@ -117,11 +121,12 @@ class DetectionTask:
 
     def load(self, source: dict) -> list[dict]:
         """One image -> one row: P_n(x) per R_n with its JPEG size, the gate's centre crop, padded
-        training targets (at most max_boxes, largest first) and every annotation for COCOeval."""
+        training targets (at most max_boxes, largest first) and every annotation for COCOeval.
+        UnreadableInput if this node cannot read the image, BadInput if it does not decode."""
         s = self.settings
         width, height = int(source["width"]), int(source["height"])
         try:
-            image = readers.load_image(Path(source["path"]), width, height)  # (H, W, 3) uint8
+            image = readers.load_image(input_path(source["path"]), width, height)  # (H, W, 3) uint8
         except readers.BadImage as err:
             raise BadInput(str(err)) from None
         anns = np.asarray(source["anns"], dtype=np.float64).reshape(-1, metrics.GT_FIELDS)

@@ -19,13 +19,16 @@ Split rules
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from storage import AnyPath
+from tasks.inputs import input_path, read_input
 
 __all__ = [
     "BadImage",
@@ -53,6 +56,7 @@ _DIV2K_HR = {"train": "DIV2K_train_HR", "valid": "DIV2K_valid_HR"}
 _DIV2K_LR = {"train": "DIV2K_train_LR_bicubic", "valid": "DIV2K_valid_LR_bicubic"}
 _SCALE_DIR = re.compile(r"^[Xx]([2-8])$")
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+_BYTES_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # Pillow names the buffer it read
 
 
 class BadImage(ValueError):
@@ -70,37 +74,48 @@ class ImageListing:
     lr_dirs maps a scale (2, 3, 4 ...) to a dataset-provided bicubic LR folder for this split,
     recognised but unused (we downscale ourselves). problems are one line each: files that were
     skipped because they might be images in a format we do not read, and empty splits. Files that
-    claim to be PNG/JPEG but are not are caught later, by load_rgb.
+    claim to be PNG/JPEG but are not are caught later, by load_rgb. Paths are local Paths or
+    StoragePaths, as the root was; those in `paths` come from a listing (their stat() is free).
     """
 
     split: str
     layout: str  # "div2k", "splits" (train/ val/ test/ folders) or "folder" (hash split)
-    root: Path  # the folder the HR images live in
-    paths: list[Path]
-    lr_dirs: dict[int, Path] = field(default_factory=dict)
+    root: AnyPath  # the folder the HR images live in
+    paths: list[AnyPath]
+    lr_dirs: dict[int, AnyPath] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
-def find_images(root: Path, split: str) -> ImageListing:
-    """The HR images of `split` under `root`: a DIV2K tree, train/ val/ test/ folders, a Set5-style
-    folder (HR/ used) or a plain folder (hash split); see the module docstring for the rules."""
+def find_images(root: AnyPath | str, split: str) -> ImageListing:
+    """The HR images of `split` under `root` (a local folder or an object-store URI): a DIV2K tree,
+    train/ val/ test/ folders, a Set5-style folder (HR/ used) or a plain folder (hash split); see the
+    module docstring for the rules. Folders are listed, never probed name by name."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    root = Path(root)
+    root = input_path(root)
     if not root.is_dir():
         raise BadDataRoot(
             f"{root}: data root is not a folder; expected DIV2K_train_HR/ and DIV2K_valid_HR/ "
             "or a folder of PNG/JPEG images"
         )
-    if any((root / name).is_dir() for name in _DIV2K_HR.values()):
-        return _find_div2k(root, split)
-    split_dirs = _split_dirs(root)
+    subdirs = _subdirs(root)
+    if any(name in subdirs for name in _DIV2K_HR.values()):
+        return _find_div2k(root, split, subdirs)
+    split_dirs = _split_dirs(root, subdirs)
     if split_dirs is not None:
         return _find_split_dir(split_dirs[split], root, split)
-    return _find_folder(root, split)
+    return _find_folder(root, split, subdirs)
 
 
-def list_image_files(folder: Path) -> tuple[list[Path], list[str]]:
+def _subdirs(folder: AnyPath) -> dict[str, AnyPath]:
+    """{name: path} of the folders directly in `folder`, from one listing ({} if there is none)."""
+    try:
+        return {p.name: p for p in folder.iterdir() if p.is_dir()}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+
+
+def list_image_files(folder: AnyPath) -> tuple[list[AnyPath], list[str]]:
     """PNG/JPEG files directly in `folder` (sorted by name) and one line per suspicious other file."""
     images, problems = [], []
     for path in sorted(folder.iterdir()):
@@ -114,25 +129,25 @@ def list_image_files(folder: Path) -> tuple[list[Path], list[str]]:
     return images, problems
 
 
-def _lr_dirs(folder: Path) -> dict[int, Path]:
+def _lr_dirs(folder: AnyPath | None) -> dict[int, AnyPath]:
     """{scale: folder} for subfolders named X2, X3, X4 (DIV2K and Set5 both use this naming)."""
-    if not folder.is_dir():
+    if folder is None:
         return {}
     found = {}
-    for sub in sorted(folder.iterdir()):
-        match = _SCALE_DIR.match(sub.name)
-        if sub.is_dir() and match:
+    for name, sub in sorted(_subdirs(folder).items()):
+        match = _SCALE_DIR.match(name)
+        if match:
             found[int(match.group(1))] = sub
     return found
 
 
-def _find_div2k(root: Path, split: str) -> ImageListing:
+def _find_div2k(root: AnyPath, split: str, subdirs: dict[str, AnyPath]) -> ImageListing:
     """train = DIV2K_train_HR; val/test = first/second half of DIV2K_valid_HR by name."""
     part = "train" if split == "train" else "valid"
     hr = root / _DIV2K_HR[part]
     problems: list[str] = []
-    if hr.is_dir():
-        paths, problems = list_image_files(hr)
+    if _DIV2K_HR[part] in subdirs:
+        paths, problems = list_image_files(subdirs[_DIV2K_HR[part]])
     else:
         paths = []
     if part == "valid":
@@ -146,15 +161,15 @@ def _find_div2k(root: Path, split: str) -> ImageListing:
         layout="div2k",
         root=hr,
         paths=paths,
-        lr_dirs=_lr_dirs(root / _DIV2K_LR[part]),
+        lr_dirs=_lr_dirs(subdirs.get(_DIV2K_LR[part])),
         problems=problems,
     )
 
 
-def _split_dirs(root: Path) -> dict[str, Path | None] | None:
+def _split_dirs(root: AnyPath, subdirs: dict[str, AnyPath]) -> dict[str, AnyPath | None] | None:
     """{split: folder or None} when root holds train/ and val/ (or valid/) or test/ folders."""
     found = {
-        split: next((root / name for name in names if (root / name).is_dir()), None)
+        split: next((subdirs[name] for name in names if name in subdirs), None)
         for split, names in _SPLIT_DIRS.items()
     }
     if found["train"] is None or (found["val"] is None and found["test"] is None):
@@ -162,14 +177,15 @@ def _split_dirs(root: Path) -> dict[str, Path | None] | None:
     return found
 
 
-def _find_split_dir(folder: Path | None, root: Path, split: str) -> ImageListing:
+def _find_split_dir(folder: AnyPath | None, root: AnyPath, split: str) -> ImageListing:
     """One split folder (or its HR/ subfolder) taken whole."""
     if folder is None:
         return ImageListing(
             split=split, layout="splits", root=root, paths=[],
             problems=[f"{root}: no {' or '.join(_SPLIT_DIRS[split])}/ folder for split {split!r}"],
         )
-    hr = folder / "HR" if (folder / "HR").is_dir() else folder
+    subdirs = _subdirs(folder)
+    hr = subdirs.get("HR", folder)
     paths, problems = list_image_files(hr)
     if not paths:
         problems.append(f"{hr}: no .png/.jpg/.jpeg images for split {split!r}")
@@ -177,9 +193,9 @@ def _find_split_dir(folder: Path | None, root: Path, split: str) -> ImageListing
     return ImageListing(split=split, layout="splits", root=hr, paths=paths, lr_dirs=lr_dirs, problems=problems)
 
 
-def _find_folder(root: Path, split: str) -> ImageListing:
+def _find_folder(root: AnyPath, split: str, subdirs: dict[str, AnyPath]) -> ImageListing:
     """A plain folder (or its HR/ subfolder) split 60/20/20 by a hash of each file name."""
-    hr = root / "HR" if (root / "HR").is_dir() else root
+    hr = subdirs.get("HR", root)
     images, problems = list_image_files(hr)
     if not images:
         raise BadDataRoot(
@@ -206,7 +222,7 @@ def _name_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def _hash_split(images: list[Path]) -> dict[str, list[Path]]:
+def _hash_split(images: list[AnyPath]) -> dict[str, list[AnyPath]]:
     """Assign each file to train/val/test by where its name hash falls (60/20/20).
 
     Repair when there are >= 3 files and a split came out empty: it takes, from the currently
@@ -218,7 +234,7 @@ def _hash_split(images: list[Path]) -> dict[str, list[Path]]:
         bands[split] = (start, start + HASH_FRACTIONS[split])
         start += HASH_FRACTIONS[split]
     hashed = {path: _name_hash(path.name) for path in images}
-    out: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    out: dict[str, list[AnyPath]] = {split: [] for split in SPLITS}
     for path, h in hashed.items():
         split = next((s for s in SPLITS if h < bands[s][1]), SPLITS[-1])
         out[split].append(path)
@@ -234,8 +250,10 @@ def _hash_split(images: list[Path]) -> dict[str, list[Path]]:
     return {split: sorted(paths) for split, paths in out.items()}
 
 
-def load_rgb(path: Path, min_side: int = MIN_SIDE) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB, or raise BadImage naming the file.
+def load_rgb(path: AnyPath | str, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Read an image file (a local Path, a StoragePath or its text) and decode it to (H, W, 3)
+    uint8 RGB. A file this node cannot read raises tasks.UnreadableInput (naming the file and the
+    node); one that is read but cannot be used raises BadImage naming the file.
 
     Conversions: grayscale and bilevel are replicated to 3 channels; palette images are expanded;
     alpha (RGBA, LA, palette transparency) is composited over black, i.e. RGB * alpha / 255, so
@@ -244,16 +262,15 @@ def load_rgb(path: Path, min_side: int = MIN_SIDE) -> np.ndarray:
     JPEG EXIF orientation is applied. Truncated files raise: we call img.load() and never enable
     PIL's LOAD_TRUNCATED_IMAGES.
     """
-    path = Path(path)
+    path = input_path(path)
+    data = read_input(path)  # UnreadableInput: a worker that cannot read it is not a corrupt file
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
-    except FileNotFoundError:
-        raise BadImage(f"{path}: file not found") from None
     except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, zlib.error...
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = _BYTES_REPR.sub("", " ".join(str(err).split())) or type(err).__name__
         raise BadImage(f"{path}: not a readable PNG/JPEG image ({reason})") from err
     height, width = rgb.shape[:2]
     if height < min_side or width < min_side:

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from bmoe.gating import SUPERRES_GATE, GateSpec
+from storage import AnyPath
 from tasks.base import SPLITS, BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.inputs import file_stamp, input_path
 from tasks.superres import metrics, models, patches, readers, serving, synthetic
 
 
@@ -80,18 +82,20 @@ class SuperResTask:
         stamp.write_text(json.dumps(key))
         return folder
 
-    def list_sources(self, data_root: Path, split: str) -> Listing:
-        """DIV2K, split folders (the embedded layout), or any folder of PNG/JPEG images."""
+    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+        """DIV2K, split folders (the embedded layout), or any folder of PNG/JPEG images, local or
+        in an object store; each source's "path" is the file's text (a URI for a remote file)."""
         try:
             listing = readers.find_images(data_root, split)
         except readers.BadDataRoot as err:
             raise BadInput(str(err)) from None
-        sources = [{"source_id": p.stem, "path": str(p)} for p in listing.paths]
+        sources = [{"source_id": p.stem, "path": str(p), "stamp": file_stamp(p)} for p in listing.paths]
         return Listing(sources=sources, problems=list(listing.problems))
 
     def load(self, source: dict) -> list[dict]:
+        """One image -> its 64x64 patches as rows; UnreadableInput if this node cannot read it."""
         try:
-            image = readers.load_rgb(Path(source["path"]))  # (H, W, 3) uint8
+            image = readers.load_rgb(input_path(source["path"]))  # (H, W, 3) uint8; read, then decoded
         except readers.BadImage as err:
             raise BadInput(str(err)) from None
         hr, pos = patches.to_patches(image)  # (P, 64, 64, 3), (P, 2)
