@@ -95,7 +95,10 @@ def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log) -> dict
     blocks = max(1, min(len(listing.sources), 64))
     rows = ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)).materialize()
     count = rows.count()
-    produced = set(rows.select_columns(["source_id"]).to_pandas()["source_id"]) if count else set()
+    costs = task.data_costs()
+    # scalar columns only: which sources gave rows, and the encoded bytes of each P_n
+    meta = rows.select_columns(["source_id", *(f"enc{n}" for n in range(len(costs)))]).to_pandas() if count else None
+    produced = set(meta["source_id"]) if count else set()
     found = ray.get(log.take.remote())  # what the workers could not read or decode, by source
     problems, unreadable = list(listing.problems), []
     for source in listing.sources:
@@ -107,7 +110,6 @@ def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log) -> dict
     if count == 0:
         raise UserError(f"no usable {split} inputs: {'; '.join((unreadable + problems)[:3])}")
 
-    costs = task.data_costs()
     # Built-in column operations only: a UDF that carries the task would make every write
     # re-import the task's modules in fresh workers (seconds each on 2 cores, measured).
     shards = {}
@@ -118,7 +120,7 @@ def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log) -> dict
         shards[f"p{n}"] = _write(expert_rows, layout.shards(split, f"p{n}"))
     shards["gate"] = _write(rows.select_columns(["sample_id", "group", "gate", *task.meta_columns]),
                             layout.shards(split, "gate"))
-    encoded = rows.select_columns([f"enc{n}" for n in range(len(costs))]).to_pandas().mean()
+    encoded = meta.drop(columns="source_id").mean()
     return {
         "sources": len(listing.sources),
         "samples": count,

@@ -29,6 +29,23 @@ def assert_same_rows(ours: list[dict], theirs: list[dict]) -> None:
             assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
 
 
+def assert_same_listing(task, local, remote, split: str, requests, suffixes: tuple[str, ...]):
+    """task.list_sources of one tree, on disk and in the bucket: the bucket is listed, never asked
+    file by file, and gives the same problems and sources (paths under the bucket, sizes from the
+    listing). Returns both listings, bucket first."""
+    requests.seen.clear()
+    theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
+    assert any("list-type=2" in r[1] for r in requests.seen)  # the recorder sees the listings...
+    assert not [r for r in requests.seen if r[1].split("?")[0].endswith(suffixes)]  # ...and no file asked alone
+    assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
+    for a, b in zip(ours.sources, theirs.sources, strict=True):
+        assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
+        assert {k: v for k, v in a.items() if k not in ("path", "stamp")} == \
+               {k: v for k, v in b.items() if k not in ("path", "stamp")}
+        assert a["stamp"][0] == b["stamp"][0] == Path(b["path"]).stat().st_size and a["stamp"][1] > 0
+    return ours, theirs
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """../shared/samples: real COCO, Set5 and UCF-101 files (read in place, never copied)."""

@@ -4,9 +4,9 @@ root in an S3 bucket and a real MLflow server, sent with `ray job submit` as a u
 The head has no CPUs, so everything that needs one (Ray Data's read and write tasks, the Ray Train
 workers, the cache's actors, the Tune trials) runs on the worker node, which sees neither the
 head's nor this test's local folders (tests/cluster.py): whatever a stage wrote that a later
-stage or machine needs must be in the bucket. This module replaces the single-node job-submit and
-MLflow-server tests; it runs superres on its embedded data and detection from a COCO tree in
-the bucket.
+stage or machine needs must be in the bucket. This module runs superres on its embedded data and detection from a COCO tree in
+the bucket, and takes over the single-node tests of those pipelines' stages, of `ray job submit`,
+of the MLflow server and of an interrupted sweep.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster
 
     name = "moved-sweep"
     command = ["bmoe", "sweep", "--task", "superres", "--profile", "smoke", "--root", ROOT,
-               "--tracking-uri", cluster["tracking"], "--name", name]
+               "--tracking-uri", cluster["tracking"], "--name", name, "--methods", "random,enforce"]
     env = {**cluster["s3"].env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     jobs = JobSubmissionClient(cluster["ray"].dashboard)
     job_id = jobs.submit_job(entrypoint=" ".join(command), submission_id="sweep-stopped",

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_same_rows
+from conftest import assert_same_listing, assert_same_rows
 from bmoe.gating import build_gate, count_macs
 from tasks import BadInput, get_task
 from tasks.detection import metrics, models, readers, synthetic
@@ -237,16 +237,7 @@ def test_coco_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_name
 
     task = get_task("detection", "smoke")
     for split in ("train", "val", "test"):
-        s3_requests.seen.clear()
-        theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
-        assert any("list-type=2" in r[1] for r in s3_requests.seen)  # the recorder sees the listings...
-        assert not [r for r in s3_requests.seen if r[1].split("?")[0].endswith(".jpg")]  # ...and no image asked alone
-        assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
-        for a, b in zip(ours.sources, theirs.sources, strict=True):
-            assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
-            assert {k: v for k, v in a.items() if k not in ("path", "stamp")} == \
-                   {k: v for k, v in b.items() if k not in ("path", "stamp")}
-            assert a["stamp"][0] == b["stamp"][0] == (local / b["path"]).stat().st_size and a["stamp"][1] > 0
+        ours, theirs = assert_same_listing(task, local, remote, split, s3_requests, (".jpg",))
         for a, b in list(zip(ours.sources, theirs.sources))[:3]:  # decoding: a few per split (time)
             assert_same_rows(task.load(a), task.load(b))
     problems = task.list_sources(remote, "val").problems + task.list_sources(remote, "test").problems

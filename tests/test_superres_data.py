@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_same_rows
+from conftest import assert_same_listing, assert_same_rows
 from tasks import UnreadableInput
 from tasks.superres.metrics import (
     PSNR_CAP_DB,
@@ -425,15 +425,8 @@ def test_div2k_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_nam
 
     task = get_task("superres", "smoke")
     for split in SPLITS:
-        s3_requests.seen.clear()
-        theirs, ours = task.list_sources(local, split), task.list_sources(remote, split)
-        assert any("list-type=2" in r[1] for r in s3_requests.seen)  # the recorder sees the listings...
-        assert not [r for r in s3_requests.seen if r[1].endswith((".png", ".bmp"))]  # ...and no file asked alone
-        assert [p.replace(str(remote), str(local)) for p in ours.problems] == theirs.problems
-        assert [s["source_id"] for s in ours.sources] == [s["source_id"] for s in theirs.sources]
+        ours, theirs = assert_same_listing(task, local, remote, split, s3_requests, (".png", ".bmp"))
         for a, b in zip(ours.sources, theirs.sources):
-            assert a["path"].startswith("s3://") and a["path"].replace(str(remote), str(local)) == b["path"]
-            assert a["stamp"][0] == b["stamp"][0] == (local / b["path"]).stat().st_size and a["stamp"][1] > 0
             assert_same_rows(task.load(a), task.load(b))
     listing = find_images(remote, "train")
     assert listing.layout == "div2k" and set(listing.lr_dirs) == {2} and listing.problems[0].endswith(
