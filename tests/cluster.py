@@ -242,14 +242,22 @@ def _can_unshare_mounts() -> str | None:
     return None
 
 
-def _hidden_roots(hidden: Sequence[str | Path]) -> list[str]:
+def _hidden_roots(hidden: Sequence[str | Path], temp_dirs: Sequence[str]) -> list[str]:
     """The folders a worker gets its own empty tmpfs over: /tmp (the head's temp dir, pytest's base
-    temp), the default places for caches, Tune results and runs that nodes must not share, and
-    `hidden`. Resolved, parents first, none inside another (a folder under a fresh tmpfs is already
-    gone); each is created on the host if missing so it can be a mount point."""
+    temp), the default places for caches, Tune results and runs that nodes must not share, the
+    cluster's temp dirs and `hidden`. A default folder that holds what every node must run (the
+    project, the venv, the Python install: a checkout under /tmp, as a CI clone may be) is left
+    out; the temp dirs and `hidden` are then hidden one by one. Resolved, parents first, none
+    inside another (a folder under a fresh tmpfs is already gone); each is created on the host if
+    missing so it can be a mount point."""
     home = Path.home()
-    defaults = ["/tmp", home / ".cache", home / "ray_results", PROJECT / "bmoe-runs"]
-    paths = {os.path.realpath(p) for p in [*defaults, *hidden]}
+    needed = [os.path.realpath(p) for p in (PROJECT, sys.prefix, sys.base_prefix)]
+
+    def holds_needed(folder: str) -> bool:
+        return any(n == folder or n.startswith(folder.rstrip("/") + "/") for n in needed)
+
+    defaults = [os.path.realpath(p) for p in ("/tmp", home / ".cache", home / "ray_results", PROJECT / "bmoe-runs")]
+    paths = {p for p in defaults if not holds_needed(p)} | {os.path.realpath(p) for p in [*temp_dirs, *hidden]}
     roots = [p for p in sorted(paths)
              if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
     for root in roots:
@@ -334,7 +342,7 @@ def ray_cluster(workers: int = 1, worker_cpus: int = 2, hidden: Sequence[str | P
                               text=True, timeout=timeout)
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed:\n{(head.stdout + head.stderr)[-3000:]}")
-        roots = _hidden_roots(hidden)
+        roots = _hidden_roots(hidden, [temp, *cluster.worker_temp_dirs])
         for i, worker_temp in enumerate(cluster.worker_temp_dirs):
             own = ports[7 + 6 * i:13 + 6 * i]
             command = _worker_command(cluster, worker_temp, worker_cpus, own, common, roots)
@@ -349,7 +357,8 @@ def ray_cluster(workers: int = 1, worker_cpus: int = 2, hidden: Sequence[str | P
         for node in nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait(timeout=10)
-        shutil.rmtree(temp, ignore_errors=True)
+        for folder in (temp, *cluster.worker_temp_dirs):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def submit_job(cluster: RayCluster, entrypoint: list[str], runtime_env: dict, submission_id: str,
