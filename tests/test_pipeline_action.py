@@ -112,7 +112,7 @@ def test_experts_and_cache(run):
     assert [e["name"] for e in experts] == ["temporal", "spatial", "fusion"]
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     for e in experts:
-        assert Path(e["weights"]).exists()
+        assert cfg.layout.resolve(e["weights"]) == cfg.layout.weights(e["expert"]) and cfg.layout.weights(e["expert"]).exists()
         assert "train_loss" in mlflow.get_run(e["mlflow_run_id"]).data.metrics
     for split, path in files.items():
         table = pd.read_parquet(path)
