@@ -71,7 +71,8 @@ def test_a_worker_sees_only_its_own_disk_and_the_bucket(stack, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("only on the test's machine")
     uri = f"{s3.uri}/probe/node.txt"
-    done = subprocess.run([sys.executable, "-c", PROBE, str(secret), cluster.temp_dir, uri],
+    head_session = str(Path(cluster.temp_dir) / "session_latest")  # the head's files, not its (maybe mounted) folder
+    done = subprocess.run([sys.executable, "-c", PROBE, str(secret), head_session, uri],
                           env=cluster.client_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
