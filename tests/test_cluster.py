@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,7 @@ def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster
                               capture_output=True, text=True, timeout=JOB_TIMEOUT)
     finally:
         stop_processes(temp)
+        shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert f"sweep: resuming {name} from {ROOT}/tune/superres/{name}" in done.stdout
     names = [r.data.tags["trial_name"] for r in client.search_runs([experiment], finished)]
@@ -267,3 +269,4 @@ def test_serve_answers_from_the_buckets_run(runs, cluster):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         stop_processes(temp)
+        shutil.rmtree(temp, ignore_errors=True)
