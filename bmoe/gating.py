@@ -199,7 +199,7 @@ def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias
         return task + bias_loss(utility(G), b, w_bias), G.argmax(dim=1)
     if method == "enforce":
         probs = enforced_gates(logits, b)  # (M, N) eq. 1 over the experts b can use
-        assignment = enforce_bias(probs, b)  # Algorithm 1
+        assignment = enforce_bias(probs, b).to(probs.device)  # Algorithm 1 (decided on the CPU)
         G = probs * nn.functional.one_hot(assignment, probs.shape[1]).to(probs.dtype)
         return (G * losses).sum(dim=1).mean(), assignment
     raise ValueError(f"unknown gate training method {method!r}; expected one of {GATE_METHODS}")

@@ -13,13 +13,16 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
-from pipelines.prepare import require_manifest
+from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_ray
 from pipelines.train_experts import load_expert
 from storage import read_json, read_table, write_json, write_table
 from tasks import SPLITS, get_task
+
+CACHE_ORDER = "gate-shards"  # rows in the order of the split's gate shards (older caches were sorted by id)
 
 
 def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, str]:
@@ -30,7 +33,7 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
     task = cfg.task_obj()
     layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
-    key = {"data": manifest["fingerprint"], "experts": experts}
+    key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER}
     files = {split: layout.cache(split) for split in SPLITS}
     if read_json(layout.cache_stamp()) == key and all(f.exists() for f in files.values()):
         print("cache: data and experts unchanged, cache kept")
@@ -38,8 +41,10 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
 
     ensure_ray(cfg)
     started = time.perf_counter()
-    tables = {split: read_table(layout.shards(split, "gate"), columns=["sample_id", "group", *task.meta_columns])
-              .to_pandas() for split in SPLITS}
+    # rows in the gate shards' order (the manifest's), which sweep trials stream the inputs in
+    tables = {split: pa.concat_tables([read_table(f, columns=["sample_id", "group", *task.meta_columns])
+                                       for f in shard_files(layout, manifest, split, "gate")]).to_pandas()
+              for split in SPLITS}
     for n in range(len(experts)):
         # one pass per expert over all splits: one actor pool, one model load
         paths = [str(layout.shards(split, f"p{n}")) for split in SPLITS]
@@ -62,7 +67,7 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
         missing = table.filter(like="loss_").isna().any(axis=1)
         if missing.any():  # a bug, not user input: every prepared sample must be scored
             raise RuntimeError(f"cache: {int(missing.sum())} {split} samples were not scored by every expert")
-        write_table(table.sort_values("sample_id", kind="stable").reset_index(drop=True), files[split])
+        write_table(table, files[split])
     write_json(layout.cache_stamp(), key)
     print(f"cache: {', '.join(f'{s} {len(t)}' for s, t in tables.items())} samples x {len(experts)} experts "
           f"in {time.perf_counter() - started:.1f}s")

@@ -90,11 +90,20 @@ def _run(stage: Callable, *args, **kwargs):
 @app.command()
 def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
             data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
-            strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False):
-    """Stage 1: Ray Data writes Parquet shards per split and per P_n, plus the gate input."""
+            strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False,
+            shard_file_mb: Annotated[float, typer.Option(help="Close a shard file once it holds this many MB "
+                                                              "(Arrow data, before compression).")] = 128.0,
+            row_group_mb: Annotated[float, typer.Option(help="Parquet row group size in MB: the unit sweep "
+                                                             "trials stream and shuffle.")] = 8.0):
+    """Stage 1: one streaming Ray Data pass per split writes Parquet shards per P_n and the gate input."""
     from pipelines.prepare import prepare as stage
+    from pipelines.shard_writer import ShardSizes
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict))
+    try:
+        sizes = ShardSizes(file_mb=shard_file_mb, row_group_mb=row_group_mb)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict), sizes)
 
 
 @app.command("train-experts")
@@ -122,12 +131,26 @@ def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
 def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
           methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of methods.")] = None,
-          name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None):
+          name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None,
+          cpus_per_trial: Annotated[Optional[float], typer.Option(
+              help="CPUs per trial (and its torch threads); default: the profile's grid.")] = None,
+          gpus_per_trial: Annotated[Optional[float], typer.Option(
+              help="GPUs per trial, e.g. 0.25 for four trials per GPU; the gate trains there.")] = None,
+          max_concurrent_trials: Annotated[Optional[int], typer.Option(
+              help="At most this many trials at once (0: as many as the resources allow).")] = None):
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
+    from dataclasses import replace
+
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
     cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
+    resources = {"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
+                 "max_concurrent": max_concurrent_trials}
+    try:
+        grid = replace(grid, **{k: v for k, v in resources.items() if v is not None})
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     _run(stage, cfg, grid, name)
 
 

@@ -19,26 +19,88 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.gate_inputs import GateInputs
+
 from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
-from storage import AnyPath, load_torch, save_torch
+from storage import AnyPath, load_torch, read_table, save_torch
 from tasks import get_task
 
 STATIC_METHODS = ("experts", "random", "heuristic", "oracle")  # no training: all targets in one trial
 TRAINED_METHODS = ("soft", "enforce")  # one trial per target and hyperparameters
 METHODS = (*STATIC_METHODS, *TRAINED_METHODS, "lagrange")
+EVAL_BATCH = 1024  # gate inputs per forward pass when a split is routed
+SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whole split when smaller)
+
+
+class CacheMismatch(ValueError):
+    """The expert cache does not line up with the gate shards (made from another prepare)."""
 
 
 @dataclass
 class SplitData:
-    """What a trial needs of one split: gate inputs and the cached per-expert columns."""
+    """What a trial needs of one split: its gate inputs (streamed, as stored) and the cached
+    per-expert columns (small: a few numbers per sample)."""
 
-    gate: np.ndarray  # (M, ...) stored gate inputs, as prepared
-    cache: pd.DataFrame  # one row per sample, same order as gate
+    gate: GateInputs  # (M, ...) stored gate inputs, read in batches
+    cache: pd.DataFrame  # one row per sample, in the gate stream's order
     losses: np.ndarray  # (M, N) per-sample expert losses
     scores: np.ndarray  # (M, N) per-sample additive scores
+
+
+def load_split(cache_file: AnyPath, gate_files: list[AnyPath], n_experts: int, full: bool = True) -> SplitData:
+    """One split, read on the trial's node. full=False keeps only the cache's loss and score
+    columns (all a training split needs). The cache must list the gate shards' rows in order."""
+    columns = None if full else ["sample_id", *(f"{c}_{n}" for c in ("loss", "score") for n in range(n_experts))]
+    cache = read_table(cache_file, columns=columns).to_pandas()
+    gate = GateInputs(gate_files)
+    ids = gate.sample_ids()
+    if len(ids) != len(cache) or not np.array_equal(ids.astype(str), cache["sample_id"].to_numpy().astype(str)):
+        raise CacheMismatch(f"the expert cache {cache_file} does not list the samples of the gate shards "
+                            f"({len(cache)} vs {len(ids)} rows, or another order): rerun `bmoe cache`")
+    return SplitData(gate=gate, cache=cache, losses=_matrix(cache, "loss", n_experts),
+                     scores=_matrix(cache, "score", n_experts))
+
+
+def _matrix(table: pd.DataFrame, column: str, n_experts: int) -> np.ndarray:
+    return np.stack([table[f"{column}_{n}"].to_numpy(dtype=np.float64) for n in range(n_experts)], axis=1)
+
+
+def trial_device() -> torch.device:
+    """The GPU Ray gave this trial (CUDA_VISIBLE_DEVICES holds only it), else the CPU."""
+    import ray
+
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def to_device(task, x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch of stored gate inputs: moved in its stored dtype, converted to float there."""
+    return task.gate_tensor(torch.from_numpy(x).to(device, non_blocking=True))
+
+
+def gate_logits(task, gate, split: SplitData, device: torch.device) -> torch.Tensor:
+    """(M, N) gate outputs over a whole split, EVAL_BATCH inputs at a time, on the CPU."""
+    gate.eval()
+    out = []
+    with torch.no_grad():
+        for _, x in split.gate.batches(EVAL_BATCH):
+            out.append(gate(to_device(task, x, device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, split.losses.shape[1]))
+
+
+def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
+    """(M,) the task's hand-made difficulty, batch by batch; None when it has none."""
+    parts = []
+    for _, x in split.gate.batches(EVAL_BATCH):
+        value = task.heuristic(x)
+        if value is None:
+            return None
+        parts.append(np.asarray(value))
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def run_trial(config: dict, data: dict[str, SplitData]) -> dict:
@@ -46,7 +108,6 @@ def run_trial(config: dict, data: dict[str, SplitData]) -> dict:
     final record: {"points": [{d_target, d_mean, performance, ...}], ...}."""
     from ray import tune
 
-    torch.set_num_threads(1)  # trials share the cores: one thread each
     task = get_task(config["task"], config["profile"], config.get("options"))
     method = config["method"]
     d = task.data_costs()
@@ -85,7 +146,7 @@ def _static_point(task, method: str, test: SplitData, d, p_val, d_t: float, seed
     elif method == "oracle":
         assignment = oracle_assignment(test.scores * sample_weights(task, test)[:, None], d, d_t).numpy()
     else:  # heuristic
-        difficulty = task.heuristic(test.gate)
+        difficulty = heuristic_difficulty(task, test)
         if difficulty is None:
             raise ValueError(f"task {task.name} has no heuristic router")
         assignment = quantile_assignment(difficulty, b, d)
@@ -140,10 +201,10 @@ def augment(task, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return fn(x, gen) if fn is not None else x
 
 
-def _batches(M: int, batch: int, gen: torch.Generator):
-    order = torch.randperm(M, generator=gen)
-    for start in range(0, M - batch + 1, batch):  # full batches only: quotas need M * b_n inputs
-        yield order[start:start + batch]
+def _batches(split: SplitData, batch: int, gen: torch.Generator):
+    """One epoch's training batches, shuffled; full batches only: quotas need M * b_n inputs."""
+    buffer_rows = max(batch, int(SHUFFLE_BUFFER_MB * (1 << 20) / max(split.gate.row_bytes, 1)))
+    yield from split.gate.batches(batch, gen=gen, buffer_rows=buffer_rows, drop_last=True)
 
 
 def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report) -> dict:
@@ -151,19 +212,18 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
     torch.manual_seed(int(config.get("seed", 0)))
+    device = trial_device()
     gate = build_gate(task.gate_spec(), config["width"])
     c_g = count_macs(gate, task.gate_spec().scaled(config["width"]).input_shape)
+    gate = gate.to(device)
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
     train = data["train"]
-    x_train = task.gate_tensor(train.gate)
     # Scaling the losses by one constant leaves the optimum unchanged and keeps lr meaningful.
-    losses = torch.as_tensor(train.losses / max(train.losses.mean(), 1e-12), dtype=torch.float32)
+    losses = torch.as_tensor(train.losses / max(train.losses.mean(), 1e-12), dtype=torch.float32, device=device)
     batch = min(int(config["batch_size"]), len(losses))
 
     def route(split: SplitData) -> np.ndarray:
-        gate.eval()
-        with torch.no_grad():
-            logits = gate(task.gate_tensor(split.gate))
+        logits = gate_logits(task, gate, split, device)
         if method == "enforce":  # test batches are routed with the same quotas
             return enforce_bias(enforced_gates(logits, b), b).numpy()
         return logits.argmax(dim=1).numpy()
@@ -171,9 +231,9 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
     best, best_state = -np.inf, None
     for epoch in range(1, int(config["epochs"]) + 1):
         total, steps = 0.0, 0
-        for idx in _batches(len(losses), batch, gen):
-            stats = gate_step(gate, optimizer, augment(task, x_train[idx], gen), losses[idx], method, b,
-                              config.get("w_bias", 0.0))
+        for idx, x in _batches(train, batch, gen):
+            stats = gate_step(gate, optimizer, augment(task, to_device(task, x, device), gen),
+                              losses[torch.from_numpy(idx).to(device)], method, b, config.get("w_bias", 0.0))
             total, steps = total + stats["loss"], steps + 1
         val = _point(task, data["val"], route(data["val"]), d, d_t, b)
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_performance": val["performance"],
@@ -193,26 +253,26 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
     torch.manual_seed(int(config.get("seed", 0)))
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
     spec = task.gate_spec()
+    device = trial_device()
     gate = build_gate(spec, config["width"])  # N outputs: one predicted score per expert
     c_g = count_macs(gate, spec.scaled(config["width"]).input_shape)
+    gate = gate.to(device)
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
     train = data["train"]
     mean, std = train.scores.mean(), max(train.scores.std(), 1e-12)  # one scale for all experts
-    x_train = task.gate_tensor(train.gate)
-    y_train = torch.as_tensor((train.scores - mean) / std, dtype=torch.float32)
+    y_train = torch.as_tensor((train.scores - mean) / std, dtype=torch.float32, device=device)
     batch = min(int(config["batch_size"]), len(y_train))
 
     def predict(split: SplitData) -> np.ndarray:
-        gate.eval()
-        with torch.no_grad():
-            return gate(task.gate_tensor(split.gate)).numpy() * std + mean
+        return gate_logits(task, gate, split, device).numpy() * std + mean
 
     for epoch in range(1, int(config["epochs"]) + 1):
         gate.train()
         total, steps = 0.0, 0
-        for idx in _batches(len(y_train), batch, gen):
+        for idx, x in _batches(train, batch, gen):
             optimizer.zero_grad(set_to_none=True)
-            loss = score_loss(gate(augment(task, x_train[idx], gen)), y_train[idx])
+            loss = score_loss(gate(augment(task, to_device(task, x, device), gen)),
+                              y_train[torch.from_numpy(idx).to(device)])
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss), steps + 1

@@ -1,8 +1,9 @@
 """Stage 1, prepare: raw data -> Parquet shards per split and per P_n, plus the gate input.
 
 Layout (pipelines/layout.py): data/<task>/<split>/p<n>/*.parquet and <split>/gate/*.parquet,
-with manifest.json (row counts and footer checksums per file, d_n, problems). Ray Data reads
-each source and writes the shards at the root's URI from whichever node does the work.
+with manifest.json (rows, bytes and SHA-256 per file, d_n, problems). One streaming Ray Data
+pass per split reads and decodes each source once and writes every shard set at the root's URI
+from whichever node does the work; no split is ever held whole in memory or the object store.
 Rerunning with unchanged inputs and intact outputs does no work. Bad files are named and
 counted, never silently lost; a file a worker cannot read is counted apart from bad content.
 """
@@ -16,18 +17,19 @@ import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.runtime import RunConfig, UserError, ensure_ray
+from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
 from tasks import SPLITS, BadInput, UnreadableInput
 from tasks.base import Task
 
 EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
+TASKS_PER_CPU = 4  # write tasks per cluster CPU: enough to balance uneven sources, few enough for big files
 
 
-def prepare(cfg: RunConfig) -> dict:
-    """Write the shards of every split; returns the manifest."""
+def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
+    """Write the shards of every split; returns the manifest. `sizes`: target file and row-group
+    sizes of the shards."""
     task = cfg.task_obj()
     layout = cfg.layout
     data_root = _data_root(cfg, task)
@@ -59,7 +61,7 @@ def prepare(cfg: RunConfig) -> dict:
     log = _problem_log()
     for split in SPLITS:
         started = time.perf_counter()
-        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split], log)
+        manifest["splits"][split] = _prepare_split(cfg, task, split, listings[split], log, sizes)
         info = manifest["splits"][split]
         print(f"prepare: {split}: {info['samples']} samples from {info['sources']} sources, "
               f"{len(info['problems'])} problems, {len(info['unreadable'])} unreadable, "
@@ -88,45 +90,53 @@ def require_manifest(cfg: RunConfig) -> dict:
     return manifest
 
 
-def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log) -> dict:
+def shard_files(layout, manifest: dict, split: str, part: str) -> list[AnyPath]:
+    """The files of one shard set in the manifest's order: the row order of the split that the
+    cache keeps and that sweep trials stream in."""
+    folder = layout.shards(split, part)
+    return [folder / f["name"] for f in manifest["splits"][split]["shards"][part]["files"]]
+
+
+def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log, sizes: ShardSizes) -> dict:
+    """One streaming pass: Ray Data reads and decodes each source once on a worker, and the
+    same task writes its rows to every shard set (pipelines/shard_writer.py). Nothing of the
+    split is materialised, and the driver only sees the writers' small records."""
     import ray
+    import ray.data
 
     layout = cfg.layout
-    blocks = max(1, min(len(listing.sources), 64))
-    rows = ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)).materialize()
-    count = rows.count()
-    costs = task.data_costs()
-    # scalar columns only: which sources gave rows, and the encoded bytes of each P_n
-    meta = rows.select_columns(["source_id", *(f"enc{n}" for n in range(len(costs)))]).to_pandas() if count else None
-    produced = set(meta["source_id"]) if count else set()
+    columns = ShardColumns.of(task)
+    folders = {part: layout.shards(split, part) for part in columns.parts()}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = max(1, min(len(listing.sources), TASKS_PER_CPU * cpus))
+    sink = shard_sink(folders, columns, sizes)
+    ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)) \
+        .write_datasink(sink)
+    written = sink.written or merge_written([])
+    count = sum(written["source_rows"].values())
     found = ray.get(log.take.remote())  # what the workers could not read or decode, by source
     problems, unreadable = list(listing.problems), []
     for source in listing.sources:
-        if source["source_id"] not in produced:
+        if source["source_id"] not in written["source_rows"]:
             kind, message = found.get(source["source_id"], ("bad", f"{source['source_id']}: produced no samples"))
             (unreadable if kind == "unreadable" else problems).append(message)
     if cfg.strict and (unreadable or len(problems) > len(listing.problems)):
         raise UserError((unreadable + problems[len(listing.problems):])[0])
     if count == 0:
         raise UserError(f"no usable {split} inputs: {'; '.join((unreadable + problems)[:3])}")
-
-    # Built-in column operations only: a UDF that carries the task would make every write
-    # re-import the task's modules in fresh workers (seconds each on 2 cores, measured).
     shards = {}
-    for n in range(len(costs)):
-        expert_rows = rows.select_columns(["sample_id", "group", *task.target_columns, f"x{n}", f"enc{n}"]) \
-            .rename_columns({f"x{n}": "x", f"enc{n}": "encoded_bytes"}) \
-            .add_column("data_cost_bytes", _constant(float(costs[n])), batch_format="numpy")
-        shards[f"p{n}"] = _write(expert_rows, layout.shards(split, f"p{n}"))
-    shards["gate"] = _write(rows.select_columns(["sample_id", "group", "gate", *task.meta_columns]),
-                            layout.shards(split, "gate"))
-    encoded = meta.drop(columns="source_id").mean()
+    for part in columns.parts():
+        files = written["files"].get(part, [])
+        shards[part] = {"rows": sum(f["rows"] for f in files), "files": files}
+        if shards[part]["rows"] != count:  # a bug, not user input: every set holds every sample
+            raise RuntimeError(f"prepare: {split}/{part} holds {shards[part]['rows']} of {count} samples")
     return {
         "sources": len(listing.sources),
         "samples": count,
         "problems": problems,
         "unreadable": unreadable,
-        "mean_encoded_bytes": {f"p{n}": float(encoded[f"enc{n}"]) for n in range(len(costs))},
+        "mean_encoded_bytes": {part: written["encoded_bytes"].get(part, 0) / count for part in columns.parts()
+                               if part != "gate"},
         "shards": shards,
     }
 
@@ -173,45 +183,6 @@ class _Loader:
         for sample in samples:
             sample["source_id"] = source["source_id"]
         return samples
-
-
-def _constant(value: float):
-    """A column of one value (the data cost of every row of a shard)."""
-
-    def column(batch: dict) -> np.ndarray:
-        return np.full(len(batch["x"]), value)
-
-    return column
-
-
-def _write(ds, folder: AnyPath) -> dict:
-    """Ray Data writes the shard files at the folder's URI; their row counts and checksums come
-    from the Parquet footers (two small reads per file), never from reading the data back."""
-    ds.write_parquet(str(folder))
-    files = [_footer(f) for f in sorted(folder.glob("*.parquet"))]
-    return {"rows": sum(f["rows"] for f in files), "files": files}
-
-
-def _footer(path: AnyPath) -> dict:
-    """{name, bytes, rows, footer_sha256} of one Parquet file."""
-    import pyarrow.parquet as pq
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(size - 8)
-        length = int.from_bytes(f.read(4), "little")
-        f.seek(size - 8 - length)
-        footer = f.read(length)
-    rows = pq.read_metadata(_footer_buffer(footer)).num_rows
-    return {"name": path.name, "bytes": size, "rows": rows, "footer_sha256": hashlib.sha256(footer).hexdigest()}
-
-
-def _footer_buffer(footer: bytes):
-    """A file-like holding just a Parquet footer, which is all pyarrow reads for metadata."""
-    import pyarrow as pa
-
-    tail = len(footer).to_bytes(4, "little") + b"PAR1"
-    return pa.BufferReader(b"PAR1" + footer + tail)
 
 
 def _data_root(cfg: RunConfig, task: Task) -> AnyPath:

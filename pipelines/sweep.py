@@ -20,14 +20,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from pipelines.cache import expert_matrix, load_cache
+from pipelines import gate_trial
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
 from pipelines.layout import RunLayout
-from pipelines.prepare import require_manifest
+from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
-from storage import AnyPath, read_json, read_table, write_bytes, write_json
+from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import SPLITS
 
 MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this many times
@@ -45,7 +46,18 @@ class SweepGrid:
     widths: tuple[float, ...] = (1.0,)
     w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
     seed: int = 0
-    max_concurrent: int = 0  # 0: as many as the cluster's CPUs allow
+    max_concurrent: int = 0  # 0: as many as the cluster's resources allow
+    cpus_per_trial: float = 1.0  # each trial's torch threads too
+    gpus_per_trial: float = 0.0  # e.g. 0.25: four trials share a GPU; the gate and its batches go there
+
+    def __post_init__(self):
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_concurrent < 0:
+            raise ValueError("--cpus-per-trial must be positive, --gpus-per-trial and --max-concurrent-trials "
+                             "not negative")
+
+    def trial_resources(self) -> dict[str, float]:
+        """What each trial asks Ray for (tune.with_resources)."""
+        return {"cpu": self.cpus_per_trial, **({"gpu": self.gpus_per_trial} if self.gpus_per_trial else {})}
 
 
 GRIDS = {
@@ -91,16 +103,28 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
     return configs
 
 
-def load_split(cfg: RunConfig, task, split: str) -> SplitData:
-    """Gate inputs and cache rows of one split, aligned by sample_id."""
-    import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
+def _identity(grid: SweepGrid) -> dict:
+    """What names a sweep: its search space, not the resources it ran with (a sweep resumed
+    on other machines is the same sweep)."""
+    return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")}
 
-    table = load_cache(cfg, split)
-    gate = read_table(cfg.layout.shards(split, "gate"), columns=["sample_id", "gate"]).to_pandas()
-    gate = gate.set_index("sample_id").loc[table["sample_id"]]
-    n = len(task.expert_names())
-    return SplitData(gate=np.stack(gate["gate"].to_numpy()), cache=table,
-                     losses=expert_matrix(table, "loss", n), scores=expert_matrix(table, "score", n))
+
+def split_inputs(layout: RunLayout, manifest: dict) -> dict[str, dict]:
+    """Where each split's cache and gate shards are: what a trial reads, on its own node."""
+    return {split: {"cache_file": layout.cache(split), "gate_files": shard_files(layout, manifest, split, "gate")}
+            for split in SPLITS}
+
+
+def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -> SplitData:
+    """One split's cache and (streamed) gate inputs, lined up (report, bench)."""
+    manifest = manifest or require_manifest(cfg)
+    if not cfg.layout.cache(split).exists():
+        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+    where = split_inputs(cfg.layout, manifest)[split]
+    try:
+        return gate_trial.load_split(where["cache_file"], where["gate_files"], len(task.expert_names()))
+    except gate_trial.CacheMismatch as err:
+        raise UserError(str(err)) from None
 
 
 def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None) -> Path:
@@ -117,7 +141,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     cache_key = read_json(layout.cache_stamp())
     if cache_key is None:
         raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
-    key = hashlib.sha256(json.dumps({"grid": asdict(grid), "cache": cache_key, "data": manifest["fingerprint"]},
+    key = hashlib.sha256(json.dumps({"grid": _identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
                                     sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"sweep-{key}"
     out = layout.sweep_record(name)
@@ -130,9 +154,14 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     ensure_ray(cfg)
     experiment_id = ensure_mlflow(cfg)
     parent = _parent_run(name, experiment_id, grid, cfg)
-    data = {split: load_split(cfg, task, split) for split in SPLITS}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, data=data, layout=layout, sweep_name=name),
-                                    {"cpu": 1})
+    for split in SPLITS:
+        if not layout.cache(split).exists():
+            raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+    # Trials read their splits themselves, streamed from the root on their own node: only paths travel.
+    inputs = split_inputs(layout, manifest)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name),
+        grid.trial_resources())
     path = layout.tune_experiment(name)
     callbacks = [_ResumableMLflowLogger(layout, tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
@@ -143,7 +172,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         print(f"sweep: resuming {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        print(f"sweep: {name}: {len(configs)} trials ({', '.join(grid.methods)}), MLflow parent run {parent}")
+        print(f"sweep: {name}: {len(configs)} trials ({', '.join(grid.methods)}), each with "
+              f"{grid.trial_resources()}, MLflow parent run {parent}")
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(configs)},
@@ -162,7 +192,9 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
                         "trial_dir": result.path, "assignment_file": metrics.get("assignment_file"),
-                        "gate_file": metrics.get("gate_file")})
+                        "gate_file": metrics.get("gate_file"),
+                        "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
+                        "device": metrics.get("device")})
     summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
                "seconds": round(time.perf_counter() - started, 1), "trials": records}
@@ -226,15 +258,23 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
         super().log_trial_end(trial, failed)
 
 
-def _trainable(config: dict, data: dict, layout: RunLayout, sweep_name: str) -> None:
-    """Tune function trainable: run the trial, then report its final record. The trained gate
-    and the test assignment are written to the run root from the node the trial runs on, and
-    recorded relative to the root."""
+def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str) -> None:
+    """Tune function trainable: read the splits (streamed from the root, on this node), run the
+    trial, then report its final record. The trained gate and the test assignment are written
+    to the run root from the node the trial runs on, and recorded relative to the root."""
+    import ray
     from ray import tune
 
     trial = config["trial"]
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # the CPUs Ray gave this trial
+    data = {split: gate_trial.load_split(where["cache_file"], where["gate_files"], n_experts,
+                                         full=split != "train")
+            for split, where in inputs.items()}
     result = run_trial(trial, data)
-    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0)}
+    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0),
+             "assigned_cpu": float(assigned.get("CPU", 0)), "assigned_gpu": float(assigned.get("GPU", 0)),
+             "device": str(gate_trial.trial_device())}
     assignment = result.pop("test_assignment", None)
     gate = result.pop("gate", None)
     trial_id = tune.get_context().get_trial_id()

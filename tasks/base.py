@@ -117,8 +117,9 @@ class Task(Protocol):
 
     def gate_spec(self) -> GateSpec: ...
 
-    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
-        """(M, C, H, W) float gate inputs from the stored gate column."""
+    def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(M, C, H, W) float gate inputs from a batch of the stored gate column (numpy, or a
+        tensor already on the trial's device: the result stays on that device)."""
 
     def heuristic(self, gate: np.ndarray) -> np.ndarray | None:
         """(M,) hand-made difficulty per input (higher: needs more data), or None."""

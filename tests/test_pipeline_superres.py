@@ -44,7 +44,7 @@ def test_prepare_writes_shards_per_expert_and_is_idempotent(run, capsys):
             assert info["shards"][part]["rows"] == info["samples"]
             files = info["shards"][part]["files"]
             assert all((cfg.layout.shards(split, part) / f["name"]).exists() for f in files)
-            assert sum(f["rows"] for f in files) == info["samples"] and all(len(f["footer_sha256"]) == 64 for f in files)
+            assert sum(f["rows"] for f in files) == info["samples"] and all(len(f["sha256"]) == 64 for f in files)
         # PNG bytes of the LR patch grow with resolution, as the data costs do
         enc = info["mean_encoded_bytes"]
         assert enc["p0"] < enc["p1"] < enc["p2"]

@@ -222,9 +222,10 @@ class ActionTask:
         """Table X with 2 F_t input channels (the paper's 320: F_t = 160); C_g < 1e8."""
         return dataclasses.replace(ACTION_GATE, in_channels=2 * self.settings.F_t)
 
-    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
-        """(M, 2 F_t, 24, 24): the temporal modality, dx and dy of each frame as channels."""
-        x = torch.as_tensor(np.array(gate, dtype=np.float32))  # (M, F_t, 24, 24, 2), a writable copy
+    def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(M, 2 F_t, 24, 24): the temporal modality, dx and dy of each frame as channels, on
+        the device of `gate`."""
+        x = torch.as_tensor(gate).to(torch.float32)  # (M, F_t, 24, 24, 2)
         m, f, h, w, _ = x.shape
         return x.permute(0, 1, 4, 2, 3).reshape(m, 2 * f, h, w) / models.MV_UNIT
 

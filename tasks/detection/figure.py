@@ -16,14 +16,14 @@ def draw_assignment(split, assignment: np.ndarray, names: list[str], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gate = np.asarray(split.gate)  # (M, C, C, 3) uint8
     fig, axes = plt.subplots(len(names), per_expert, figsize=(1.6 * per_expert, 1.8 * len(names)), squeeze=False)
     for n, name in enumerate(names):
         chosen = np.flatnonzero(assignment == n)
+        crops = split.gate.take(chosen[:per_expert])  # (k, C, C, 3) uint8, read from the shards
         for k, ax in enumerate(axes[n]):
             ax.axis("off")
             if k < len(chosen):
-                ax.imshow(gate[chosen[k]])
+                ax.imshow(crops[k])
                 for side in ax.spines.values():
                     side.set_edgecolor(COLOURS[n % len(COLOURS)])
         axes[n][0].set_title(f"{name}: {len(chosen)} images", fontsize=8, loc="left",

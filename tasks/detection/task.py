@@ -231,9 +231,9 @@ class DetectionTask:
         side = self.settings.gate_crop
         return replace(DETECTION_GATE, in_size=(side, side), n_experts=len(self.settings.resolutions))
 
-    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
-        """(M, 3, C, C) centre crops standardised with fixed constants."""
-        x = torch.as_tensor(np.asarray(gate)).permute(0, 3, 1, 2).float() / 255.0
+    def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(M, 3, C, C) centre crops standardised with fixed constants, on the device of `gate`."""
+        x = torch.as_tensor(gate).permute(0, 3, 1, 2).float() / 255.0
         return (x - 0.45) / 0.25
 
     def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -159,9 +159,10 @@ class SuperResTask:
     def gate_spec(self) -> GateSpec:
         return SUPERRES_GATE  # Table VII: the 64x64 HR patch, C_g < 1e7
 
-    def gate_tensor(self, gate: np.ndarray) -> torch.Tensor:
-        """(M, 3, 64, 64) patches standardised with fixed constants (no data-dependent state)."""
-        return (_to_float(torch.as_tensor(np.asarray(gate))) - 0.45) / 0.25
+    def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(M, 3, 64, 64) patches standardised with fixed constants (no data-dependent state),
+        on the device the stored uint8 patches are on."""
+        return (_to_float(torch.as_tensor(gate)) - 0.45) / 0.25
 
     def sample_weights(self, cache: pd.DataFrame) -> np.ndarray:
         """(M,) first-order weight of each patch in the reported metric: a patch's squared error

@@ -1,0 +1,129 @@
+"""The data plane at scale, in small: prepare's rolling shard writer and the sweep trials'
+streaming reader of gate inputs (order, last partial batch, stored dtype kept, bounded buffer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.gate_inputs import GateInputs
+from pipelines.shard_writer import MB, ShardColumns, ShardSizes, ShardWriter, merge_written, rows_to_block
+from storage import StoragePath
+
+
+def _rows(source: str, count: int, start: int = 0) -> list[dict]:
+    return [{"sample_id": f"{source}/{i:04d}", "group": source, "source_id": source,
+             "gate": np.full((8, 8, 3), (start + i) % 251, np.uint8), "hr": np.full((8, 8, 3), i % 7, np.uint8),
+             "x0": np.zeros((2, 2, 3), np.uint8), "enc0": 10 + i, "x1": np.zeros((4, 4, 3), np.uint8), "enc1": 20,
+             "row": i, "col": 0}
+            for i in range(count)]
+
+
+COLUMNS = ShardColumns(data_costs=(12.0, 48.0), target_columns=("hr", "row", "col"), meta_columns=("row", "col"))
+
+
+def _write(folder, sizes: ShardSizes, blocks: list[list[dict]], prefix: str = "w") -> dict:
+    folders = {part: folder / part for part in COLUMNS.parts()}
+    writer = ShardWriter(folders, COLUMNS, sizes, prefix=prefix)
+    for rows in blocks:
+        writer.add(rows_to_block(rows))
+    return writer.close()
+
+
+def test_shard_writer_rolls_files_at_the_target_size_and_records_rows_and_checksums(tmp_path):
+    import hashlib
+
+    sizes = ShardSizes(file_mb=40_000 / MB, row_group_mb=10_000 / MB)  # tiny targets: several files and groups
+    result = _write(tmp_path, sizes, [_rows("a", 150), _rows("b", 90, start=150)])
+    written = merge_written([result])
+    assert written["source_rows"] == {"a": 150, "b": 90}
+    assert written["encoded_bytes"] == {"p0": sum(10 + i for i in range(150)) + sum(10 + i for i in range(90)),
+                                        "p1": 20 * 240}
+    gate_files = written["files"]["gate"]
+    assert len(gate_files) > 1  # rolled over, not one file per block or one huge file
+    for part, files in written["files"].items():
+        assert sum(f["rows"] for f in files) == 240
+        for f in files:
+            path = tmp_path / part / f["name"]
+            data = path.read_bytes()
+            assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+            meta = pq.read_metadata(path)
+            assert meta.num_rows == f["rows"] and meta.num_row_groups >= 1
+    assert not list(tmp_path.rglob(".*partial"))  # every file was renamed into place
+    p1 = pq.read_table(tmp_path / "p1").to_pandas()
+    assert set(p1.columns) == {"sample_id", "group", "hr", "row", "col", "x", "encoded_bytes", "data_cost_bytes"}
+    assert (p1["data_cost_bytes"] == 48.0).all()
+    gate = GateInputs(sorted((tmp_path / "gate").glob("*.parquet")))
+    assert list(gate.sample_ids()) == [r["sample_id"] for r in _rows("a", 150) + _rows("b", 90)]
+
+
+def test_shard_writer_writes_to_an_object_store(s3_bucket):
+    root = s3_bucket / "shards"
+    result = _write(root, ShardSizes(), [_rows("a", 20)])
+    (name,) = [f["name"] for f in result["files"]["gate"]]
+    path = root / "gate" / name
+    assert isinstance(path, StoragePath) and path.stat().st_size == result["files"]["gate"][0]["bytes"]
+    assert len(GateInputs([path])) == 20
+
+
+@pytest.fixture
+def stream(tmp_path) -> GateInputs:
+    """240 rows in 2 files, row groups of at most 25 rows; row i's gate value is i % 251."""
+    sizes = ShardSizes(file_mb=30_000 / MB, row_group_mb=5_000 / MB)
+    _write(tmp_path, sizes, [_rows("a", 130), _rows("b", 110, start=130)])
+    files = sorted((tmp_path / "gate").glob("*.parquet"))
+    assert len(files) >= 2
+    return GateInputs(files)
+
+
+def test_batches_in_order_end_with_a_partial_batch(stream):
+    assert len(stream) == 240 and len(stream.groups) > 4
+    batches = list(stream.batches(64))
+    assert [len(i) for i, _ in batches] == [64, 64, 64, 48]
+    idx = np.concatenate([i for i, _ in batches])
+    assert (idx == np.arange(240)).all()
+    for i, x in batches:
+        assert x.dtype == np.uint8 and x.shape[1:] == (8, 8, 3)  # as stored, never float here
+        assert (x[:, 0, 0, 0] == i % 251).all()
+        assert x.flags.writeable  # torch.from_numpy takes it without a copy or a warning
+    assert [len(i) for i, _ in stream.batches(64, drop_last=True)] == [64, 64, 64]
+
+
+def test_shuffled_batches_cover_each_row_once_with_a_bounded_buffer(stream):
+    gen = torch.Generator().manual_seed(0)
+    batches = list(stream.batches(32, gen=gen, buffer_rows=50, drop_last=True))
+    assert len(batches) == 240 // 32 and all(len(i) == 32 for i, _ in batches)
+    idx = np.concatenate([i for i, _ in batches])
+    assert len(set(idx.tolist())) == len(idx)  # no row twice
+    assert not (idx[:32] == np.arange(32)).all()  # shuffled
+    for i, x in batches:
+        assert (x[:, 0, 0, 0] == i % 251).all()  # inputs stay with their row indices
+    again = list(stream.batches(32, gen=torch.Generator().manual_seed(0), buffer_rows=50, drop_last=True))
+    assert all((a[0] == b[0]).all() for a, b in zip(batches, again))  # the seed decides the order
+    every = np.concatenate([i for i, _ in stream.batches(32, gen=gen, buffer_rows=1000)])
+    assert sorted(every.tolist()) == list(range(240))  # without drop_last the remainder comes last
+
+
+def test_take_reads_rows_in_the_order_asked(stream):
+    rows = stream.take([200, 3, 131, 3])
+    assert rows.dtype == np.uint8 and list(rows[:, 0, 0, 0]) == [200, 3, 131, 3]
+    with pytest.raises(IndexError):
+        stream.take([240])
+
+
+def test_a_trial_moves_batches_to_its_device_in_the_stored_dtype(stream):
+    from pipelines.gate_trial import to_device
+    from tasks import get_task
+
+    seen = []
+
+    class Recording:
+        def gate_tensor(self, x):
+            seen.append(x.dtype)
+            return get_task("superres", "smoke").gate_tensor(x)
+
+    _, x = next(stream.batches(16))
+    out = to_device(Recording(), x, torch.device("cpu"))
+    assert seen == [torch.uint8] and out.dtype == torch.float32 and out.shape == (16, 3, 8, 8)
