@@ -25,8 +25,10 @@ from tasks import SPLITS, get_task
 CACHE_ORDER = "gate-shards"  # rows in the order of the split's gate shards (older caches were sorted by id)
 
 
-def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, str]:
-    """Write the per-sample cache of every split; returns the file of each split."""
+def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, str]:
+    """Write the per-sample cache of every split; returns the file of each split. actors: the
+    most scorer actors per expert (0: one per GPU of the cluster with --gpu, else one); the pool
+    grows from one to that as Ray can place them."""
     import ray.data
 
     manifest = require_manifest(cfg)
@@ -45,14 +47,15 @@ def cache(cfg: RunConfig, actors: int = 1, batch_size: int = 256) -> dict[str, s
     tables = {split: pa.concat_tables([read_table(f, columns=["sample_id", "group", *task.meta_columns])
                                        for f in shard_files(layout, manifest, split, "gate")]).to_pandas()
               for split in SPLITS}
+    pool = actors or (max(1, int(ray.cluster_resources().get("GPU", 1))) if cfg.use_gpu else 1)
     for n in range(len(experts)):
-        # one pass per expert over all splits: one actor pool, one model load
+        # one pass per expert over all splits: one actor pool, one model load per actor
         paths = [str(layout.shards(split, f"p{n}")) for split in SPLITS]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
             fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                                    "weights": str(layout.weights(n)), "use_gpu": cfg.use_gpu},
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             batch_size=batch_size,
             batch_format="numpy",
             num_gpus=1 if cfg.use_gpu else 0,

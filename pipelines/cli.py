@@ -109,18 +109,23 @@ def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile 
 @app.command("train-experts")
 def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
                   data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
-                  num_workers: Workers = 1, gpu: Gpu = False):
+                  num_workers: Workers = 1, gpu: Gpu = False,
+                  concurrent_fits: Annotated[int, typer.Option(
+                      help="Experts trained at once (0: with --gpu all of them, each waiting for its GPUs, which "
+                           "is what makes an autoscaler add GPU nodes; on CPUs what the cluster holds now).",
+                      min=0)] = 0):
     """Stage 2: one Ray Train TorchTrainer run per expert; checkpoints and MLflow runs."""
     from pipelines.train_experts import train_experts as stage
 
     _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True,
-                        num_workers=num_workers, use_gpu=gpu))
+                        num_workers=num_workers, use_gpu=gpu, concurrent_fits=concurrent_fits))
 
 
 @app.command()
 def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, gpu: Gpu = False,
-          actors: Annotated[int, typer.Option(help="Actors per expert in the Ray Data pool.")] = 1):
+          actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: one per GPU with --gpu, "
+                                                   "else one); the pool scales up to it.", min=0)] = 0):
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 

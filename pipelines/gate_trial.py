@@ -103,17 +103,19 @@ def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def run_trial(config: dict, data: dict[str, SplitData]) -> dict:
-    """Evaluate one configuration; reports per-epoch metrics through `report` and returns the
-    final record: {"points": [{d_target, d_mean, performance, ...}], ...}."""
-    from ray import tune
+def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
+    """Evaluate one configuration; reports per-epoch metrics through `report` (Tune's, unless
+    given: a trial can run without Tune) and returns the final record:
+    {"points": [{d_target, d_mean, performance, ...}], ...}."""
+    if report is None:
+        from ray import tune
 
+        report = tune.report
     task = get_task(config["task"], config["profile"], config.get("options"))
     method = config["method"]
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])
     seed = int(config.get("seed", 0))
-    report = tune.report
 
     if method in STATIC_METHODS:
         points = [_static_point(task, method, data["test"], d, p_val, d_t, seed) for d_t in config["targets"]]

@@ -18,12 +18,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from pipelines.runtime import RunConfig, UserError, ensure_ray
-from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, shard_sink
+from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
 from tasks import SPLITS, BadInput, UnreadableInput
 from tasks.base import Task
 
 EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
+BLOCK_BYTES = 32 << 20  # Ray Data blocks from the loaders to the writers (Ray's default: 128 MiB)
 TASKS_PER_CPU = 4  # write tasks per cluster CPU: enough to balance uneven sources, few enough for big files
 
 
@@ -98,8 +99,8 @@ def shard_files(layout, manifest: dict, split: str, part: str) -> list[AnyPath]:
 
 
 def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log, sizes: ShardSizes) -> dict:
-    """One streaming pass: Ray Data reads and decodes each source once on a worker, and the
-    same task writes its rows to every shard set (pipelines/shard_writer.py). Nothing of the
+    """One streaming pass: Ray Data reads and decodes each source once on a worker (one block
+    per source), and the same task writes its rows to every shard set (pipelines/shard_writer.py). Nothing of the
     split is materialised, and the driver only sees the writers' small records."""
     import ray
     import ray.data
@@ -110,8 +111,16 @@ def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log, sizes: 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(1, min(len(listing.sources), TASKS_PER_CPU * cpus))
     sink = shard_sink(folders, columns, sizes)
-    ray.data.from_items(listing.sources, override_num_blocks=blocks).flat_map(_Loader(task, log)) \
-        .write_datasink(sink)
+    context = ray.data.DataContext.get_current()
+    default_block = context.target_max_block_size
+    # small blocks between the loader and the writer: a write task's memory stays a few blocks
+    context.target_max_block_size = min(default_block or BLOCK_BYTES, BLOCK_BYTES)
+    try:
+        ray.data.from_items(listing.sources, override_num_blocks=blocks) \
+            .map_batches(_Loader(task, log), batch_size=1, batch_format="pyarrow", zero_copy_batch=True) \
+            .write_datasink(sink)
+    finally:
+        context.target_max_block_size = default_block
     written = sink.written or merge_written([])
     count = sum(written["source_rows"].values())
     found = ray.get(log.take.remote())  # what the workers could not read or decode, by source
@@ -162,27 +171,30 @@ def _problem_log():
 
 
 class _Loader:
-    """Ray Data flat_map: one source -> its sample rows. A source that cannot be read, or whose
-    content is bad, yields no rows and is told to the problem log (a worker's view, not the
+    """Ray Data map_batches over sources: each source -> one columnar block of its sample rows
+    (built once per source, not row by row by Ray). A source that cannot be read, or whose
+    content is bad, yields nothing and is told to the problem log (a worker's view, not the
     driver's: the driver may see files that a worker node cannot)."""
 
     def __init__(self, task: Task, log):
         self.task, self.log = task, log
 
-    def __call__(self, source: dict) -> list[dict]:
+    def __call__(self, sources):
         import ray
 
-        try:
-            samples = self.task.load(source)
-        except UnreadableInput as err:
-            ray.get(self.log.add.remote(source["source_id"], "unreadable", str(err)))
-            return []
-        except BadInput as err:
-            ray.get(self.log.add.remote(source["source_id"], "bad", str(err)))
-            return []
-        for sample in samples:
-            sample["source_id"] = source["source_id"]
-        return samples
+        for source in sources.to_pylist():
+            try:
+                samples = self.task.load(source)
+            except UnreadableInput as err:
+                ray.get(self.log.add.remote(source["source_id"], "unreadable", str(err)))
+                continue
+            except BadInput as err:
+                ray.get(self.log.add.remote(source["source_id"], "bad", str(err)))
+                continue
+            if samples:
+                for sample in samples:
+                    sample["source_id"] = source["source_id"]
+                yield rows_to_block(samples)
 
 
 def _data_root(cfg: RunConfig, task: Task) -> AnyPath:

@@ -28,6 +28,7 @@ class RunConfig:
     strict: bool = False  # fail on the first bad input instead of counting it
     num_workers: int = 1  # Ray Train workers per expert
     use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
+    concurrent_fits: int = 0  # experts trained at once; 0: decided from the cluster (train_experts)
     seed: int = 0
     task_options: dict = field(default_factory=dict)  # overrides of the task's settings
 

@@ -28,6 +28,7 @@ WEIGHTS = "model.pt"  # inside a Ray Train checkpoint: the model's state_dict
 OPTIMIZER = "optimizer.pt"  # and the optimizer's, so a resumed fit continues where it stopped
 HISTORY = "history.json"  # one row per finished epoch
 MAX_FAILURES = 2  # worker or node failures a fit survives (it restarts from its last checkpoint)
+SHUFFLE_BATCHES = 16  # batches' worth of rows mixed in the local shuffle buffer, across blocks of several files
 
 
 def train_experts(cfg: RunConfig) -> list[dict]:
@@ -52,7 +53,7 @@ def train_experts(cfg: RunConfig) -> list[dict]:
             todo.append((n, fingerprint))
     if todo:
         ensure_ray(cfg)
-        limit = _concurrent_fits(cfg)
+        limit = _concurrent_fits(cfg, len(todo))
         running: dict = {}
         while todo and limit == 1:  # one at a time: fit from the driver, no extra process
             n, fingerprint = todo.pop(0)
@@ -78,14 +79,18 @@ def _announce(task, n: int, cfg: RunConfig) -> None:
           f"batch {training.batch_size}, {cfg.num_workers} worker(s), gpu={cfg.use_gpu}")
 
 
-def _concurrent_fits(cfg: RunConfig) -> int:
-    """How many experts can train at once and still leave a CPU for Ray Data's read tasks
+def _concurrent_fits(cfg: RunConfig, pending: int) -> int:
+    """How many experts train at once: cfg.concurrent_fits when set; on GPUs every pending fit
+    (those that find no GPU wait for one, and their pending demand is what makes an autoscaler
+    start GPU nodes); on CPUs what the cluster holds now, leaving a CPU for Ray Data's read tasks
     (a trainer whose data tasks cannot get a CPU waits forever)."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_fit = cfg.num_workers * (0 if cfg.use_gpu else 1)
-    return max(1, (cpus - 1) // per_fit) if per_fit else max(1, int(ray.cluster_resources().get("GPU", 1)))
+    if cfg.concurrent_fits:
+        return cfg.concurrent_fits
+    if cfg.use_gpu:
+        return max(1, pending)
+    return max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // cfg.num_workers)
 
 
 def load_expert(task, n: int, weights: str | AnyPath, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -103,6 +108,11 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
 
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
     task = cfg.task_obj()
+
+    def read(split: str):
+        return ray.data.read_parquet(str(cfg.layout.shards(split, f"p{n}")),
+                                     columns=["x", *getattr(task, "train_columns", task.target_columns)])
+
     # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.
     trainer = TorchTrainer(
         _train_loop,
@@ -110,9 +120,8 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
                            "seed": cfg.seed},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
-            split: ray.data.read_parquet(str(cfg.layout.shards(split, f"p{n}")),
-                                         columns=["x", *getattr(task, "train_columns", task.target_columns)])
-            for split in ("train", "val")
+            "train": read("train").randomize_block_order(),  # rows are stored image by image: mix the files
+            "val": read("val"),
         },
         run_config=TrainRunConfig(name=f"{cfg.task}-expert-{n}-{fingerprint[:8]}",
                                   storage_path=cfg.layout.train_storage(),
@@ -200,7 +209,7 @@ def _train_loop(config: dict) -> None:
         model.train()
         total, count = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
-                                                    local_shuffle_buffer_size=4 * training.batch_size):
+                                                    local_shuffle_buffer_size=SHUFFLE_BATCHES * training.batch_size):
             loss = task.train_loss(n, model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

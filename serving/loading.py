@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.gate_inputs import GateInputs
 from pipelines.layout import RunLayout
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
@@ -80,10 +81,7 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
     expert_uris: MLflow model URIs (models:/name/version of registered models, runs:/id/model)
     to serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    import ray.data  # noqa: F401  registers Ray's Arrow tensor types: the gate column reads as ndarrays
-
-    from pipelines.gate_trial import load_gate
-    from storage import read_table
+    from pipelines.gate_trial import EVAL_BATCH, load_gate
 
     layout = RunConfig(task=task, root=str(root)).layout
     path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
@@ -113,8 +111,10 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
     val_dir = layout.shards("val", "gate")
     if not val_dir.exists():
         raise UserError(f"no validation gate inputs at {val_dir}: run `bmoe prepare` first")
-    val_gate = np.stack(read_table(val_dir, columns=["gate"]).to_pandas()["gate"].to_numpy())
-    values = gate_values(gate, bundle, task_obj.gate_tensor(val_gate))
+    # the validation split's gate values, streamed from its shards in batches (bounded memory)
+    val_gate = GateInputs(sorted(val_dir.glob("*.parquet")))
+    values = np.concatenate([gate_values(gate, bundle, task_obj.gate_tensor(x))
+                             for _, x in val_gate.batches(EVAL_BATCH)])
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
     return ServedModels(task=task, profile=bundle["profile"], options=dict(bundle["options"]),
                         expert_names=task_obj.expert_names(), d=np.asarray(task_obj.data_costs(), dtype=np.float64),

@@ -35,6 +35,8 @@ def test_help_lists_every_stage():
         (("cache", "--root", "s3://"), "no bucket in the URI"),
         (("sweep", "--root", "s3://bucket/runs"), "pass --tracking-uri of an MLflow server (infra/mlflow/serve.sh"),
         (("demo", "--root", "gs://bucket/runs", "--profile", "smoke"), "is in object storage"),
+        (("sweep", "--gpus-per-trial", "-1", "--root", "{tmp}"), "--gpus-per-trial and --max-concurrent-trials"),
+        (("prepare", "--row-group-mb", "500", "--root", "{tmp}"), "shard sizes need 0 < row group (500.0 MB)"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):

@@ -4,6 +4,7 @@ clip among the listed ones) and on the real sample's layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -132,7 +133,10 @@ def test_sweep_and_report(run):
 
     cfg, _, _, _ = run
     grid = with_methods(GRIDS["smoke"], "experts,random,heuristic,oracle,enforce,lagrange")  # soft: tests/test_cluster.py
+    grid = dataclasses.replace(grid, cpus_per_trial=2)  # what --cpus-per-trial sets
     result = json.loads(sweep(cfg, grid, name="smoke-sweep").read_text())
+    # every trial got what the flag asked for, from Ray, and ran where Ray put it (no GPU here)
+    assert all(t["resources"] == {"cpu": 2.0, "gpu": 0.0} and t["device"] == "cpu" for t in result["trials"])
     assert {t["config"]["method"] for t in result["trials"]} == {"experts", "random", "heuristic", "oracle",
                                                                   "enforce", "lagrange"}
     summary = json.loads(report(cfg).read_text())
