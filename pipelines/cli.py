@@ -15,6 +15,8 @@ import typer
 from pipelines.runtime import PROFILES, RunConfig, UserError, quiet_environment
 from storage import StoragePath
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # serve hosts that keep the server on this machine
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -174,12 +176,29 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
             sweep: Annotated[Optional[list[str]], typer.Option(help="Only these sweeps (repeatable).")] = None,
             d_target: Annotated[Optional[float], typer.Option(
                 help="Bytes: show each trained method only at its target nearest to this.")] = None,
-            as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
-    """Across the sweeps in the task's MLflow experiment: each method's rho and best trial (per target), with d_mean."""
-    from pipelines.compare import as_json as to_json, compare as stage, format_table
+            output: Annotated[str, typer.Option(
+                "--format", help="table: best trials, then every method side by side per target; csv: one row per "
+                                 "(sweep, target, method); json: both.")] = "table"):
+    """Across the sweeps in the task's MLflow experiment: each method's rho and best trial, and every method
+    side by side at each target with its routing efficiency (the gap to the oracle)."""
+    import json
+    from dataclasses import asdict
 
-    rows = _run(stage, _config(task, root, "demo", None, tracking_uri, tracking=True), sweep, d_target)
-    typer.echo(to_json(rows) if as_json else format_table(rows))
+    from pipelines.compare import as_csv, compare as stage, format_side_by_side, format_table, side_by_side
+
+    if output not in ("table", "csv", "json"):
+        raise typer.BadParameter(f"--format {output!r}: choose table, csv or json")
+    cfg = _config(task, root, "demo", None, tracking_uri, tracking=True)
+    points = _run(side_by_side, cfg, sweep)
+    if output == "csv":
+        typer.echo(as_csv(points), nl=False)
+        return
+    rows = _run(stage, cfg, sweep, d_target)
+    if output == "json":
+        typer.echo(json.dumps({"best_trials": [asdict(r) for r in rows],
+                               "per_target": [asdict(p) for p in points]}, indent=2))
+    else:
+        typer.echo(format_table(rows) + "\n" + format_side_by_side(points))
 
 
 @app.command()
@@ -194,8 +213,11 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
                    "default: the checkpoints under --root.")] = None,
           tracking_uri: TrackingUri = None,
           host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="HTTP port.")] = 8000):
+          port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8000):
     """Serve the task's mixture with Ray Serve: POST /<task>/predict, GET /<task>/stats (Ctrl-C stops)."""
+    if host not in LOOPBACK:
+        typer.echo(f"warning: --host {host} exposes the server beyond this machine (it has no authentication)",
+                   err=True)
     from pipelines.runtime import ensure_ray
     from serving.app import budget_target, run as serve_app
     from serving.loading import load_run

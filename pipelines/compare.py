@@ -1,5 +1,9 @@
 """`bmoe compare`: the MLflow experiment comparison in one command.
 
+side_by_side: every method at every target of a sweep from its point runs (the keys every method
+shares in MLflow), with the routing efficiency (p - p_random) / (p_oracle - p_random) per target
+and over rho; as a table or CSV.
+
 For every sweep (parent run) in a task's experiment and every method, its rho (once `bmoe report`
 has logged it) and its best trial: for gates trained per target, the trial with the best
 validation performance at each target (as the report picks them), with its d_mean and test
@@ -9,10 +13,10 @@ only, so it works the same against the local sqlite file and a shared `mlflow se
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
+from pipelines.selection import best_on_validation
 
 HYPERPARAMETERS = ("w_bias", "batch_size", "lr", "width")
 
@@ -34,16 +38,7 @@ class BestTrial:
 def compare(cfg: RunConfig, sweeps: list[str] | None = None, d_target: float | None = None) -> list[BestTrial]:
     """The best trial per method (and target) and sweep of the task's experiment, best rho first
     per sweep; `d_target` keeps only each trained method's target nearest to it."""
-    import mlflow
-
-    experiment_id = ensure_mlflow(cfg)
-    client = mlflow.MlflowClient()
-    parents = client.search_runs([experiment_id], filter_string="tags.`bmoe.stage` = 'sweep'",
-                                 order_by=["attributes.start_time DESC"], max_results=1000)
-    if sweeps:
-        parents = [p for p in parents if p.info.run_name in sweeps]
-    if not parents:
-        raise UserError(f"no sweeps of task {cfg.task} in MLflow at {cfg.mlflow_uri}: run `bmoe sweep` first")
+    client, experiment_id, parents = _sweep_parents(cfg, sweeps)
     rows: list[BestTrial] = []
     for parent in parents:
         children = client.search_runs([experiment_id], max_results=5000,
@@ -63,16 +58,29 @@ def compare(cfg: RunConfig, sweeps: list[str] | None = None, d_target: float | N
     return rows
 
 
+def _sweep_parents(cfg: RunConfig, sweeps: list[str] | None):
+    """(client, experiment id, the sweeps' parent runs, newest first); UserError when none."""
+    import mlflow
+
+    experiment_id = ensure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    parents = client.search_runs([experiment_id], filter_string="tags.`bmoe.stage` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1000)
+    if sweeps:
+        parents = [p for p in parents if p.info.run_name in sweeps]
+    if not parents:
+        raise UserError(f"no sweeps of task {cfg.task} in MLflow at {cfg.mlflow_uri}: run `bmoe sweep` first")
+    return client, experiment_id, parents
+
+
 def _target(run) -> float | None:
     value = run.data.params.get("trial/d_target")
     return None if value in (None, "None") else float(value)
 
 
 def _best(parent, method: str, runs: list) -> BestTrial:
-    def val(run) -> float:
-        return run.data.metrics.get("val_performance", float("-inf"))
-
-    best = max(runs, key=val)
+    (best,) = best_on_validation(runs, key=lambda run: method, val=lambda run: run.data.metrics.get("val_performance")
+                                 ).values()
     m, p = best.data.metrics, best.data.params
     return BestTrial(
         sweep=parent.info.run_name,
@@ -107,5 +115,93 @@ def format_table(rows: list[BestTrial]) -> str:
     return "\n".join(lines)
 
 
-def as_json(rows: list[BestTrial]) -> str:
-    return json.dumps([asdict(r) for r in rows], indent=2)
+@dataclass
+class TargetPoint:
+    """One method at one target of one sweep: the point MLflow holds (best on validation when
+    the sweep trained several), beside the sweep's rho for the method."""
+
+    sweep: str
+    d_target: float
+    method: str
+    test_performance: float
+    val_performance: float | None
+    d_mean: float
+    routing_efficiency: float | None  # (p - p_random) / (p_oracle - p_random) at this target
+    rho: float | None
+    rho_efficiency: float | None  # the same over rho: how much of the oracle's gain over random
+
+
+def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[TargetPoint]:
+    """Every method at every target of each sweep, from the sweep's point runs in MLflow (tag
+    bmoe.point; the keys every method shares), with the gap to the oracle as routing efficiency."""
+    client, experiment_id, parents = _sweep_parents(cfg, sweeps)
+    out: list[TargetPoint] = []
+    for parent in parents:
+        name = parent.info.run_name
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`bmoe.point` = '{name}'", max_results=50000)
+        best = best_on_validation(runs, key=lambda r: (r.data.params["method"], float(r.data.params["d_target"])),
+                                  val=lambda r: r.data.metrics.get("val_performance"))
+        rho = {m: parent.data.metrics.get(f"rho_{m}") for m, _ in best}
+        for (method, d_t), run in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            perf = run.data.metrics["test_performance"]
+            ref = {m: best[(m, d_t)].data.metrics["test_performance"] for m in ("random", "oracle") if (m, d_t) in best}
+            out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=perf,
+                                   val_performance=run.data.metrics.get("val_performance"),
+                                   d_mean=run.data.metrics["d_mean"],
+                                   routing_efficiency=_efficiency(perf, ref.get("random"), ref.get("oracle")),
+                                   rho=rho.get(method),
+                                   rho_efficiency=_efficiency(rho.get(method), rho.get("random"), rho.get("oracle"))))
+    return out
+
+
+def _efficiency(value: float | None, random: float | None, oracle: float | None) -> float | None:
+    if value is None or random is None or oracle is None or abs(oracle - random) < 1e-12:
+        return None
+    return (value - random) / (oracle - random)
+
+
+def format_side_by_side(points: list[TargetPoint]) -> str:
+    """Per sweep: one row per target, one column per method (test performance and, in brackets,
+    routing efficiency), then rho and rho's efficiency."""
+    lines = []
+    for sweep in dict.fromkeys(p.sweep for p in points):
+        mine = [p for p in points if p.sweep == sweep]
+        methods = list(dict.fromkeys(sorted((p.method for p in mine), key=_method_order)))
+        cell = {(p.method, p.d_target): p for p in mine}
+        width = 17
+        lines += ["", f"sweep {sweep}: test performance (routing efficiency) per target",
+                  f"  {'d_t kB':>8}" + "".join(f"{m:>{width}}" for m in methods)]
+        for d_t in sorted({p.d_target for p in mine}):
+            row = ""
+            for m in methods:
+                p = cell.get((m, d_t))
+                eff = "" if p is None or p.routing_efficiency is None else f" ({p.routing_efficiency:.2f})"
+                row += f"{'—' if p is None else f'{p.test_performance:.3f}{eff}':>{width}}"
+            lines.append(f"  {d_t / 1000:>8.2f}" + row)
+        first = {m: next(p for p in mine if p.method == m) for m in methods}
+        lines.append(f"  {'rho':>8}" + "".join(f"{_num(first[m].rho):>{width}}" for m in methods))
+        lines.append(f"  {'rho eff':>8}" + "".join(f"{_num(first[m].rho_efficiency, 2):>{width}}" for m in methods))
+    lines += ["", "routing efficiency: (p - p_random) / (p_oracle - p_random); rho: eq. 11 (— until `bmoe report`)."]
+    return "\n".join(lines)
+
+
+def as_csv(points: list[TargetPoint]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    fields = list(TargetPoint.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for p in points:
+        writer.writerow({k: "" if v is None else v for k, v in asdict(p).items()})
+    return buffer.getvalue()
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _method_order(method: str) -> int:
+    order = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
+    return order.index(method) if method in order else len(order)

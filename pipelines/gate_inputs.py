@@ -20,6 +20,7 @@ class GateInputs:
 
     def __init__(self, files: list[AnyPath], column: str = "gate"):
         import pyarrow.parquet as pq
+        import ray.data  # noqa: F401  registers Ray's Arrow tensor types before any schema is read
 
         self.files, self.column = list(files), column
         self._handles: dict[int, pq.ParquetFile] = {}
@@ -57,8 +58,6 @@ class GateInputs:
 
     def read_group(self, index: int, column: str | None = None) -> np.ndarray:
         """One row group's values of the column, as a numpy array (rows first)."""
-        import ray.data  # noqa: F401  registers Ray's Arrow tensor types, so tensor columns read as arrays
-
         f, g, _, _ = self.groups[index]
         values = self._file(f).read_row_group(g, columns=[column or self.column]).column(0)
         chunk = values.combine_chunks()

@@ -118,7 +118,7 @@ def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
     seed = int(config.get("seed", 0))
 
     if method in STATIC_METHODS:
-        points = [_static_point(task, method, data["test"], d, p_val, d_t, seed) for d_t in config["targets"]]
+        points = [_static_point(task, method, data, d, p_val, d_t, seed) for d_t in config["targets"]]
         result = {"points": points}
     elif method in TRAINED_METHODS:
         result = _train_biased_gate(task, config, data, d, p_val, report)
@@ -136,23 +136,32 @@ def expert_performance(task, split: SplitData) -> np.ndarray:
     return np.array([task.metric(split.cache, np.full(M, n))["performance"] for n in range(n_experts)])
 
 
-def _static_point(task, method: str, test: SplitData, d, p_val, d_t: float, seed: int) -> dict:
+def _static_point(task, method: str, data: dict[str, SplitData], d, p_val, d_t: float, seed: int) -> dict:
+    """One target of a static method on test, with its performance on validation beside it (the
+    same rule applied to the validation split), so every method's points carry the same keys."""
     b = select_bias(d, p_val, d_t)
-    M = len(test.cache)
-    if method == "experts":
-        p_test = expert_performance(task, test)
-        return {"d_target": d_t, "d_mean": float(b @ d), "performance": float(b @ p_test), "b": b.tolist()}
+    test = data["test"]
+    if method == "experts":  # the LP mix of single experts: every figure is b . (the experts' figures)
+        M = len(test.cache)
+        per_expert = [task.metric(test.cache, np.full(M, n)) for n in range(len(d))]
+        mixed = {key: float(sum(bn * m[key] for bn, m in zip(b, per_expert))) for key in per_expert[0]}
+        return {"d_target": d_t, "d_mean": float(b @ d), **mixed, "share": b.tolist(), "b": b.tolist(),
+                "val_performance": float(b @ p_val)}
+    point = _point(task, test, _static_assignment(task, method, test, d, b, d_t, seed), d, d_t, b)
+    val = task.metric(data["val"].cache, _static_assignment(task, method, data["val"], d, b, d_t, seed))
+    return {**point, "val_performance": float(val["performance"])}
+
+
+def _static_assignment(task, method: str, split: SplitData, d, b, d_t: float, seed: int) -> np.ndarray:
+    M = len(split.cache)
     if method == "random":
-        gen = torch.Generator().manual_seed(seed)
-        assignment = random_assignment(M, b, gen).numpy()
-    elif method == "oracle":
-        assignment = oracle_assignment(test.scores * sample_weights(task, test)[:, None], d, d_t).numpy()
-    else:  # heuristic
-        difficulty = heuristic_difficulty(task, test)
-        if difficulty is None:
-            raise ValueError(f"task {task.name} has no heuristic router")
-        assignment = quantile_assignment(difficulty, b, d)
-    return _point(task, test, assignment, d, d_t, b)
+        return random_assignment(M, b, torch.Generator().manual_seed(seed)).numpy()
+    if method == "oracle":
+        return oracle_assignment(split.scores * sample_weights(task, split)[:, None], d, d_t).numpy()
+    difficulty = heuristic_difficulty(task, split)  # heuristic
+    if difficulty is None:
+        raise ValueError(f"task {task.name} has no heuristic router")
+    return quantile_assignment(difficulty, b, d)
 
 
 def quantile_assignment(difficulty: np.ndarray, b, d) -> np.ndarray:
@@ -246,7 +255,7 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
     if best_state is not None:
         gate.load_state_dict(best_state)
     test_assignment = route(data["test"])
-    point = _point(task, data["test"], test_assignment, d, d_t, b)
+    point = {**_point(task, data["test"], test_assignment, d, d_t, b), "val_performance": float(best)}
     return {"points": [point], "val_performance": best, "C_g": c_g, "test_assignment": test_assignment,
             "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
 
@@ -286,7 +295,9 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
     for d_t in config["targets"]:
         lam = calibrate_lambda(val_pred, d, d_t)  # the budget's price of data, set on validation
         assignment = lagrange_assignment(test_pred, d, lam).numpy()
-        points.append({**_point(task, data["test"], assignment, d, d_t), "lambda": lam})
+        val = task.metric(data["val"].cache, lagrange_assignment(val_pred, d, lam).numpy())
+        points.append({**_point(task, data["test"], assignment, d, d_t), "lambda": lam,
+                       "val_performance": float(val["performance"])})
     return {"points": points, "C_g": c_g,
             "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std))}
 

@@ -84,22 +84,22 @@ class RunLayout:
         return str(self._under("tune"))
 
     def tune_experiment(self, sweep: str) -> str:
-        return str(self._under("tune") / sweep)
+        return str(self._under("tune") / plain_name(sweep))
 
     def sweeps(self) -> AnyPath:
         return self._under("sweeps")
 
     def sweep_record(self, sweep: str) -> AnyPath:
-        return self.sweeps() / f"{sweep}.json"
+        return self.sweeps() / f"{plain_name(sweep)}.json"
 
     def latest_sweep(self) -> AnyPath:
         return self.sweeps() / "latest.json"
 
     def gate(self, sweep: str, trial_id: str) -> AnyPath:
-        return self.sweeps() / sweep / "gates" / f"{trial_id}.pt"
+        return self.sweeps() / plain_name(sweep) / "gates" / f"{plain_name(trial_id)}.pt"
 
     def assignment(self, sweep: str, trial_id: str) -> AnyPath:
-        return self.sweeps() / sweep / "assignments" / f"{trial_id}.npy"
+        return self.sweeps() / plain_name(sweep) / "assignments" / f"{plain_name(trial_id)}.npy"
 
     # -- report -----------------------------------------------------------------------------------------
     def reports(self) -> AnyPath:
@@ -128,3 +128,11 @@ class RunLayout:
         if any(part in ("", ".", "..") for part in parts):
             raise ValueError(f"recorded path {recorded!r} is not a plain path inside the run root")
         return self.root / recorded
+
+
+def plain_name(name: str) -> str:
+    """A name that becomes one path component under the root (a sweep's, a trial's): refused
+    when it could point elsewhere (separators, '.', '..', empty), as a ValueError naming it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"name {name!r} cannot be a file name under the run root: use letters, digits, '-', '_'")
+    return name

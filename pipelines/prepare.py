@@ -45,6 +45,10 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     fingerprint = _fingerprint(task, listings)
     previous = read_manifest(cfg)
     if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(layout, previous):
+        recorded = [m for info in previous["splits"].values() for m in info["problems"] + info["unreadable"]]
+        if cfg.strict and recorded:  # strict holds for the problems the kept shards were made with, too
+            raise UserError(f"{recorded[0]} (recorded by the prepare of {previous['created']}; "
+                            f"{len(recorded)} problem(s) in all)")
         print(f"prepare: inputs unchanged since {previous['created']}, shards intact: nothing to do")
         return previous
 

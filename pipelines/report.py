@@ -18,6 +18,7 @@ import numpy as np
 from bmoe.curves import rho
 from pipelines.gate_trial import TRAINED_METHODS, expert_performance
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
+from pipelines.selection import best_on_validation
 from pipelines.sweep import load_array, load_split
 from storage import AnyPath, as_path, read_json, upload_tree
 
@@ -137,15 +138,14 @@ def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[f
     """Points per method; for trained methods the best-on-validation trial per target."""
     curves: dict[str, list[dict]] = {}
     chosen: dict[str, dict[float, dict]] = {}
+    trained = [t for t in trials if t["config"]["method"] in TRAINED_METHODS]
+    best = best_on_validation(trained, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
+                              val=lambda t: t.get("val_performance"))
+    for (method, d_t), trial in best.items():
+        chosen.setdefault(method, {})[d_t] = trial
     for trial in trials:
-        method = trial["config"]["method"]
-        if method in TRAINED_METHODS:
-            d_t = trial["config"]["d_target"]
-            best = chosen.setdefault(method, {}).get(d_t)
-            if best is None or trial["val_performance"] > best["val_performance"]:
-                chosen[method][d_t] = trial
-        else:
-            curves[method] = trial["points"]
+        if trial["config"]["method"] not in TRAINED_METHODS:
+            curves[trial["config"]["method"]] = trial["points"]
     for method, by_target in chosen.items():
         curves[method] = [
             {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")}}
@@ -179,7 +179,8 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
             p = _at(info["points"], v)
             cells.append(f"{p['performance']:.3f} (d̄ {p['d_mean'] / 1000:.2f})" if p else "—")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} |")
-    standard = {"d_target", "d_mean", "performance", "share", "assigned_performance", "b", "lambda", "hyperparameters"}
+    standard = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b", "lambda",
+                "hyperparameters"}
     extra = sorted({k for info in summary["methods"].values() for p in info["points"] for k in p} - standard)
     lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄."]
     if extra:  # the task's secondary metrics, e.g. RGB PSNR beside Y PSNR

@@ -25,7 +25,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines import gate_trial
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
-from pipelines.layout import RunLayout
+from pipelines.layout import RunLayout, plain_name
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from storage import AnyPath, read_json, write_bytes, write_json
@@ -132,6 +132,11 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     import mlflow
     from ray import tune
 
+    if name is not None:
+        try:
+            plain_name(name)
+        except ValueError as err:
+            raise UserError(f"--name: {err}") from None
     manifest = require_manifest(cfg)
     task = cfg.task_obj()
     layout = cfg.layout
@@ -246,16 +251,64 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
         super().log_trial_start(trial)
 
     def log_trial_end(self, trial, failed: bool = False):
-        gate_file = (trial.last_result or {}).get("gate_file")
-        if gate_file and not failed:
+        result = trial.last_result or {}
+        if not failed and "points_json" in result:
             import mlflow
 
-            gate = self.layout.resolve(gate_file)
-            with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
-                local = Path(tmp) / gate.name
-                local.write_bytes(gate.read_bytes())
-                mlflow.MlflowClient(self.tracking_uri).log_artifact(self._trial_runs[trial], str(local), "gate")
+            client = mlflow.MlflowClient(self.tracking_uri)
+            run_id = self._trial_runs[trial]
+            gate_file = result.get("gate_file")
+            if gate_file:
+                gate = self.layout.resolve(gate_file)
+                with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
+                    local = Path(tmp) / gate.name
+                    local.write_bytes(gate.read_bytes())
+                    client.log_artifact(run_id, str(local), "gate")
+            self._log_points(client, trial, run_id, trial.config["trial"], json.loads(result["points_json"]),
+                             float(result.get("C_g") or 0))
         super().log_trial_end(trial, failed)
+
+    def _log_points(self, client, trial, run_id: str, config: dict, points: list[dict], c_g: float) -> None:
+        """One MLflow run per (method, d_t) point with the same keys for every method (see
+        point_record): the trial's own run when it has one target (soft, enforce), else a run per
+        target nested under the trial's run (static methods, lagrange), made once across resumes.
+        All carry the tag bmoe.point = <sweep>, so one search lines the methods up."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        sweep = self.tags["bmoe.sweep"]
+        experiment = client.get_experiment_by_name(self.experiment_name).experiment_id
+        for point in points:
+            params, metrics = point_record(config, point, c_g)
+            target = run_id
+            if len(points) > 1:
+                found = client.search_runs(
+                    [experiment], filter_string=f"tags.`bmoe.point` = '{sweep}' and tags.trial_name = '{trial}' "
+                                                f"and params.d_target = '{params['d_target']}'")
+                if found:  # logged before an interruption: not twice
+                    continue
+                target = client.create_run(experiment, run_name=f"{trial}-d{params['d_target']}", tags={
+                    "mlflow.parentRunId": run_id, "trial_name": str(trial), "bmoe.stage": "sweep-point"}).info.run_id
+            stamp = int(time.time() * 1000)
+            client.log_batch(target, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+                             params=[Param(k, v) for k, v in params.items()], tags=[RunTag("bmoe.point", sweep)])
+            if target != run_id:
+                client.set_terminated(target)
+
+
+def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str], dict[str, float]]:
+    """The keys every method's point carries in MLflow: params method, d_target (one string per
+    target for every method, so params.d_target = '...' lines them up) and the hyperparameters
+    the method has; metrics val_performance, test_performance, d_mean, u_<n>, C_g and the task's
+    secondary metrics as test_<name>."""
+    params = {"method": config["method"], "d_target": f"{float(point['d_target']):.6g}"}
+    params.update({k: str(config[k]) for k in ("lr", "batch_size", "width", "w_bias") if k in config})
+    metrics = {"val_performance": point.get("val_performance", float("nan")),
+               "test_performance": point["performance"], "d_mean": point["d_mean"], "C_g": c_g,
+               **{f"u_{n}": u for n, u in enumerate(point.get("share", []))}}
+    skip = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b"}
+    metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
+                    if k not in skip and isinstance(v, (int, float))})
+    return params, {k: float(v) for k, v in metrics.items()}
 
 
 def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipelines.gate_inputs import GateInputs
 from pipelines.layout import RunLayout
+from pipelines.selection import best_on_validation
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
 
@@ -58,7 +59,10 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
     if lagrange:
         return layout.resolve(lagrange[0]["gate_file"])
     goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
-    best = min(trials, key=lambda t: (abs(t["config"]["d_target"] - goal), -(t.get("val_performance") or -np.inf)))
+    chosen = best_on_validation(trials, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
+                                val=lambda t: t.get("val_performance"))  # as the report picks them
+    best = min(chosen.values(), key=lambda t: (abs(t["config"]["d_target"] - goal), -(t.get("val_performance")
+                                                                                       or -np.inf)))
     return layout.resolve(best["gate_file"])
 
 

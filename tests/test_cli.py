@@ -37,6 +37,9 @@ def test_help_lists_every_stage():
         (("demo", "--root", "gs://bucket/runs", "--profile", "smoke"), "is in object storage"),
         (("sweep", "--gpus-per-trial", "-1", "--root", "{tmp}"), "--gpus-per-trial and --max-concurrent-trials"),
         (("prepare", "--row-group-mb", "500", "--root", "{tmp}"), "shard sizes need 0 < row group (500.0 MB)"),
+        (("sweep", "--name", "../../evil", "--root", "{tmp}"), "--name: name '../../evil' cannot be a file name"),
+        (("serve", "--port", "70000", "--root", "{tmp}"), "should be less than or equal to 65535"),
+        (("serve", "--host", "0.0.0.0", "--root", "{tmp}"), "warning: --host 0.0.0.0 exposes the server beyond"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):

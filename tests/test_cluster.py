@@ -129,6 +129,14 @@ def test_the_bucket_holds_the_complete_run(runs, cluster, task):
     assert trained and all(client.list_artifacts(r.info.run_id, "gate") for r in trained)
     per_target = [r for r in trained if r.data.params["trial/method"] != "lagrange"]
     assert per_target and all({"d_mean", "C_g", "test_performance"} <= set(r.data.metrics) for r in per_target)
+    # one run per (method, d_t) on the server, every method with the same keys (static ones nested under their trial)
+    points = client.search_runs([experiment.experiment_id], filter_string=f"tags.`bmoe.point` = '{sweep['name']}'")
+    pairs = [(r.data.params["method"], r.data.params["d_target"]) for r in points]
+    methods = {t["config"]["method"] for t in sweep["trials"]}
+    assert len(pairs) == len(set(pairs)) and {m for m, _ in pairs} == methods
+    assert len(pairs) == len(methods) * len({t for _, t in pairs})  # every method at every target
+    for r in points:
+        assert {"val_performance", "test_performance", "d_mean", "C_g", "u_0"} <= set(r.data.metrics), r.data
     mlflow.set_tracking_uri(cluster["tracking"])  # an expert as MLflow logged it, from the server's artifact store
     assert mlflow.pytorch.load_model(f"runs:/{read_json(layout.expert_meta(0))['mlflow_run_id']}/model") is not None
 
@@ -182,12 +190,23 @@ def test_a_second_identical_job_does_no_repeated_work(runs, cluster):
 
 
 def test_compare_reads_the_tracking_server(runs, cluster):
-    from pipelines.compare import compare, format_table
+    from pipelines.compare import compare, format_side_by_side, format_table, side_by_side
     from pipelines.runtime import RunConfig
 
-    rows = compare(RunConfig(task="superres", root=ROOT, tracking_uri=cluster["tracking"]))
+    cfg = RunConfig(task="superres", root=ROOT, tracking_uri=cluster["tracking"])
+    rows = compare(cfg)
     assert {r.method for r in rows} >= {"random", "enforce", "oracle"} and all(r.rho is not None for r in rows)
     assert "sweep sweep-" in format_table(rows)
+    points = side_by_side(cfg)  # every method at every target, side by side, from the server's point runs
+    by_sweep = {}
+    for p in points:
+        by_sweep.setdefault(p.sweep, []).append(p)
+    for sweep_points in by_sweep.values():
+        methods, targets = {p.method for p in sweep_points}, {p.d_target for p in sweep_points}
+        assert len(sweep_points) == len(methods) * len(targets) and "random" in methods
+        assert all(p.routing_efficiency in (None, 1.0) for p in sweep_points if p.method == "oracle")
+    assert any(p.method == "oracle" and p.routing_efficiency == 1.0 for p in points)
+    assert "rho eff" in format_side_by_side(points)
 
 
 def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster):

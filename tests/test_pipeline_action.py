@@ -4,7 +4,9 @@ clip among the listed ones) and on the real sample's layout."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -130,6 +132,7 @@ def test_experts_and_cache(run):
 def test_sweep_and_report(run):
     from pipelines.report import report
     from pipelines.sweep import GRIDS, sweep, with_methods
+    from pipelines.sweep import targets as sweep_targets
 
     cfg, _, _, _ = run
     grid = with_methods(GRIDS["smoke"], "experts,random,heuristic,oracle,enforce,lagrange")  # soft: tests/test_cluster.py
@@ -137,9 +140,36 @@ def test_sweep_and_report(run):
     result = json.loads(sweep(cfg, grid, name="smoke-sweep").read_text())
     # every trial got what the flag asked for, from Ray, and ran where Ray put it (no GPU here)
     assert all(t["resources"] == {"cpu": 2.0, "gpu": 0.0} and t["device"] == "cpu" for t in result["trials"])
+    # MLflow: one run per (method, d_t) with the same keys for every method, static ones included
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    points = mlflow.search_runs(experiment_names=["bmoe-action"],
+                                filter_string="tags.`bmoe.point` = 'smoke-sweep'")
+    targets = {f"{t:.6g}" for t in sweep_targets(get_task("action", "smoke").data_costs(), grid.points)}
+    common = ["params.method", "params.d_target", "metrics.val_performance", "metrics.test_performance",
+              "metrics.d_mean", "metrics.C_g", "metrics.u_0", "metrics.u_1", "metrics.u_2"]
+    assert not points[common].isna().any().any()
+    pairs = points.groupby(["params.method", "params.d_target"]).size()
+    assert set(pairs.index) == {(m, t) for m in grid.methods for t in targets} and (pairs == 1).all()
+    at = points[points["params.d_target"] == sorted(targets, key=float)[1]]  # methods side by side at one target
+    assert set(at["params.method"]) == set(grid.methods)
     assert {t["config"]["method"] for t in result["trials"]} == {"experts", "random", "heuristic", "oracle",
                                                                   "enforce", "lagrange"}
     summary = json.loads(report(cfg).read_text())
+    # bmoe compare --format csv: every method at every target, with the gap to the oracle
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = CliRunner().invoke(app, ["compare", "--task", "action", "--root", cfg.root, "--format", "csv"])
+    assert out.exit_code == 0, out.output
+    rows = [r for r in csv.DictReader(io.StringIO(out.output)) if r["sweep"] == "smoke-sweep"]
+    assert {(r["method"], f"{float(r['d_target']):.6g}") for r in rows} == {(m, t) for m in grid.methods for t in targets}
+    for r in rows:
+        assert float(r["rho"]) == pytest.approx(summary["methods"][r["method"]]["rho"])
+        if r["method"] in ("random", "oracle") and r["routing_efficiency"]:
+            assert float(r["routing_efficiency"]) == (0.0 if r["method"] == "random" else 1.0)
+    table = CliRunner().invoke(app, ["compare", "--task", "action", "--root", cfg.root]).output
+    assert "routing efficiency" in table and "rho eff" in table and "sweep smoke-sweep" in table
     d = get_task("action", "smoke").data_costs()
     assert summary["task"] == "action" and summary["metric"].startswith("top-1 accuracy")
     assert summary["experts"] == ["temporal", "spatial", "fusion"] and summary["data_costs"] == list(d)

@@ -119,3 +119,8 @@ def test_corrupt_image_is_named_counted_and_strict_fails(tmp_path, ray_session):
     with pytest.raises(UserError, match="broken.png"):
         prepare(RunConfig(task="superres", root=str(tmp_path / "strict"), profile="smoke", data_root=str(data),
                           strict=True))
+    # unchanged inputs, shards kept: --strict still fails on the problem the kept shards were made with
+    with pytest.raises(UserError, match=r"broken.png.*recorded by the prepare of"):
+        prepare(RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
+                          strict=True))
+    assert prepare(cfg)["created"] == manifest["created"]  # and without --strict nothing is redone

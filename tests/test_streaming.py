@@ -127,3 +127,15 @@ def test_a_trial_moves_batches_to_its_device_in_the_stored_dtype(stream):
     _, x = next(stream.batches(16))
     out = to_device(Recording(), x, torch.device("cpu"))
     assert seen == [torch.uint8] and out.dtype == torch.float32 and out.shape == (16, 3, 8, 8)
+
+
+def test_a_fresh_process_reads_the_stored_dtype(stream):
+    """Nothing imported before (as in `bmoe serve`): the tensor type is known before the schema is read."""
+    import subprocess
+    import sys
+
+    files = [str(f) for f in stream.files]
+    code = ("import sys; from pathlib import Path; from pipelines.gate_inputs import GateInputs; "
+            "_, x = next(GateInputs([Path(f) for f in sys.argv[1:]]).batches(8)); print(x.dtype, x.shape)")
+    out = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["uint8", "(8,", "8,", "8,", "3)"], out.stderr[-2000:]
