@@ -80,11 +80,12 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
 
 def _run(stage: Callable, *args, **kwargs):
     """Call a stage; user errors and bad inputs become one line on stderr and exit code 1."""
+    from storage import UnsafeFile
     from tasks import BadInput
 
     try:
         return stage(*args, **kwargs)
-    except (UserError, BadInput) as err:
+    except (UserError, BadInput, UnsafeFile) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 

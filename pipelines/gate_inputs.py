@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from storage import AnyPath, StoragePath
+from storage import AnyPath, StoragePath, refuse_pickled
 
 
 class GateInputs:
@@ -27,6 +27,7 @@ class GateInputs:
         self.groups: list[tuple[int, int, int, int]] = []  # (file, row group, first row, rows)
         start, size = 0, 0
         for f in range(len(self.files)):
+            refuse_pickled(self._file(f).schema_arrow, self.files[f])  # before any row is converted
             meta = self._file(f).metadata  # the footer only
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows

@@ -288,13 +288,44 @@ def local_copy(path: AnyPath) -> Iterator[Path]:
         yield local
 
 
+PICKLED = "ray.data.arrow_pickled_object"  # Ray's Arrow type for pickled Python objects
+
+
+class UnsafeFile(ValueError):
+    """A file whose content could run code when read (a column of pickled Python objects)."""
+
+
+def refuse_pickled(schema, where: AnyPath | str) -> None:
+    """UnsafeFile when any column of `schema` is, or nests, Ray's pickled-object type (known to
+    pyarrow as the type, or as the extension name in the field's metadata when Ray's types are
+    not registered). Reading such a column unpickles it: whoever can write the file runs code."""
+    import pyarrow as pa
+
+    def pickled(dtype) -> bool:
+        if isinstance(dtype, pa.ExtensionType):
+            return dtype.extension_name == PICKLED or pickled(dtype.storage_type)
+        if pa.types.is_dictionary(dtype):
+            return pickled(dtype.value_type)
+        return any(pickled(dtype.field(i).type) for i in range(dtype.num_fields))
+
+    for field in schema:
+        named = (field.metadata or {}).get(b"ARROW:extension:name") == PICKLED.encode()
+        if named or pickled(field.type):
+            raise UnsafeFile(f"{where}: column {field.name!r} holds pickled Python objects, which would run "
+                             "code when read: refusing the file (the pipeline never writes such columns)")
+
+
 def read_table(path: AnyPath, columns: list[str] | None = None):
-    """A Parquet file, or a folder of them, as one pyarrow Table."""
+    """A Parquet file, or a folder of them, as one pyarrow Table; UnsafeFile if a column holds
+    pickled objects (checked on the table read, before anything converts it)."""
     import pyarrow.parquet as pq
 
     if isinstance(path, StoragePath):
-        return pq.read_table(path.key, columns=columns, filesystem=path.filesystem)
-    return pq.read_table(str(path), columns=columns)
+        table = pq.read_table(path.key, columns=columns, filesystem=path.filesystem)
+    else:
+        table = pq.read_table(str(path), columns=columns)
+    refuse_pickled(table.schema, path)
+    return table
 
 
 def write_table(table, path: AnyPath) -> None:

@@ -139,3 +139,34 @@ def test_a_fresh_process_reads_the_stored_dtype(stream):
             "_, x = next(GateInputs([Path(f) for f in sys.argv[1:]]).batches(8)); print(x.dtype, x.shape)")
     out = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["uint8", "(8,", "8,", "8,", "3)"], out.stderr[-2000:]
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a planted column would run when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickled_column_is_refused_and_never_unpickled(tmp_path, stream):
+    """Whoever can write to a shared root must not run code in sweep, cache or serve."""
+    import pyarrow as pa
+    from ray.data._internal.object_extensions.arrow import ArrowPythonObjectArray
+
+    from storage import UnsafeFile, read_table
+
+    marker = tmp_path / "ran"
+    column = ArrowPythonObjectArray.from_objects([_RunsCode(marker)] * 3)
+    planted = tmp_path / "planted.parquet"
+    pq.write_table(pa.table({"sample_id": ["a", "b", "c"], "gate": column}), planted)
+    with pytest.raises(UnsafeFile, match="column 'gate' holds pickled Python objects"):
+        read_table(planted)  # how the cache, sweep trials and reports read tables
+    with pytest.raises(UnsafeFile):
+        GateInputs([*stream.files, planted])  # how trials and serving read gate inputs
+    assert not marker.exists()
+    assert len(read_table(stream.files[0])) > 0  # the pipeline's own files read as before
