@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 
@@ -75,18 +74,6 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     print(f"cache: {', '.join(f'{s} {len(t)}' for s, t in tables.items())} samples x {len(experts)} experts "
           f"in {time.perf_counter() - started:.1f}s")
     return {split: str(f) for split, f in files.items()}
-
-
-def load_cache(cfg: RunConfig, split: str) -> pd.DataFrame:
-    path = cfg.layout.cache(split)
-    if not path.exists():
-        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
-    return read_table(path).to_pandas()
-
-
-def expert_matrix(table: pd.DataFrame, column: str, n_experts: int) -> np.ndarray:
-    """(M, N) matrix of one cached quantity, e.g. column='loss' -> loss_0 .. loss_{N-1}."""
-    return np.stack([table[f"{column}_{n}"].to_numpy(dtype=np.float64) for n in range(n_experts)], axis=1)
 
 
 class _ExpertScorer:
