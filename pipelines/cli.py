@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -145,18 +146,25 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
           gpus_per_trial: Annotated[Optional[float], typer.Option(
               help="GPUs per trial, e.g. 0.25 for four trials per GPU; the gate trains there.")] = None,
           max_concurrent_trials: Annotated[Optional[int], typer.Option(
-              help="At most this many trials at once (0: as many as the resources allow).")] = None):
+              help="At most this many trials at once (0: as many as the resources allow).")] = None,
+          search: Annotated[Optional[str], typer.Option(
+              help="Hyperparameters (lr, w_bias, gate width, batch size): grid (the profile's lists), random or "
+                   "optuna (TPE, per method and target); default: the profile's.")] = None,
+          num_samples: Annotated[Optional[int], typer.Option(
+              help="With --search random|optuna: trials per method and target.")] = None,
+          scheduler: Annotated[Optional[str], typer.Option(
+              help="none, or asha: stop soft/enforce trials that trail their target's others on the per-epoch "
+                   "validation objective.")] = None):
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
-    from dataclasses import replace
-
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
     cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
-    resources = {"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
-                 "max_concurrent": max_concurrent_trials}
+    overrides = {"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
+                 "max_concurrent": max_concurrent_trials, "search": search, "num_samples": num_samples,
+                 "scheduler": scheduler}
     try:
-        grid = replace(grid, **{k: v for k, v in resources.items() if v is not None})
+        grid = replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     _run(stage, cfg, grid, name)
@@ -178,14 +186,15 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
             d_target: Annotated[Optional[float], typer.Option(
                 help="Bytes: show each trained method only at its target nearest to this.")] = None,
             output: Annotated[str, typer.Option(
-                "--format", help="table: best trials, then every method side by side per target; csv: one row per "
-                                 "(sweep, target, method); json: both.")] = "table"):
+                "--format", help="table: best trials, every method side by side per target, the registered gates and "
+                                 "experts; csv: one row per (sweep, target, method); json: all three.")] = "table"):
     """Across the sweeps in the task's MLflow experiment: each method's rho and best trial, and every method
     side by side at each target with its routing efficiency (the gap to the oracle)."""
     import json
     from dataclasses import asdict
 
-    from pipelines.compare import as_csv, compare as stage, format_side_by_side, format_table, side_by_side
+    from pipelines.compare import (as_csv, compare as stage, format_registered, format_side_by_side, format_table,
+                                   registered, side_by_side)
 
     if output not in ("table", "csv", "json"):
         raise typer.BadParameter(f"--format {output!r}: choose table, csv or json")
@@ -196,10 +205,10 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
         return
     rows = _run(stage, cfg, sweep, d_target)
     if output == "json":
-        typer.echo(json.dumps({"best_trials": [asdict(r) for r in rows],
-                               "per_target": [asdict(p) for p in points]}, indent=2))
+        typer.echo(json.dumps({"best_trials": [asdict(r) for r in rows], "per_target": [asdict(p) for p in points],
+                               "registered": [asdict(v) for v in _run(registered, cfg)]}, indent=2))
     else:
-        typer.echo(format_table(rows) + "\n" + format_side_by_side(points))
+        typer.echo(format_table(rows) + "\n" + format_side_by_side(points) + "\n" + format_registered(_run(registered, cfg)))
 
 
 @app.command()
@@ -208,10 +217,13 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
               help="Budget d_t in bytes per routing unit (default d_max/2); requests may override it with "
                    "the X-BMoE-Target-Cost header or ?target_cost=.")] = None,
           bias: Annotated[Optional[str], typer.Option(help="Budget as expert shares b1,b2,...: d_t = b.d.")] = None,
-          gate_file: Annotated[Optional[str], typer.Option(help="Gate to serve (default: from the latest sweep).")] = None,
+          gate_file: Annotated[Optional[str], typer.Option(
+              "--gate", "--gate-file",
+              help="Gate to serve: a gate file, or a registered one (models:/bmoe-TASK-gate@best-d4096, whose target "
+                   "becomes the default budget); default: from the latest sweep.")] = None,
           expert_uri: Annotated[Optional[list[str]], typer.Option(
-              help="MLflow model URI of each expert in order (models:/NAME/VERSION, runs:/ID/model), repeatable; "
-                   "default: the checkpoints under --root.")] = None,
+              help="Registered expert in order (models:/bmoe-TASK-expert-N/VERSION or @ALIAS, runs:/ID/expert), "
+                   "repeatable; default: the checkpoints under --root.")] = None,
           tracking_uri: TrackingUri = None,
           host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8000):
@@ -231,6 +243,8 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     models = _run(load_run, root, task, gate_file, target_cost, settings.expert_uris, tracking_uri)  # fail fast
+    if models.gate_target is not None and target_cost is None and bias is None:
+        settings = replace(settings, target_cost=models.gate_target)
     try:
         budget_target(settings, models.d)
         ensure_ray(RunConfig(task=task, root=root))

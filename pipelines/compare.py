@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
-from pipelines.selection import best_on_validation
+from pipelines.selection import best_on_validation, validation_figure
 
 HYPERPARAMETERS = ("w_bias", "batch_size", "lr", "width")
 
@@ -46,7 +46,7 @@ def compare(cfg: RunConfig, sweeps: list[str] | None = None, d_target: float | N
         groups: dict[tuple[str, float | None], list] = {}
         for child in children:
             method = child.data.params.get("trial/method")
-            if method:
+            if method and child.data.tags.get("bmoe.stopped_early") != "true":  # ASHA's losers are no candidates
                 groups.setdefault((method, _target(child)), []).append(child)
         if d_target is not None:
             groups = {key: runs for key, runs in groups.items()
@@ -79,8 +79,7 @@ def _target(run) -> float | None:
 
 
 def _best(parent, method: str, runs: list) -> BestTrial:
-    (best,) = best_on_validation(runs, key=lambda run: method, val=lambda run: run.data.metrics.get("val_performance")
-                                 ).values()
+    (best,) = best_on_validation(runs, key=lambda run: method, val=lambda run: validation_figure(run.data.metrics)).values()
     m, p = best.data.metrics, best.data.params
     return BestTrial(
         sweep=parent.info.run_name,
@@ -140,7 +139,7 @@ def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[Target
         name = parent.info.run_name
         runs = client.search_runs([experiment_id], filter_string=f"tags.`bmoe.point` = '{name}'", max_results=50000)
         best = best_on_validation(runs, key=lambda r: (r.data.params["method"], float(r.data.params["d_target"])),
-                                  val=lambda r: r.data.metrics.get("val_performance"))
+                                  val=lambda r: validation_figure(r.data.metrics))
         rho = {m: parent.data.metrics.get(f"rho_{m}") for m, _ in best}
         for (method, d_t), run in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             perf = run.data.metrics["test_performance"]
@@ -205,3 +204,45 @@ def _num(x: float | None, digits: int = 3) -> str:
 def _method_order(method: str) -> int:
     order = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
     return order.index(method) if method in order else len(order)
+
+
+@dataclass
+class RegisteredVersion:
+    """One version of the task's registered gate or experts (pipelines/registry.py)."""
+
+    model: str
+    version: int
+    aliases: list[str]
+    method: str | None
+    d_target: str | None
+    source_run: str
+
+
+def registered(cfg: RunConfig) -> list[RegisteredVersion]:
+    """Every version of bmoe-<task>-gate and bmoe-<task>-expert-<n> in the registry, newest first."""
+    import mlflow
+
+    from pipelines.registry import expert_model, gate_model
+
+    ensure_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    names = [gate_model(cfg.task)] + [expert_model(cfg.task, n) for n in range(len(cfg.task_obj().expert_names()))]
+    out = []
+    for name in names:
+        versions = client.search_model_versions(f"name = '{name}'")
+        for v in sorted(versions, key=lambda v: -int(v.version)):
+            out.append(RegisteredVersion(model=name, version=int(v.version), aliases=sorted(v.aliases or []),
+                                         method=v.tags.get("method"), d_target=v.tags.get("d_target"),
+                                         source_run=v.run_id))
+    return out
+
+
+def format_registered(versions: list[RegisteredVersion]) -> str:
+    """The registry, one line per version with its aliases (what `bmoe serve --gate` takes)."""
+    if not versions:
+        return "\nregistry: nothing registered for this task yet (`bmoe train-experts`, `bmoe report` register)"
+    lines = ["", "registry (serve with --gate / --expert-uri models:/NAME@ALIAS or models:/NAME/VERSION):",
+             f"  {'model':<26}{'version':>8}  {'method':<9}{'d_t':>9}  aliases"]
+    for v in versions:
+        lines.append(f"  {v.model:<26}{v.version:>8}  {v.method or '':<9}{v.d_target or '':>9}  {', '.join(v.aliases)}")
+    return "\n".join(lines)

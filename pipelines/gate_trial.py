@@ -33,6 +33,19 @@ TRAINED_METHODS = ("soft", "enforce")  # one trial per target and hyperparameter
 METHODS = (*STATIC_METHODS, *TRAINED_METHODS, "lagrange")
 EVAL_BATCH = 1024  # gate inputs per forward pass when a split is routed
 SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whole split when smaller)
+BUDGET_TOLERANCE = 0.10  # a gate may spend up to this fraction over its target on validation
+
+
+def budget_objective(performance: float, d_mean: float, d_t: float, p_val: np.ndarray) -> float:
+    """The validation figure that model selection (epochs, hyperparameters) and early stopping
+    maximise: the performance while the mixture keeps d_mean within BUDGET_TOLERANCE of d_t;
+    beyond it, below what any useful in-budget gate scores (the worst single expert's
+    performance, or less) and lower the more it overspends, so the least overspending wins."""
+    over = d_mean / max(d_t, 1e-12) - 1.0 - BUDGET_TOLERANCE
+    if over <= 0:
+        return float(performance)
+    spread = float(np.ptp(p_val)) or 1.0
+    return float(min(performance, float(np.min(p_val))) - spread * (1.0 + over))
 
 
 class CacheMismatch(ValueError):
@@ -119,11 +132,11 @@ def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
 
     if method in STATIC_METHODS:
         points = [_static_point(task, method, data, d, p_val, d_t, seed) for d_t in config["targets"]]
-        result = {"points": points}
+        result = {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
     elif method in TRAINED_METHODS:
         result = _train_biased_gate(task, config, data, d, p_val, report)
     elif method == "lagrange":
-        result = _train_lagrange_gate(task, config, data, d, report)
+        result = _train_lagrange_gate(task, config, data, d, p_val, report)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return result
@@ -146,10 +159,10 @@ def _static_point(task, method: str, data: dict[str, SplitData], d, p_val, d_t: 
         per_expert = [task.metric(test.cache, np.full(M, n)) for n in range(len(d))]
         mixed = {key: float(sum(bn * m[key] for bn, m in zip(b, per_expert))) for key in per_expert[0]}
         return {"d_target": d_t, "d_mean": float(b @ d), **mixed, "share": b.tolist(), "b": b.tolist(),
-                "val_performance": float(b @ p_val)}
+                "val_performance": float(b @ p_val), "val_objective": budget_objective(b @ p_val, b @ d, d_t, p_val)}
     point = _point(task, test, _static_assignment(task, method, test, d, b, d_t, seed), d, d_t, b)
-    val = task.metric(data["val"].cache, _static_assignment(task, method, data["val"], d, b, d_t, seed))
-    return {**point, "val_performance": float(val["performance"])}
+    return {**point, **_validation(task, data["val"], _static_assignment(task, method, data["val"], d, b, d_t, seed),
+                                   d, d_t, p_val)}
 
 
 def _static_assignment(task, method: str, split: SplitData, d, b, d_t: float, seed: int) -> np.ndarray:
@@ -197,6 +210,13 @@ def _point(task, split: SplitData, assignment: np.ndarray, d, d_t: float, b=None
     }
 
 
+def _validation(task, split: SplitData, assignment: np.ndarray, d, d_t: float, p_val) -> dict:
+    """A point's validation figures: the performance and the budget objective model selection uses."""
+    performance = float(task.metric(split.cache, assignment)["performance"])
+    d_mean = float(np.asarray(d)[assignment].mean())
+    return {"val_performance": performance, "val_objective": budget_objective(performance, d_mean, d_t, p_val)}
+
+
 def sample_weights(task, split: SplitData) -> np.ndarray:
     """(M,) the task's first-order weight of each sample in its metric (ones if it has none):
     it makes the oracle's additive scores track a metric that pools before a nonlinearity.
@@ -239,7 +259,7 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
             return enforce_bias(enforced_gates(logits, b), b).numpy()
         return logits.argmax(dim=1).numpy()
 
-    best, best_state = -np.inf, None
+    best, best_state, best_val = -np.inf, None, {"performance": float("nan"), "d_mean": float("nan")}
     for epoch in range(1, int(config["epochs"]) + 1):
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):
@@ -247,20 +267,24 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
                               losses[torch.from_numpy(idx).to(device)], method, b, config.get("w_bias", 0.0))
             total, steps = total + stats["loss"], steps + 1
         val = _point(task, data["val"], route(data["val"]), d, d_t, b)
+        objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val)
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_performance": val["performance"],
-                "val_d_mean": val["d_mean"], **{f"val_u_{n}": u for n, u in enumerate(val["share"])}})
+                "val_objective": objective, "val_d_mean": val["d_mean"],
+                **{f"val_u_{n}": u for n, u in enumerate(val["share"])}})
         # model selection on validation: the best epoch within the budget's tolerance
-        if val["performance"] > best:
-            best, best_state = val["performance"], {k: v.clone() for k, v in gate.state_dict().items()}
+        if objective > best:
+            best, best_val, best_state = objective, val, {k: v.clone() for k, v in gate.state_dict().items()}
     if best_state is not None:
         gate.load_state_dict(best_state)
     test_assignment = route(data["test"])
-    point = {**_point(task, data["test"], test_assignment, d, d_t, b), "val_performance": float(best)}
-    return {"points": [point], "val_performance": best, "C_g": c_g, "test_assignment": test_assignment,
+    chosen = {"val_performance": float(best_val["performance"]), "val_objective": float(best),
+              "val_d_mean": float(best_val["d_mean"])}
+    point = {**_point(task, data["test"], test_assignment, d, d_t, b), **chosen}
+    return {"points": [point], **chosen, "C_g": c_g, "test_assignment": test_assignment,
             "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
 
 
-def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, report) -> dict:
+def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report) -> dict:
     torch.manual_seed(int(config.get("seed", 0)))
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
     spec = task.gate_spec()
@@ -286,7 +310,7 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
                               y_train[torch.from_numpy(idx).to(device)])
             loss.backward()
             optimizer.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         val_pred = predict(data["val"])
         val_err = float(np.mean((val_pred - data["val"].scores) ** 2))
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_score_mse": val_err})
@@ -295,10 +319,9 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, repo
     for d_t in config["targets"]:
         lam = calibrate_lambda(val_pred, d, d_t)  # the budget's price of data, set on validation
         assignment = lagrange_assignment(test_pred, d, lam).numpy()
-        val = task.metric(data["val"].cache, lagrange_assignment(val_pred, d, lam).numpy())
         points.append({**_point(task, data["test"], assignment, d, d_t), "lambda": lam,
-                       "val_performance": float(val["performance"])})
-    return {"points": points, "C_g": c_g,
+                       **_validation(task, data["val"], lagrange_assignment(val_pred, d, lam).numpy(), d, d_t, p_val)})
+    return {"points": points, "C_g": c_g, "val_objective": float(np.mean([p["val_objective"] for p in points])),
             "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std))}
 
 
@@ -318,7 +341,12 @@ def save_gate(bundle: dict, path: AnyPath) -> AnyPath:
 
 def load_gate(path: AnyPath) -> tuple[Gate, dict]:
     """The gate saved by save_gate, in eval mode on the CPU, and its bundle (without weights)."""
-    bundle = load_torch(path)
+    return gate_from_bundle(load_torch(path))
+
+
+def gate_from_bundle(bundle: dict) -> tuple[Gate, dict]:
+    """The gate a loaded bundle describes (e.g. one downloaded from the registry), and the bundle
+    without its weights."""
     task = get_task(bundle["task"], bundle["profile"], bundle["options"])
     gate = build_gate(task.gate_spec(), bundle["width"])
     gate.load_state_dict(bundle.pop("state_dict"))

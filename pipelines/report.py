@@ -18,7 +18,7 @@ import numpy as np
 from bmoe.curves import rho
 from pipelines.gate_trial import TRAINED_METHODS, expert_performance
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
-from pipelines.selection import best_on_validation
+from pipelines.selection import best_on_validation, validation_figure
 from pipelines.sweep import load_array, load_split
 from storage import AnyPath, as_path, read_json, upload_tree
 
@@ -36,6 +36,7 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
         return layout.reports() / "summary.json"
     with tempfile.TemporaryDirectory(prefix="bmoe-report-") as tmp:
         summary = _write_report(cfg, sweep, Path(tmp))
+        summary["registered"] = _register_gates(cfg, sweep)
         summary_path = Path(tmp) / "summary.json"
         summary_path.write_text(json.dumps({**summary, "made_from": made_from}, indent=2))
         _log_to_mlflow(cfg, sweep, summary, Path(tmp))
@@ -43,6 +44,9 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
     print(f"report: {layout.reports() / 'report.md'}")
     for method, info in summary["methods"].items():
         print(f"  rho {method:<10} {info['rho']:.4f}")
+    if summary["registered"]:
+        print(f"  registered gates: {', '.join(sorted(summary['registered']))} (e.g. bmoe serve --gate "
+              f"{next(iter(summary['registered'].values()))})")
     return layout.reports() / "summary.json"
 
 
@@ -103,6 +107,39 @@ def _log_to_mlflow(cfg: RunConfig, sweep: dict, summary: dict, out: Path) -> Non
     mlflow.MlflowClient().set_terminated(sweep["mlflow_parent_run"])
 
 
+def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
+    """Register the best servable gate on validation per method and target as versions of
+    bmoe-<task>-gate with aliases best-<method>-d<target> (best-lagrange: one gate for every
+    target) and best-d<target> (the best of them at that target); returns {alias: models:/ URI}.
+    Sweeps whose trial runs carry no bmoe.gate_file tag (older ones) register nothing."""
+    import mlflow
+
+    from pipelines.registry import GATE_ARTIFACT, gate_alias, gate_model, register
+
+    _, chosen = _curves(sweep["trials"])
+    candidates = [(method, d_t, trial, validation_figure(trial)) for method, by_target in chosen.items()
+                  for d_t, trial in by_target.items()]
+    lagrange = best_on_validation([t for t in sweep["trials"] if t["config"]["method"] == "lagrange" and t["points"]],
+                                  key=lambda t: "lagrange", val=validation_figure).get("lagrange")
+    if lagrange is not None:
+        candidates += [("lagrange", p["d_target"], lagrange, validation_figure(p)) for p in lagrange["points"]]
+    ensure_mlflow(cfg)
+    runs = {r.data.tags.get("bmoe.gate_file"): r.info.run_id for r in mlflow.search_runs(
+        [sweep["experiment_id"]], filter_string=f"tags.`bmoe.sweep` = '{sweep['name']}'", output_format="list")}
+    candidates = [c for c in candidates if c[2].get("gate_file") in runs]
+    best_at = best_on_validation(candidates, key=lambda c: c[1], val=lambda c: c[3])
+    client, name, registered = mlflow.MlflowClient(), gate_model(cfg.task), {}
+    for candidate in candidates:
+        method, d_t, trial, figure = candidate
+        aliases = [gate_alias(None if method == "lagrange" else d_t, method)]
+        aliases += [gate_alias(d_t)] if best_at[d_t] is candidate else []
+        tags = {"method": method, "d_target": "all" if method == "lagrange" else f"{d_t:.6g}",
+                "sweep": sweep["name"], "val_objective": f"{figure:.6g}" if figure is not None else ""}
+        register(client, name, runs[trial["gate_file"]], GATE_ARTIFACT, tags, tuple(aliases))
+        registered.update({alias: f"models:/{name}@{alias}" for alias in aliases})
+    return registered
+
+
 def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -> float:
     """rho (eq. 11) over the data cost actually spent, d_mean.
 
@@ -138,14 +175,14 @@ def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[f
     """Points per method; for trained methods the best-on-validation trial per target."""
     curves: dict[str, list[dict]] = {}
     chosen: dict[str, dict[float, dict]] = {}
-    trained = [t for t in trials if t["config"]["method"] in TRAINED_METHODS]
+    trained = [t for t in trials if t["config"]["method"] in TRAINED_METHODS and t["points"]]  # not stopped early
     best = best_on_validation(trained, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
-                              val=lambda t: t.get("val_performance"))
+                              val=validation_figure)
     for (method, d_t), trial in best.items():
         chosen.setdefault(method, {})[d_t] = trial
-    for trial in trials:
-        if trial["config"]["method"] not in TRAINED_METHODS:
-            curves[trial["config"]["method"]] = trial["points"]
+    others = [t for t in trials if t["config"]["method"] not in TRAINED_METHODS and t["points"]]
+    for method, trial in best_on_validation(others, key=lambda t: t["config"]["method"], val=validation_figure).items():
+        curves[method] = trial["points"]  # one trial per static method; lagrange's best when searched
     for method, by_target in chosen.items():
         curves[method] = [
             {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")}}

@@ -72,6 +72,7 @@ def quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny weights file
     # Ray 2.60's Parquet datasource V2 starts fresh FooterReader actors for every read (about
     # 4 s each on 2 cores, measured); V1 reads the same shards in 0.2-0.3 s.
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")

@@ -1,13 +1,22 @@
 """Model selection on validation: of the trials of one method at one target (several when the
-sweep varies hyperparameters), the one with the best validation performance. The report, the
-comparison and serving all choose with this function, so they always agree."""
+sweep varies hyperparameters), the one with the best validation figure. The report, the
+comparison and serving all choose with these functions, so they always agree."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Hashable, Iterable, TypeVar
+from typing import Callable, Hashable, Iterable, Mapping, TypeVar
 
 T = TypeVar("T")
+
+
+def validation_figure(values: Mapping) -> float | None:
+    """What selection maximises, from a trial record, a point or an MLflow run's metrics: the
+    budget-aware validation objective where recorded (pipelines.gate_trial.budget_objective: a
+    gate that overspends its target ranks below every gate that keeps it), else validation
+    performance (records from before the objective existed)."""
+    value = values.get("val_objective")
+    return values.get("val_performance") if value is None else value
 
 
 def best_on_validation(items: Iterable[T], key: Callable[[T], Hashable],

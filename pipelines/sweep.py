@@ -1,5 +1,9 @@
 """Stage 4, sweep: Ray Tune over method x d_t x w_bias x batch size M x gate width x lr.
 
+method x d_t is always a grid; the hyperparameters are a grid too, or a search (random or
+Optuna, `--search`, `--num-samples`) with ASHA stopping lost trials (`--scheduler asha`): see
+pipelines/search.py.
+
 Each trial trains (or applies) a gate on the expert cache only. MLflow: one experiment per
 task, a parent run per sweep, one child run per trial (params, per-epoch metrics, final test
 performance, d_mean, u, C_g, the trained gate as an artifact). Tune's state lives under the
@@ -26,8 +30,10 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from pipelines import gate_trial
 from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
 from pipelines.layout import RunLayout, plain_name
+from pipelines.registry import GATE_ARTIFACT
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
+from pipelines.search import HYPERPARAMETERS, SCHEDULERS, SEARCHES, PerPointASHA, PointSearch
 from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import SPLITS
 
@@ -46,6 +52,13 @@ class SweepGrid:
     widths: tuple[float, ...] = (1.0,)
     w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
     seed: int = 0
+    search: str = "grid"  # grid | random | optuna (pipelines/search.py)
+    num_samples: int = 1  # trials per (method, d_t) point when searching
+    scheduler: str = "none"  # none | asha
+    lr_range: tuple[float, float] = (1e-4, 1e-2)  # searched log-uniformly
+    w_bias_range: tuple[float, float] = (0.1, 100.0)  # searched log-uniformly (soft)
+    grace_epochs: int = 1  # ASHA: epochs every trial gets
+    reduction_factor: float = 2.0  # ASHA: 1/reduction_factor of a rung's trials go on
     max_concurrent: int = 0  # 0: as many as the cluster's resources allow
     cpus_per_trial: float = 1.0  # each trial's torch threads too
     gpus_per_trial: float = 0.0  # e.g. 0.25: four trials share a GPU; the gate and its batches go there
@@ -54,6 +67,14 @@ class SweepGrid:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_concurrent < 0:
             raise ValueError("--cpus-per-trial must be positive, --gpus-per-trial and --max-concurrent-trials "
                              "not negative")
+        if self.search not in SEARCHES:
+            raise ValueError(f"--search {self.search!r}: choose from {', '.join(SEARCHES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler {self.scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+        if self.num_samples < 1 or self.grace_epochs < 1 or self.reduction_factor <= 1:
+            raise ValueError("--num-samples and the grace epochs must be at least 1, the reduction factor above 1")
+        if self.search == "grid" and self.num_samples != 1:
+            raise ValueError("--num-samples needs --search random or optuna (a grid runs each point once)")
 
     def trial_resources(self) -> dict[str, float]:
         """What each trial asks Ray for (tune.with_resources)."""
@@ -103,6 +124,46 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
     return configs
 
 
+def search_points(configs: list[dict]) -> list[dict]:
+    """The grid points of a search: the trial configs without their hyperparameters, once each."""
+    points, seen = [], set()
+    for config in configs:
+        point = {k: v for k, v in config.items() if k not in HYPERPARAMETERS}
+        key = json.dumps(point, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            points.append(point)
+    return points
+
+
+def _tune_config(grid: SweepGrid, configs: list[dict]):
+    """(param_space, TuneConfig, number of trials) for the grid or the search."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    scheduler = PerPointASHA(grid.epochs, grid.grace_epochs, grid.reduction_factor) if grid.scheduler == "asha" else None
+    if grid.search == "grid":
+        return ({"trial": tune.grid_search(configs)},
+                tune.TuneConfig(reuse_actors=True, max_concurrent_trials=grid.max_concurrent or None,
+                                scheduler=scheduler), len(configs))
+    search = PointSearch(search_points(configs), grid, grid.search, grid.num_samples)
+    # A sequential searcher learns only from finished trials: as many at once as the cluster runs.
+    limit = grid.max_concurrent or _trial_slots(grid)
+    return ({}, tune.TuneConfig(reuse_actors=True, search_alg=ConcurrencyLimiter(search, max_concurrent=limit),
+                                num_samples=search.total, scheduler=scheduler), search.total)
+
+
+def _trial_slots(grid: SweepGrid) -> int:
+    """How many trials the cluster's CPUs (and GPUs) run at once with the grid's resources."""
+    import ray
+
+    total = ray.cluster_resources()
+    slots = total.get("CPU", 1) / grid.cpus_per_trial
+    if grid.gpus_per_trial:
+        slots = min(slots, total.get("GPU", 0) / grid.gpus_per_trial)
+    return max(1, int(slots))
+
+
 def _identity(grid: SweepGrid) -> dict:
     """What names a sweep: its search space, not the resources it ran with (a sweep resumed
     on other machines is the same sweep)."""
@@ -143,6 +204,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     grid = grid or GRIDS[cfg.profile]
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)
+    planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
     cache_key = read_json(layout.cache_stamp())
     if cache_key is None:
         raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
@@ -151,8 +213,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     name = name or f"sweep-{key}"
     out = layout.sweep_record(name)
     done = read_json(out)
-    if done is not None and len(done.get("trials", [])) == len(configs):
-        print(f"sweep: {name} already complete ({len(configs)} trials): kept {out}")
+    if done is not None and done.get("complete", len(done.get("trials", [])) == len(configs)):
+        print(f"sweep: {name} already complete ({len(done['trials'])} trials): kept {out}")
         write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
         return out
 
@@ -177,14 +239,12 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         print(f"sweep: resuming {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        print(f"sweep: {name}: {len(configs)} trials ({', '.join(grid.methods)}), each with "
-              f"{grid.trial_resources()}, MLflow parent run {parent}")
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=grid.max_concurrent or None),
-            run_config=run_config,
-        )
+        param_space, tune_config, trials = _tune_config(grid, configs)
+        how = "grid" if grid.search == "grid" else f"{grid.search} search, {grid.num_samples} per point"
+        print(f"sweep: {name}: {trials} trials ({', '.join(grid.methods)}; {planned} points; {how}"
+              f"{'; ASHA' if grid.scheduler == 'asha' else ''}), each with {grid.trial_resources()}, "
+              f"MLflow parent run {parent}")
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
     records = []
     for result in results:
@@ -192,24 +252,32 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
             raise RuntimeError(f"sweep trial failed: {result.error}")
         metrics = result.metrics
         if "points_json" not in metrics:
+            if metrics.get("done") and "epoch" in metrics:  # stopped by ASHA after this epoch
+                records.append({"config": result.config["trial"], "points": [], "stopped_early": True,
+                                "epochs": metrics["epoch"], "val_objective": metrics.get("val_objective"),
+                                "trial_dir": result.path})
+                continue
             raise UserError(f"sweep {name} was interrupted before every trial finished: "
                             "rerun the same command to resume it")
         records.append({"config": result.config["trial"], "points": json.loads(metrics["points_json"]),
                         "C_g": metrics.get("C_g"), "val_performance": metrics.get("val_performance"),
+                        "val_objective": metrics.get("val_objective"),
                         "trial_dir": result.path, "assignment_file": metrics.get("assignment_file"),
                         "gate_file": metrics.get("gate_file"),
                         "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
                         "device": metrics.get("device")})
     summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
-               "seconds": round(time.perf_counter() - started, 1), "trials": records}
+               "seconds": round(time.perf_counter() - started, 1), "complete": True,
+               "stopped_early": sum(bool(r.get("stopped_early")) for r in records), "trials": records}
     write_json(out, summary)
     write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
     with mlflow.start_run(run_id=parent):
         mlflow.log_metric("trials", len(records))
         mlflow.log_dict(summary, out.name)
     mlflow.MlflowClient().set_terminated(parent)
-    print(f"sweep: {len(records)} trials done in {summary['seconds']}s -> {out}")
+    stopped = f" ({summary['stopped_early']} stopped early by ASHA)" if summary["stopped_early"] else ""
+    print(f"sweep: {len(records)} trials done{stopped} in {summary['seconds']}s -> {out}")
     return out
 
 
@@ -263,9 +331,14 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
                 with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
                     local = Path(tmp) / gate.name
                     local.write_bytes(gate.read_bytes())
-                    client.log_artifact(run_id, str(local), "gate")
+                    client.log_artifact(run_id, str(local), GATE_ARTIFACT)
+                client.set_tag(run_id, "bmoe.gate_file", gate_file)  # how the report finds the run to register
             self._log_points(client, trial, run_id, trial.config["trial"], json.loads(result["points_json"]),
                              float(result.get("C_g") or 0))
+        elif not failed and result.get("done"):  # stopped by the scheduler: not a candidate anywhere
+            import mlflow
+
+            mlflow.MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "bmoe.stopped_early", "true")
         super().log_trial_end(trial, failed)
 
     def _log_points(self, client, trial, run_id: str, config: dict, points: list[dict], c_g: float) -> None:
@@ -303,9 +376,11 @@ def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str],
     params = {"method": config["method"], "d_target": f"{float(point['d_target']):.6g}"}
     params.update({k: str(config[k]) for k in ("lr", "batch_size", "width", "w_bias") if k in config})
     metrics = {"val_performance": point.get("val_performance", float("nan")),
+               "val_objective": point.get("val_objective", point.get("val_performance", float("nan"))),
                "test_performance": point["performance"], "d_mean": point["d_mean"], "C_g": c_g,
                **{f"u_{n}": u for n, u in enumerate(point.get("share", []))}}
-    skip = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b"}
+    skip = {"d_target", "d_mean", "performance", "val_performance", "val_objective", "val_d_mean", "share",
+            "assigned_performance", "b"}
     metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
                     if k not in skip and isinstance(v, (int, float))})
     return params, {k: float(v) for k, v in metrics.items()}
@@ -335,8 +410,7 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
         final["gate_file"] = layout.relative(save_gate(gate, layout.gate(sweep_name, trial_id)))
     if assignment is not None:
         final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
-    if "val_performance" in result:
-        final["val_performance"] = result["val_performance"]
+    final.update({k: result[k] for k in ("val_performance", "val_objective") if k in result})
     if len(result["points"]) == 1:  # one target: its figures as plain metrics for MLflow
         point = result["points"][0]
         final.update({"test_performance": point["performance"], "d_mean": point["d_mean"],

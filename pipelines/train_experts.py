@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines import registry
 from pipelines.prepare import require_manifest
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
@@ -154,14 +155,14 @@ _fit = _LazyRemote()
 
 
 def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history: list[dict], seconds: float) -> dict:
-    """Save the weights under the run root and log the expert to MLflow."""
+    """Save the weights under the run root, log them to MLflow and register them as a version
+    of bmoe-<task>-expert-<n> (pipelines/registry.py)."""
     import mlflow
 
     name = task.expert_names()[n]
     layout = cfg.layout
     save_torch(state, layout.weights(n))
-    model = task.build_expert(n)
-    model.load_state_dict(state)
+    task.build_expert(n).load_state_dict(state)  # the weights fit the architecture they are registered as
     ensure_mlflow(cfg)
     with mlflow.start_run(run_name=f"expert-{n}-{name}") as run:
         mlflow.set_tags({"bmoe.stage": "train-experts", "bmoe.expert": n})
@@ -171,11 +172,16 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         mlflow.log_metric("train_seconds", seconds)
-        mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        with tempfile.TemporaryDirectory(prefix="bmoe-expert-") as tmp:  # plain weights: no code in the store
+            torch.save(state, Path(tmp) / "weights.pt")
+            mlflow.log_artifact(str(Path(tmp) / "weights.pt"), registry.EXPERT_ARTIFACT)
         run_id = run.info.run_id
+    version = registry.register(mlflow.MlflowClient(), registry.expert_model(task.name, n), run_id,
+                                registry.EXPERT_ARTIFACT, tags={"expert": name, "fingerprint": fingerprint,
+                                                                "profile": cfg.profile})
     summary = {"expert": n, "name": name, "fingerprint": fingerprint, "weights": layout.relative(layout.weights(n)),
-               "mlflow_run_id": run_id, "seconds": round(seconds, 2), "final": history[-1] if history else {}}
+               "mlflow_run_id": run_id,
+               "registered": f"models:/{version.name}/{version.version}", "seconds": round(seconds, 2), "final": history[-1] if history else {}}
     write_json(layout.expert_meta(n), summary)
     print(f"train-experts: expert {n} ({name}) done in {seconds:.1f}s: {summary['final']}")
     return summary

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines import registry
 from pipelines.gate_inputs import GateInputs
 from pipelines.layout import RunLayout
-from pipelines.selection import best_on_validation
+from pipelines.selection import best_on_validation, validation_figure
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
 
@@ -34,7 +35,8 @@ class ServedModels:
     expert_states: list[dict]  # state_dict of each frozen expert
     gate: dict  # the gate bundle (pipelines.gate_trial.gate_bundle), state_dict included
     val_values: np.ndarray  # (M, N) gate values on the validation gate inputs
-    gate_file: str
+    gate_file: str  # a path, or the registry URI it came from
+    gate_target: float | None = None  # the d_target a registered gate was chosen for, if one
 
     def task_obj(self):
         from tasks import get_task
@@ -56,13 +58,12 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
         raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE_METHODS)}): "
                         "rerun `bmoe sweep` with one of them")
     lagrange = [t for t in trials if t["config"]["method"] == "lagrange"]
-    if lagrange:
-        return layout.resolve(lagrange[0]["gate_file"])
+    if lagrange:  # the best of them on validation when the sweep searched its hyperparameters
+        return layout.resolve(max(lagrange, key=lambda t: validation_figure(t) or -np.inf)["gate_file"])
     goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
     chosen = best_on_validation(trials, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
-                                val=lambda t: t.get("val_performance"))  # as the report picks them
-    best = min(chosen.values(), key=lambda t: (abs(t["config"]["d_target"] - goal), -(t.get("val_performance")
-                                                                                       or -np.inf)))
+                                val=validation_figure)  # as the report picks them
+    best = min(chosen.values(), key=lambda t: (abs(t["config"]["d_target"] - goal), -(validation_figure(t) or -np.inf)))
     return layout.resolve(best["gate_file"])
 
 
@@ -82,16 +83,27 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
              expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
     """Read a run's experts, gate and validation gate inputs; UserError names what is missing.
 
-    expert_uris: MLflow model URIs (models:/name/version of registered models, runs:/id/model)
-    to serve instead of the checkpoints under the root, one per expert, in expert order.
+    gate_file: a path, or a registry URI (models:/bmoe-<task>-gate@best-d4096; pipelines/registry.py).
+    expert_uris: registry or run URIs (models:/bmoe-<task>-expert-<n>/3, runs:/<id>/expert) to
+    serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    from pipelines.gate_trial import EVAL_BATCH, load_gate
+    from pipelines.gate_trial import EVAL_BATCH, gate_from_bundle, load_gate
 
     layout = RunConfig(task=task, root=str(root)).layout
-    path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
-    if not path.exists():
-        raise UserError(f"gate file {path} not found")
-    gate, bundle = load_gate(path)
+    tracking = tracking_uri or RunConfig(task=task, root=str(root)).mlflow_uri
+    gate_target = None
+    if registry.is_model_uri(gate_file):
+        path = gate_file
+        bundle = registry.load_weights(gate_file, tracking, "a gate")
+        if not isinstance(bundle, dict) or not {"task", "profile", "options", "width", "state_dict"} <= set(bundle):
+            raise UserError(f"{gate_file} is not a bmoe gate (pipelines/gate_trial.py save_gate)")
+        gate, bundle = gate_from_bundle(bundle)
+        gate_target = registry.chosen_target(gate_file, tracking)
+    else:
+        path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
+        if not path.exists():
+            raise UserError(f"gate file {path} not found")
+        gate, bundle = load_gate(path)
     if bundle["task"] != task:
         raise UserError(f"gate file {path} is for task {bundle['task']}, not {task}")
     if bundle["method"] not in SERVABLE_METHODS:
@@ -103,7 +115,7 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
     if missing:
         raise UserError(f"task {task} cannot be served yet: it lacks {', '.join(missing)} (see tasks/base.py)")
     if expert_uris:
-        states = load_mlflow_experts(task_obj, list(expert_uris), tracking_uri or cfg.mlflow_uri)
+        states = load_registered_experts(task_obj, list(expert_uris), tracking)
     else:
         states = []
         for n, name in enumerate(task_obj.expert_names()):
@@ -122,29 +134,24 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
     return ServedModels(task=task, profile=bundle["profile"], options=dict(bundle["options"]),
                         expert_names=task_obj.expert_names(), d=np.asarray(task_obj.data_costs(), dtype=np.float64),
-                        expert_states=states, gate=bundle, val_values=values, gate_file=str(path))
+                        expert_states=states, gate=bundle, val_values=values, gate_file=str(path),
+                        gate_target=gate_target)
 
 
-def load_mlflow_experts(task, uris: list[str], tracking_uri: str) -> list[dict]:
-    """State dicts of the experts logged (or registered) in MLflow, checked against the task's
-    expert architectures so a model of the wrong task or size fails here, in one line."""
-    import mlflow
-
+def load_registered_experts(task, uris: list[str], tracking_uri: str) -> list[dict]:
+    """State dicts of the experts registered (or logged) in MLflow as plain weights, checked
+    against the task's expert architectures so a model of the wrong task or size fails here, in
+    one line."""
     names = task.expert_names()
     if len(uris) != len(names):
         raise UserError(f"{len(uris)} expert model URI(s) given; task {task.name} has {len(names)} experts "
                         f"({', '.join(names)})")
-    mlflow.set_tracking_uri(tracking_uri)
     states = []
     for n, uri in enumerate(uris):
-        try:
-            state = mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
-        except Exception as err:  # noqa: BLE001 - MLflow raises MlflowException, OSError...
-            reason = " ".join(str(err).split())[:200]
-            raise UserError(f"cannot load expert {n} ({names[n]}) from {uri}: {reason}") from None
+        state = registry.load_weights(uri, tracking_uri, f"expert {n} ({names[n]})")
         try:
             task.build_expert(n).load_state_dict(state)
-        except RuntimeError:
+        except (RuntimeError, TypeError, AttributeError):
             raise UserError(f"model {uri} is not expert {n} ({names[n]}) of task {task.name}: "
                             "its weights do not fit") from None
         states.append(state)

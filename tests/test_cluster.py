@@ -80,7 +80,7 @@ def test_the_bucket_holds_the_complete_run(runs, cluster, task):
     import pyarrow.parquet as pq
 
     from pipelines.layout import RunLayout
-    from storage import read_json, read_table
+    from storage import load_torch, read_json, read_table
 
     layout = RunLayout.of(ROOT, task)
     manifest = read_json(layout.manifest())
@@ -137,8 +137,18 @@ def test_the_bucket_holds_the_complete_run(runs, cluster, task):
     assert len(pairs) == len(methods) * len({t for _, t in pairs})  # every method at every target
     for r in points:
         assert {"val_performance", "test_performance", "d_mean", "C_g", "u_0"} <= set(r.data.metrics), r.data
-    mlflow.set_tracking_uri(cluster["tracking"])  # an expert as MLflow logged it, from the server's artifact store
-    assert mlflow.pytorch.load_model(f"runs:/{read_json(layout.expert_meta(0))['mlflow_run_id']}/model") is not None
+    # the registry: every expert, and the best gate per method and target, as plain weights on the server
+    from pipelines.registry import load_weights
+
+    for n in range(3):
+        registered = read_json(layout.expert_meta(n))["registered"]
+        assert registered.startswith(f"models:/bmoe-{task}-expert-{n}/")
+        assert set(load_weights(registered, cluster["tracking"], "an expert")) == set(load_torch(layout.weights(n)))
+    targets = {p["d_target"] for p in summary["methods"]["enforce"]["points"]}
+    assert {f"best-d{round(t)}" for t in targets} | {f"best-enforce-d{round(t)}" for t in targets} \
+        <= set(summary["registered"])
+    version = client.get_model_version_by_alias(f"bmoe-{task}-gate", f"best-enforce-d{round(min(targets))}")
+    assert version.tags["method"] == "enforce" and float(version.tags["d_target"]) == min(targets)
 
 
 def check_superres(manifest: dict, layout, summary: dict) -> None:
@@ -190,7 +200,8 @@ def test_a_second_identical_job_does_no_repeated_work(runs, cluster):
 
 
 def test_compare_reads_the_tracking_server(runs, cluster):
-    from pipelines.compare import compare, format_side_by_side, format_table, side_by_side
+    from pipelines.compare import (compare, format_registered, format_side_by_side, format_table, registered,
+                                   side_by_side)
     from pipelines.runtime import RunConfig
 
     cfg = RunConfig(task="superres", root=ROOT, tracking_uri=cluster["tracking"])
@@ -207,12 +218,19 @@ def test_compare_reads_the_tracking_server(runs, cluster):
         assert all(p.routing_efficiency in (None, 1.0) for p in sweep_points if p.method == "oracle")
     assert any(p.method == "oracle" and p.routing_efficiency == 1.0 for p in points)
     assert "rho eff" in format_side_by_side(points)
+    versions = registered(cfg)  # the registry: experts once each (trained once), gates with their aliases
+    assert [v.version for v in versions if v.model == "bmoe-superres-expert-0"] == [1]
+    gates = [v for v in versions if v.model == "bmoe-superres-gate"]
+    assert gates and all(v.method in ("soft", "enforce", "lagrange") for v in gates)
+    assert any(a.startswith("best-d") for v in gates for a in v.aliases)
+    assert "bmoe-superres-gate" in format_registered(versions)
 
 
 def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster):
-    """`ray job stop` once two trials finished, then the same command on this machine with its
-    own local Ray, sharing only the bucket and the tracking server: Tune restores the experiment
-    from the bucket and finishes it; no trial is logged twice."""
+    """A random search with ASHA: `ray job stop` once two trials finished, then the same command on
+    this machine with its own local Ray, sharing only the bucket and the tracking server: Tune
+    restores the experiment and its searcher from the bucket and finishes it; ASHA stopped some
+    enforce trials after their first epoch; no trial is logged twice."""
     import tempfile
 
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -222,7 +240,8 @@ def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster
 
     name = "moved-sweep"
     command = ["bmoe", "sweep", "--task", "superres", "--profile", "smoke", "--root", ROOT,
-               "--tracking-uri", cluster["tracking"], "--name", name, "--methods", "random,enforce"]
+               "--tracking-uri", cluster["tracking"], "--name", name, "--methods", "random,enforce",
+               "--search", "random", "--num-samples", "3", "--scheduler", "asha"]
     env = {**cluster["s3"].env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     jobs = JobSubmissionClient(cluster["ray"].dashboard)
     job_id = jobs.submit_job(entrypoint=" ".join(command), submission_id="sweep-stopped",
@@ -253,10 +272,18 @@ def test_a_sweep_stopped_on_the_cluster_resumes_on_another_machine(runs, cluster
     names = [r.data.tags["trial_name"] for r in client.search_runs([experiment], finished)]
     record = read_json(as_path(f"{ROOT}/sweeps/superres/{name}.json"))
     assert len(names) == len(set(names)) == len(record["trials"]), "a finished trial was logged twice"
+    targets = {t["config"]["d_target"] for t in record["trials"] if t["config"]["method"] == "enforce"}
+    assert len(record["trials"]) == 1 + 3 * len(targets)  # random once; three samples per enforce target
+    stopped = [t for t in record["trials"] if t.get("stopped_early")]
+    assert stopped and all(t["config"]["method"] == "enforce" and t["epochs"] == 1 for t in stopped)
+    tagged = client.search_runs([experiment], f"tags.`bmoe.sweep` = '{name}' and tags.`bmoe.stopped_early` = 'true'")
+    assert len(tagged) == len(stopped)
+    assert len({t["config"]["lr"] for t in record["trials"] if t["config"]["method"] == "enforce"}) > len(targets)
 
 
 def test_serve_answers_from_the_buckets_run(runs, cluster):
-    """`bmoe serve --root s3://...` on this machine (its own local Ray) serves the bucket's run."""
+    """`bmoe serve --root s3://...` on this machine (its own local Ray) serves the bucket's run, its
+    gate and experts loaded from the registry on the tracking server by alias and version."""
     import tempfile
 
     from test_serving_app import png
@@ -264,7 +291,13 @@ def test_serve_answers_from_the_buckets_run(runs, cluster):
     port, temp = free_ports(1)[0], tempfile.mkdtemp(prefix="bmoe-sv-", dir="/tmp")  # short socket paths
     env = {**os.environ, **cluster["s3"].env, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    from storage import as_path, read_json
+
+    summary = read_json(as_path(f"{ROOT}/reports/superres/summary.json"))
+    alias = max(a for a in summary["registered"] if a.startswith("best-d"))  # its target becomes the budget
+    experts = [arg for n in range(3) for arg in ("--expert-uri", f"models:/bmoe-superres-expert-{n}/latest")]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "bmoe"), "serve", "--task", "superres", "--root", ROOT,
+                             "--gate", summary["registered"][alias], *experts, "--tracking-uri", cluster["tracking"],
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

@@ -236,31 +236,64 @@ def test_busiest_expert_scales_up_under_load_and_back_down_when_idle(server):
     assert status == 200
 
 
-def test_experts_can_come_from_mlflow_models_instead_of_checkpoints(run_root, tmp_path):
+def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_root, tmp_path):
+    """Registered versions (pipelines/registry.py) serve like the root's files; a pickled MLflow
+    model or a weights file that unpickles code is refused in one line, and its code never runs."""
+    import pickle
+
     import mlflow
 
+    from pipelines import registry
     from pipelines.runtime import UserError
     from serving.loading import load_run
     from storage import load_torch
 
     root, gate_file = run_root
     cfg = RunConfig(task="superres", root=str(root), profile="smoke")
-    task = cfg.task_obj()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("serve-test")
+    client = mlflow.MlflowClient(uri)
     with mlflow.start_run() as logged:
         for n in range(3):
-            model = task.build_expert(n)
-            model.load_state_dict(load_torch(cfg.layout.weights(n)))
-            mlflow.pytorch.log_model(model, name=f"expert{n}", serialization_format="pickle",
-                                     pip_requirements=["torch"])  # no environment inference: fast
-    uris = [f"runs:/{logged.info.run_id}/expert{n}" for n in range(3)]
-    models = load_run(root, "superres", gate_file, expert_uris=uris, tracking_uri=uri)
+            mlflow.log_artifact(str(cfg.layout.weights(n)), f"expert{n}")
+        mlflow.log_artifact(str(gate_file), "gate")
+    run_id = logged.info.run_id
+    for n in range(3):
+        registry.register(client, registry.expert_model("superres", n), run_id, f"expert{n}")
+    version = registry.register(client, registry.gate_model("superres"), run_id, "gate", aliases=("best-enforce-d5000",))
+    again = registry.register(client, registry.gate_model("superres"), run_id, "gate", aliases=("best-d5000",))
+    assert again.version == version.version  # a rerun report moves aliases, adds no version
+    uris = [f"models:/bmoe-superres-expert-{n}/1" for n in range(3)]
+    models = load_run(root, "superres", "models:/bmoe-superres-gate@best-d5000", expert_uris=uris, tracking_uri=uri)
     checkpoints = load_run(root, "superres", gate_file)
+    assert models.gate_target == 5000.0 and checkpoints.gate_target is None
     for a, b in zip(models.expert_states, checkpoints.expert_states):
         assert all(torch.equal(a[k], b[k]) for k in b)
+    assert all(torch.equal(models.gate["state_dict"][k], v) for k, v in checkpoints.gate["state_dict"].items())
     with pytest.raises(UserError, match="weights do not fit"):
         load_run(root, "superres", gate_file, expert_uris=uris[::-1], tracking_uri=uri)
     with pytest.raises(UserError, match="has 3 experts"):
         load_run(root, "superres", gate_file, expert_uris=uris[:2], tracking_uri=uri)
+    with pytest.raises(UserError, match="cannot download"):
+        load_run(root, "superres", "models:/bmoe-superres-gate@best-d1", tracking_uri=uri)
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "planted"
+    planted.mkdir()
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("yes",))
+
+    (planted / "weights.pt").write_bytes(pickle.dumps(Payload()))
+    model = cfg.task_obj().build_expert(0)
+    model.load_state_dict(load_torch(cfg.layout.weights(0)))
+    with mlflow.start_run() as attacker:
+        mlflow.log_artifact(str(planted / "weights.pt"), "expert")
+        mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle", pip_requirements=["torch"])
+    for bad, said in ((f"runs:/{attacker.info.run_id}/expert", "not plain weights"),
+                      (f"runs:/{attacker.info.run_id}/pickled", "never a pickled model")):
+        with pytest.raises(UserError, match=said):
+            load_run(root, "superres", gate_file, expert_uris=[bad, *uris[1:]], tracking_uri=uri)
+    assert not marker.exists()
