@@ -49,7 +49,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     pool = actors or (max(1, int(ray.cluster_resources().get("GPU", 1))) if cfg.use_gpu else 1)
     for n in range(len(experts)):
         # one pass per expert over all splits: one actor pool, one model load per actor
-        paths = [str(layout.shards(split, f"p{n}")) for split in SPLITS]
+        paths = [str(f) for split in SPLITS for f in shard_files(layout, manifest, split, f"p{n}")]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
             fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,

@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from pipelines.runtime import PROFILES, RunConfig, UserError, quiet_environment
+from pipelines.runtime import PROFILES, RunConfig, UserError, label_options, quiet_environment
 from storage import StoragePath
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # serve hosts that keep the server on this machine
@@ -71,6 +71,10 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
                 root.filesystem  # noqa: B018  unknown scheme, bad bucket, no credentials
             except ValueError as err:
                 raise UserError(f"--root {err}") from None
+        labels = label_options(task, profile, data_root, str(root))  # the data's label set; -o wins
+        if labels:
+            cfg = replace(cfg, task_options={**labels, **parsed})
+            cfg.task_obj()
         return cfg
     except ValueError as err:  # a bad flag value: one line, no traceback
         raise typer.BadParameter(str(err)) from None

@@ -230,10 +230,15 @@ def registered(cfg: RunConfig) -> list[RegisteredVersion]:
     out = []
     for name in names:
         versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            continue
+        aliases: dict[int, list[str]] = {}  # searches return versions without their aliases
+        for alias, number in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(int(number), []).append(alias)
         for v in sorted(versions, key=lambda v: -int(v.version)):
-            out.append(RegisteredVersion(model=name, version=int(v.version), aliases=sorted(v.aliases or []),
-                                         method=v.tags.get("method"), d_target=v.tags.get("d_target"),
-                                         source_run=v.run_id))
+            out.append(RegisteredVersion(model=name, version=int(v.version),
+                                         aliases=sorted(aliases.get(int(v.version), [])), method=v.tags.get("method"),
+                                         d_target=v.tags.get("d_target"), source_run=v.run_id))
     return out
 
 

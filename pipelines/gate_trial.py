@@ -25,7 +25,7 @@ from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
-from storage import AnyPath, load_torch, read_table, save_torch
+from storage import AnyPath, read_table, save_torch
 from tasks import get_task
 
 STATIC_METHODS = ("experts", "random", "heuristic", "oracle")  # no training: all targets in one trial
@@ -339,14 +339,9 @@ def save_gate(bundle: dict, path: AnyPath) -> AnyPath:
     return path
 
 
-def load_gate(path: AnyPath) -> tuple[Gate, dict]:
-    """The gate saved by save_gate, in eval mode on the CPU, and its bundle (without weights)."""
-    return gate_from_bundle(load_torch(path))
-
-
 def gate_from_bundle(bundle: dict) -> tuple[Gate, dict]:
-    """The gate a loaded bundle describes (e.g. one downloaded from the registry), and the bundle
-    without its weights."""
+    """The gate a bundle saved by save_gate describes (read from a file or the registry), in
+    eval mode on the CPU, and the bundle without its weights."""
     task = get_task(bundle["task"], bundle["profile"], bundle["options"])
     gate = build_gate(task.gate_spec(), bundle["width"])
     gate.load_state_dict(bundle.pop("state_dict"))

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from pipelines.runtime import RunConfig, UserError, ensure_ray
+from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
 from tasks import SPLITS, BadInput, UnreadableInput
@@ -60,9 +60,16 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         "fingerprint": fingerprint,
         "experts": task.expert_names(),
         "data_costs": [float(c) for c in task.data_costs()],
+        # the label set the data root defined (pipelines.runtime.label_options), for later stages
+        "label_options": {k: cfg.task_options[k] for k in label_options(cfg.task, cfg.profile, cfg.data_root)
+                          if cfg.data_root and k in cfg.task_options},
         "splits": {},
     }
-    remove_tree(layout.data())
+    for key, value in manifest["label_options"].items():
+        shown = value if len(str(value)) < 60 else f"{len(str(value).split(','))} ids"
+        print(f"prepare: label set from the data: {key}={shown} (-o {key}=... overrides it)")
+    # The new shards are written beside the old ones (every prepare's file names are its own):
+    # the old manifest and its shards stay usable until the new manifest replaces it, last.
     log = _problem_log()
     for split in SPLITS:
         started = time.perf_counter()
@@ -77,6 +84,9 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
             print(f"  unreadable: {problem}")
     manifest["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_json(layout.manifest(), manifest)
+    removed = _remove_unlisted_shards(layout, manifest)
+    if removed:
+        print(f"prepare: removed {removed} shard file(s) of earlier prepares")
     unreadable = sum(len(info["unreadable"]) for info in manifest["splits"].values())
     if unreadable:
         raise UserError(f"{unreadable} input files could not be read by the Ray workers (named above): the shards "
@@ -245,6 +255,30 @@ def _fingerprint(task: Task, listings: dict) -> str:
             digest.update(json.dumps(dict(source, split=split), sort_keys=True, default=str).encode())
         digest.update(json.dumps(listings[split].problems).encode())
     return digest.hexdigest()
+
+
+def _remove_unlisted_shards(layout, manifest: dict) -> int:
+    """Delete what the (new) manifest does not list under the data folder: an earlier prepare's
+    shards, an interrupted one's partial files, sets of experts no longer there."""
+    listed = {(split, part, f["name"]) for split, info in manifest["splits"].items()
+              for part, shard in info["shards"].items() for f in shard["files"]}
+    data, removed = layout.data(), 0
+    if not data.is_dir():
+        return 0
+    for split_dir in data.iterdir():
+        if not split_dir.is_dir():
+            continue
+        for part_dir in split_dir.iterdir():
+            if not part_dir.is_dir():
+                continue
+            stale = [f for f in part_dir.iterdir() if (split_dir.name, part_dir.name, f.name) not in listed]
+            for f in stale:
+                if f.is_dir():
+                    remove_tree(f)
+                else:
+                    f.unlink(missing_ok=True)
+            removed += len(stale)
+    return removed
 
 
 def _outputs_intact(layout, manifest: dict) -> bool:

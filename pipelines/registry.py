@@ -91,6 +91,7 @@ def load_weights(uri: str, tracking_uri: str, what: str):
 
     from storage import as_path, load_torch
 
+    mlflow.set_tracking_uri(tracking_uri)  # a version's mlflow-artifacts:/ source resolves through the server
     with tempfile.TemporaryDirectory(prefix="bmoe-registry-") as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))

@@ -44,9 +44,11 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
     print(f"report: {layout.reports() / 'report.md'}")
     for method, info in summary["methods"].items():
         print(f"  rho {method:<10} {info['rho']:.4f}")
-    if summary["registered"]:
-        print(f"  registered gates: {', '.join(sorted(summary['registered']))} (e.g. bmoe serve --gate "
-              f"{next(iter(summary['registered'].values()))})")
+    best = sorted((a for a in summary["registered"] if a.startswith("best-d")), key=lambda a: int(a[len("best-d"):]))
+    if best:
+        print(f"  registered the best gate per method and target as {len(summary['registered'])} aliases of "
+              f"bmoe-{cfg.task}-gate (best-d<bytes>, best-<method>-d<bytes>, best-lagrange); e.g. "
+              f"bmoe serve --gate {summary['registered'][best[len(best) // 2]]}")
     return layout.reports() / "summary.json"
 
 

@@ -78,6 +78,30 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 
+def label_options(task: str, profile: str, data_root: str | None, root: str | None = None) -> dict[str, str]:
+    """The label set the data defines, as task options: from the data root when one is given
+    (the task's label_options hook: classInd.txt, the COCO JSON's categories), else from the
+    manifest of the prepare that had one (later stages run without --data-root), else none: the
+    profile's label set belongs to the embedded data only. A data root that cannot be read gives
+    none here; prepare says what is wrong with it."""
+    from storage import as_path, read_json
+    from tasks import BadInput, get_task
+
+    if data_root:
+        hook = getattr(get_task(task, profile), "label_options", None)
+        try:
+            return hook(as_path(data_root)) if hook else {}
+        except (BadInput, ValueError, OSError):
+            return {}
+    if root is None:
+        return {}
+    try:
+        manifest = read_json(RunConfig(task=task, root=root, profile=profile).layout.manifest())
+    except (UserError, ValueError, OSError):
+        return {}
+    return dict((manifest or {}).get("label_options") or {})
+
+
 def ensure_ray(cfg: RunConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
     import logging

@@ -239,6 +239,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         print(f"sweep: resuming {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
+        _close_orphaned_runs(experiment_id, name)
         param_space, tune_config, trials = _tune_config(grid, configs)
         how = "grid" if grid.search == "grid" else f"{grid.search} search, {grid.num_samples} per point"
         print(f"sweep: {name}: {trials} trials ({', '.join(grid.methods)}; {planned} points; {how}"
@@ -292,6 +293,23 @@ def _parent_run(name: str, experiment_id: str, grid: SweepGrid, cfg: RunConfig) 
     with mlflow.start_run(run_name=name, tags={"bmoe.sweep_parent": name, "bmoe.stage": "sweep"}) as run:
         mlflow.log_params({**{f"grid.{k}": str(v) for k, v in asdict(grid).items()}, **cfg.as_params()})
         return run.info.run_id
+
+
+def _close_orphaned_runs(experiment_id: str, name: str) -> None:
+    """A sweep starting over without its Tune state (tune/ lost, the tracking store kept) would
+    log a second run per trial under the same parent: the first start's trial and point runs are
+    deleted first (MLflow's soft delete: hidden from searches and the UI, restorable until
+    `mlflow gc`), so the sweep's parent holds one run per trial, and compare counts each once."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    old = {r.info.run_id for tag in ("bmoe.sweep", "bmoe.point") for r in mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`{tag}` = '{name}'", output_format="list")}
+    for run_id in old:
+        client.delete_run(run_id)
+    if old:
+        print(f"sweep: {name} starts over (no Tune state to resume): its {len(old)} earlier MLflow trial and point "
+              "runs are marked deleted (restorable with `mlflow runs restore`)")
 
 
 class _ResumableMLflowLogger(MLflowLoggerCallback):

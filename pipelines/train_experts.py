@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipelines import registry
-from pipelines.prepare import require_manifest
+from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
 from tasks import get_task
@@ -110,8 +110,10 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
     task = cfg.task_obj()
 
-    def read(split: str):
-        return ray.data.read_parquet(str(cfg.layout.shards(split, f"p{n}")),
+    manifest = require_manifest(cfg)
+
+    def read(split: str):  # the manifest's files: a prepare that failed half-way left others beside them
+        return ray.data.read_parquet([str(f) for f in shard_files(cfg.layout, manifest, split, f"p{n}")],
                                      columns=["x", *getattr(task, "train_columns", task.target_columns)])
 
     # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipelines import registry
 from pipelines.gate_inputs import GateInputs
+from pipelines.prepare import shard_files
 from pipelines.layout import RunLayout
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.runtime import RunConfig, UserError
@@ -87,23 +88,24 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
     expert_uris: registry or run URIs (models:/bmoe-<task>-expert-<n>/3, runs:/<id>/expert) to
     serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    from pipelines.gate_trial import EVAL_BATCH, gate_from_bundle, load_gate
+    from pipelines.gate_trial import EVAL_BATCH
 
     layout = RunConfig(task=task, root=str(root)).layout
     tracking = tracking_uri or RunConfig(task=task, root=str(root)).mlflow_uri
     gate_target = None
     if registry.is_model_uri(gate_file):
         path = gate_file
-        bundle = registry.load_weights(gate_file, tracking, "a gate")
-        if not isinstance(bundle, dict) or not {"task", "profile", "options", "width", "state_dict"} <= set(bundle):
-            raise UserError(f"{gate_file} is not a bmoe gate (pipelines/gate_trial.py save_gate)")
-        gate, bundle = gate_from_bundle(bundle)
+        raw = registry.load_weights(gate_file, tracking, "a gate")
         gate_target = registry.chosen_target(gate_file, tracking)
     else:
         path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
         if not path.exists():
             raise UserError(f"gate file {path} not found")
-        gate, bundle = load_gate(path)
+        try:
+            raw = load_torch(path)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError for other files
+            raise UserError(f"{path} is not a gate file saved by `bmoe sweep` ({type(err).__name__})") from None
+    gate, bundle = _gate(raw, path)
     if bundle["task"] != task:
         raise UserError(f"gate file {path} is for task {bundle['task']}, not {task}")
     if bundle["method"] not in SERVABLE_METHODS:
@@ -124,11 +126,11 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
                 raise UserError(f"expert {n} ({name}) of task {task} has no checkpoint {weights}: "
                                 "run `bmoe train-experts` first")
             states.append(load_torch(weights))
-    val_dir = layout.shards("val", "gate")
-    if not val_dir.exists():
-        raise UserError(f"no validation gate inputs at {val_dir}: run `bmoe prepare` first")
+    manifest = read_json(layout.manifest())
+    if manifest is None:
+        raise UserError(f"no prepared data for task {task} under {layout.root}: run `bmoe prepare` first")
     # the validation split's gate values, streamed from its shards in batches (bounded memory)
-    val_gate = GateInputs(sorted(val_dir.glob("*.parquet")))
+    val_gate = GateInputs(shard_files(layout, manifest, "val", "gate"))
     values = np.concatenate([gate_values(gate, bundle, task_obj.gate_tensor(x))
                              for _, x in val_gate.batches(EVAL_BATCH)])
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
@@ -136,6 +138,18 @@ def load_run(root: str, task: str, gate_file: str | None = None, target: float |
                         expert_names=task_obj.expert_names(), d=np.asarray(task_obj.data_costs(), dtype=np.float64),
                         expert_states=states, gate=bundle, val_values=values, gate_file=str(path),
                         gate_target=gate_target)
+
+
+def _gate(raw, where) -> tuple:
+    """The gate and bundle a loaded gate file holds; UserError if it holds anything else."""
+    from pipelines.gate_trial import gate_from_bundle
+
+    if not isinstance(raw, dict) or not {"task", "profile", "options", "width", "method", "state_dict"} <= set(raw):
+        raise UserError(f"{where} is not a gate file saved by `bmoe sweep` (pipelines/gate_trial.py save_gate)")
+    try:
+        return gate_from_bundle(raw)
+    except Exception as err:  # noqa: BLE001 - an unknown task, options or weights that do not fit
+        raise UserError(f"{where}: a gate that does not fit its own task ({' '.join(str(err).split())[:200]})") from None
 
 
 def load_registered_experts(task, uris: list[str], tracking_uri: str) -> list[dict]:

@@ -91,6 +91,10 @@ class Task(Protocol):
         """Each source: "source_id", "path" (str of the file: a URI for a remote one),
         "stamp" ([st_size, st_mtime_ns] from the listing) and the task's own keys."""
 
+    # optional: label_options(data_root) -> dict[str, str], the label set a real data root
+    # defines as task options (action: classes from classInd.txt; detection: the JSON's
+    # categories); pipelines.runtime.label_options applies it whenever a data root is given.
+
     def load(self, source: dict) -> list[dict]:
         """Decode one source into sample rows: sample_id, group, gate, x<n>, enc<n>, targets, meta.
 
@@ -168,4 +172,19 @@ def with_options(base, overrides: dict, task: str):
         except ValueError:
             raise ValueError(f"{task} option {key}={value!r}: expected {type(current).__name__} "
                              f"like {current!r}") from None
+        _check_amount(key, value, typed[key], getattr(base, "may_be_zero", ()), task)
     return replace(base, **typed)
+
+
+def _check_amount(key: str, given, value, may_be_zero: tuple[str, ...], task: str) -> None:
+    """Counts, sizes, rates and scales are positive and finite (zero only for the settings the
+    task names in may_be_zero, e.g. "no embedded images"): `-o epochs=-3` is refused here."""
+    import math
+
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v) or v < 0 or (v == 0 and key not in may_be_zero):
+            need = "zero or more" if key in may_be_zero else "positive"
+            raise ValueError(f"{task} option {key}={given!r}: must be {need}")

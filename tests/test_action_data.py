@@ -185,6 +185,18 @@ def test_synthetic_tree_is_read_by_the_real_reader(tmp_path):
     assert any("does not match" in p for p in list_split(root, "train").problems)
 
 
+def test_without_validation_groups_on_disk_validation_comes_from_the_train_groups_present(tmp_path):
+    classes = synthetic.CLASSES[:2]
+    root = synthetic.write_ucf101_tree(tmp_path, clips_per_group=1, frames=6, height=64, width=80, groups=10,
+                                       classes=classes)  # g01-g07 test, g08-g09 train, g10 validation
+    for clip in (root / "UCF-101").glob("*/*_g10_*.avi"):
+        clip.unlink()  # a partial download: no clip of the usual validation group
+    listings = {split: list_split(root, split) for split in SPLITS}
+    assert {c.group for c in listings["val"].clips} == {9} and {c.group for c in listings["train"].clips} == {8}
+    assert "validation takes group(s) g09 of the 2 train groups present" in listings["val"].problems[0]
+    assert not any("validation takes" in p for p in listings["train"].problems + listings["test"].problems)
+
+
 def test_embedded_data_is_written_once(tmp_path):
     task = get_task("action", "smoke", {"groups": 8})
     root = task.embedded_data(tmp_path)
@@ -307,3 +319,22 @@ def test_ucf101_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_na
     with pytest.raises(BadInput, match=junk["source_id"]) as err:  # read fine, not a video: plain BadInput
         task.load(junk)
     assert not isinstance(err.value, UnreadableInput)
+
+
+def test_a_data_roots_label_set_comes_from_its_class_index(tmp_path):
+    """-o classes is not needed for real data: classInd.txt's classes, unless -o says otherwise;
+    later stages (no --data-root) take the label set the prepare recorded."""
+    from pipelines.cli import _config
+    from pipelines.runtime import label_options
+    from storage import write_json
+
+    root = synthetic.write_ucf101_tree(tmp_path / "ucf", clips_per_group=1, frames=6, height=64, width=80, groups=8,
+                                       classes=synthetic.CLASSES[:3])
+    assert label_options("action", "smoke", str(root)) == {"classes": "3"}
+    assert _config("action", str(tmp_path / "run"), "smoke", str(root), None).task_obj().settings.classes == 3
+    assert _config("action", str(tmp_path / "run"), "smoke", str(root), None, ["classes=5"]).task_options["classes"] == "5"
+    embedded = _config("action", str(tmp_path / "run"), "smoke", None, None).task_obj().settings.classes
+    assert embedded == len(synthetic.CLASSES)  # the profile's count is the embedded data's
+    cfg = _config("action", str(tmp_path / "run"), "smoke", None, None)
+    write_json(cfg.layout.manifest(), {"data_root": str(root), "label_options": {"classes": "3"}})
+    assert _config("action", str(tmp_path / "run"), "smoke", None, None).task_obj().settings.classes == 3

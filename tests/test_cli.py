@@ -40,6 +40,14 @@ def test_help_lists_every_stage():
         (("sweep", "--name", "../../evil", "--root", "{tmp}"), "--name: name '../../evil' cannot be a file name"),
         (("serve", "--port", "70000", "--root", "{tmp}"), "should be less than or equal to 65535"),
         (("serve", "--host", "0.0.0.0", "--root", "{tmp}"), "warning: --host 0.0.0.0 exposes the server beyond"),
+        (("prepare", "-o", "epochs=-3", "--root", "{tmp}"), "superres option epochs='-3': must be positive"),
+        (("prepare", "--task", "detection", "-o", "train_images=-1", "--root", "{tmp}"), "must be zero or more"),
+        (("sweep", "--search", "bayes", "--root", "{tmp}"), "--search 'bayes': choose from grid, random, optuna"),
+        (("sweep", "--num-samples", "3", "--root", "{tmp}"), "--num-samples needs --search random or optuna"),
+        (("sweep", "--scheduler", "pbt", "--root", "{tmp}"), "--scheduler 'pbt': choose from none, asha"),
+        (("serve", "--gate", "{tmp}/photo.png", "--root", "{tmp}"), "is not a gate file saved by `bmoe sweep`"),
+        (("serve", "--gate", "models:/bmoe-superres-gate@best-d4096", "--root", "{tmp}"),
+         "cannot download a gate from models:/bmoe-superres-gate@best-d4096"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
@@ -49,6 +57,7 @@ def test_user_errors_are_one_line(tmp_path, args, message):
 
     from pipelines.cli import app
 
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # for --gate: not a gate file
     out = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert out.exit_code in (1, 2), out.output
     assert message in " ".join(out.output.replace("│", " ").split())

@@ -100,9 +100,12 @@ def test_bad_inputs_are_named_counted_and_the_rest_used(tree, tmp_path):
                                 "area": 25, "iscrowd": 0})  # of an image that is not listed
     path.write_text(json.dumps(data))
 
+    shutil.copy(path, root / "annotations" / "instances_minival2014.json")  # a second instances JSON: named once
     task = get_task("detection", "smoke")
     listing = task.list_sources(root, "train")
     text = "\n".join(listing.problems)
+    assert "instances_minival2014.json: not read" in text
+    assert not any("minival" in line for s in ("val", "test") for line in task.list_sources(root, s).problems)
     assert len(listing.sources) == 7
     assert images[0]["file_name"] in text and "not on disk" in text and "1 of 8 listed images" in text
     assert "zero-area box" in text and "annotation 999999" in text
@@ -113,6 +116,46 @@ def test_bad_inputs_are_named_counted_and_the_rest_used(tree, tmp_path):
         task.load(broken)
     with pytest.raises(BadInput, match="instances"):
         task.list_sources(tmp_path / "nothing-here", "train")
+
+
+def test_16_bit_gray_mpo_and_oversized_images_decode_as_in_every_image_task(tmp_path):
+    """Detection reads (and serving decodes) 16-bit grayscale scaled, not clipped to white; an MPO
+    as its first picture; an image past Pillow's decompression-bomb limit is a named bad image."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from tasks.images import decode_request_image
+
+    gray8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))[:, :64]  # (48, 64), mean about 126
+    Image.fromarray(gray8).save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # the same picture, 16 bits
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    eight, sixteen = (readers.load_image(tmp_path / f, 64, 48) for f in ("gray8.png", "gray16.png"))
+    assert np.array_equal(eight, sixteen) and abs(sixteen.mean() - gray8.mean()) < 0.5
+    assert np.array_equal(decode_request_image((tmp_path / "gray16.png").read_bytes()), eight)
+
+    first = np.zeros((48, 64, 3), dtype=np.uint8)
+    first[:, :32] = (200, 40, 40)
+    second = np.full((48, 64, 3), 255, dtype=np.uint8)
+    Image.fromarray(first).save(tmp_path / "camera.jpg", format="MPO", save_all=True,
+                                append_images=[Image.fromarray(second)], quality=95)
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    picture = readers.load_image(tmp_path / "camera.jpg", 64, 48)
+    assert np.abs(picture.astype(int) - first).mean() < 4  # the first picture, not the second
+    assert np.array_equal(decode_request_image((tmp_path / "camera.jpg").read_bytes()), picture)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    huge = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))  # 400M pixels claimed
+    (tmp_path / "huge.png").write_bytes(huge)
+    with pytest.raises(readers.BadImage, match="huge.png.*DecompressionBomb"):
+        readers.load_image(tmp_path / "huge.png", 20000, 20000)
+    with pytest.raises(BadInput, match="more than"):
+        decode_request_image(huge)
 
 
 def test_problem_lines_are_capped_but_counted():
@@ -253,3 +296,20 @@ def test_coco_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_name
     (remote / "annotations" / "instances_train2017.json").write_bytes(b"{not json")
     with pytest.raises(BadInput, match="not valid JSON"):
         task.list_sources(remote, "train")
+
+
+def test_a_data_roots_label_set_comes_from_its_instances_json(tree, tmp_path):
+    from pipelines.runtime import label_options
+
+    root = tmp_path / "coco"
+    shutil.copytree(tree, root)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["categories"].append({"id": 90, "name": "toothbrush", "supercategory": "indoor"})
+    path.write_text(json.dumps(data))  # the smaller JSON is read; COCO's files declare the same categories
+    wanted = sorted([*synthetic.CATEGORY_IDS, 90])
+    assert label_options("detection", "smoke", str(root)) == {"categories": ",".join(map(str, wanted))}
+    task = get_task("detection", "smoke", label_options("detection", "smoke", str(root)))
+    assert task.settings.categories == tuple(wanted)
+    (root / "annotations" / "instances_val2017.json").write_text("{not json")
+    assert label_options("detection", "smoke", str(root)) == {}  # prepare names what is wrong with it

@@ -184,3 +184,23 @@ def test_sweep_and_report(run):
     assert "Table I / V / VIII" in text and "Table II / VI / IX" in text and "assignment.png" in text
     assert (reports / "performance_vs_cost.png").stat().st_size > 10_000
     assert (reports / "assignment.png").stat().st_size > 10_000  # Fig. 9: embeddings by class and by expert
+
+
+def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):
+    """tune/ lost, the tracking store kept: the rerun starts over and the first start's runs are
+    marked deleted, so the parent holds one run per trial and one point per target."""
+    import shutil
+
+    from pipelines.sweep import GRIDS, sweep, with_methods
+
+    cfg, _, _, _ = run
+    grid = with_methods(GRIDS["smoke"], "random")
+    sweep(cfg, grid, name="rerun-sweep")
+    shutil.rmtree(cfg.layout.tune_experiment("rerun-sweep"))
+    cfg.layout.sweep_record("rerun-sweep").unlink()
+    sweep(cfg, grid, name="rerun-sweep")
+    assert "runs are marked deleted" in capsys.readouterr().out
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    trials = mlflow.search_runs(experiment_names=["bmoe-action"], filter_string="tags.`bmoe.sweep` = 'rerun-sweep'")
+    points = mlflow.search_runs(experiment_names=["bmoe-action"], filter_string="tags.`bmoe.point` = 'rerun-sweep'")
+    assert len(trials) == 1 and len(points) == points["params.d_target"].nunique() > 1

@@ -124,3 +124,16 @@ def test_corrupt_image_is_named_counted_and_strict_fails(tmp_path, ray_session):
         prepare(RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
                           strict=True))
     assert prepare(cfg)["created"] == manifest["created"]  # and without --strict nothing is redone
+    # a re-prepare that fails half-way leaves the previous run as it was; the next one cleans up
+    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(data / "train" / "new.png")
+    listed = lambda m: {(s, p, f["name"]) for s, i in m["splits"].items()  # noqa: E731
+                        for p, shard in i["shards"].items() for f in shard["files"]}
+    with pytest.raises(UserError, match="broken.png"):
+        prepare(RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
+                          strict=True))
+    kept = json.loads(cfg.layout.manifest().read_text())
+    assert kept["created"] == manifest["created"]
+    assert all((cfg.layout.shards(s, p) / name).is_file() for s, p, name in listed(kept))
+    again = prepare(cfg)
+    on_disk = {(f.parent.parent.name, f.parent.name, f.name) for f in cfg.layout.data().glob("*/*/*")}
+    assert again["fingerprint"] != manifest["fingerprint"] and on_disk == listed(again)  # nothing stale left

@@ -127,11 +127,32 @@ def test_div2k_layout_splits(tmp_path):
         find_images(tmp_path, "dev")
 
 
-def test_div2k_without_valid_reports_empty_splits(tmp_path):
-    _save(tmp_path / "DIV2K_train_HR" / "0001.png", _noise(64, 64))
-    assert find_images(tmp_path, "train").paths
-    listing = find_images(tmp_path, "test")
-    assert listing.paths == [] and "DIV2K_valid_HR" in listing.problems[0]
+def test_div2k_train_only_is_split_by_name_hash_and_says_so(tmp_path):
+    for i in range(1, 11):
+        _save(tmp_path / "DIV2K_train_HR" / f"{i:04d}.png", _noise(64, 64, i))
+    listings = {split: find_images(tmp_path, split) for split in SPLITS}
+    assert all(listing.paths and listing.layout == "div2k" for listing in listings.values())
+    names = [p.name for listing in listings.values() for p in listing.paths]
+    assert sorted(names) == [f"{i:04d}.png" for i in range(1, 11)]  # each image in exactly one split
+    assert "DIV2K_valid_HR is missing" in listings["train"].problems[0] and "by a hash" in listings["train"].problems[0]
+    assert listings["val"].problems == listings["test"].problems == []  # said once
+
+
+def test_hidden_files_subfolders_and_images_beside_hr_are_named_once(tmp_path):
+    for i in range(6):
+        _save(tmp_path / "HR" / f"{i}.png", _noise(64, 64, i))
+    _save(tmp_path / "HR" / "extra" / "deep.png", _noise(64, 64))  # a subfolder of the image folder
+    (tmp_path / "HR" / ".DS_Store").write_bytes(b"\x00")
+    _save(tmp_path / "HR" / ".hidden.png", _noise(64, 64))
+    _save(tmp_path / "beside.png", _noise(64, 64))  # next to HR/: not an HR image
+    _save(tmp_path / "HR" / "scan.tif", _noise(64, 64))
+    listings = {split: find_images(tmp_path, split) for split in SPLITS}
+    text = "\n".join(line for listing in listings.values() for line in listing.problems)
+    assert sum(len(listing.paths) for listing in listings.values()) == 6
+    assert "extra: a subfolder, not read" in text
+    assert "2 hidden file(s) or folder(s) skipped: .DS_Store, .hidden.png" in text
+    assert "1 image(s) beside HR/ not read" in text and "beside.png" in text
+    assert text.count("scan.tif") == 1  # once, not once per split
 
 
 def test_plain_folder_hash_split_gives_every_split_an_image(tmp_path):

@@ -4,7 +4,8 @@
 The official list files have CRLF line endings; train lines carry a 1-based label, test lines
 none (the class is the folder; file names may differ from it in case, as
 HandstandPushups/v_HandStandPushups_g01_c01.avi does). UCF-101 has no validation split: ours is the train clips of
-every `val_every`-th group (g05, g10, ...), so no actor appears in two splits. Clips a list
+every `val_every`-th group (g05, g10, ...), so no actor appears in two splits (if none of those
+groups is on disk, every val_every-th of the train groups present, and the listing says so). Clips a list
 names but the disk lacks (a partial download) are counted and the first few named; the rest
 are used.
 
@@ -82,7 +83,7 @@ def list_split(root: AnyPath | str, split: str, split_number: int = 1, val_every
         raise BadDataRoot(f"{path}: split list not found")
     lines = _lines(path)
     present = clips_on_disk(root / VIDEO_DIR)  # one listing, not one request per listed clip
-    clips, problems, missing = [], [], []
+    clips, problems, missing, listed = [], [], [], []
     for number, line in enumerate(lines, start=1):
         parts = line.split()
         where = f"{path.name}:{number}"
@@ -100,10 +101,14 @@ def list_split(root: AnyPath | str, split: str, split_number: int = 1, val_every
         if len(parts) == 2 and (not parts[1].isdigit() or int(parts[1]) - 1 != label):
             problems.append(f"{where}: label {parts[1]} does not match {folder} (index {label + 1} in {CLASS_INDEX})")
             continue
-        group = int(match["group"])
-        if kind == "train" and (group % val_every == 0) != (split == "val"):
-            continue
-        clip_path = present.get(f"{folder}/{name}")
+        listed.append((rel, present.get(f"{folder}/{name}"), label, folder, int(match["group"])))
+    if kind == "train":
+        held_out = _validation_groups({entry[4] for entry in listed},
+                                      {entry[4] for entry in listed if entry[1] is not None}, val_every)
+        if held_out.note and split == "val":
+            problems.append(held_out.note)
+        listed = [entry for entry in listed if (entry[4] in held_out.groups) == (split == "val")]
+    for rel, clip_path, label, folder, group in listed:
         if clip_path is None:
             missing.append(rel)
             continue
@@ -112,6 +117,26 @@ def list_split(root: AnyPath | str, split: str, split_number: int = 1, val_every
         problems.append(f"{path.name}: {len(missing)} listed {split} clips not on disk (partial download?), "
                         f"e.g. {', '.join(missing[:3])}")
     return ClipListing(clips=clips, problems=problems)
+
+
+@dataclass
+class _HeldOut:
+    groups: set[int]
+    note: str | None = None
+
+
+def _validation_groups(listed: set[int], present: set[int], val_every: int) -> _HeldOut:
+    """The train groups that form the validation split: every val_every-th group (g05, g10, ...);
+    when none of those has a clip on disk (a partial download), every val_every-th of the groups
+    present instead (at least one, if two are present), said in one line."""
+    usual = {g for g in listed if g % val_every == 0}
+    if usual & present or len(present) < 2:
+        return _HeldOut(usual)
+    ordered = sorted(present)
+    chosen = set(ordered[val_every - 1::val_every]) or {ordered[-1]}
+    return _HeldOut(chosen, f"no train clips on disk in groups g{val_every:02d}, g{2 * val_every:02d}, ...: "
+                            f"validation takes group(s) {', '.join(f'g{g:02d}' for g in sorted(chosen))} of the "
+                            f"{len(ordered)} train groups present")
 
 
 def clips_on_disk(video_dir: AnyPath) -> dict[str, AnyPath]:

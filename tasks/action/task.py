@@ -115,6 +115,13 @@ class ActionTask:
         """Frames per embedded clip: F_t frames with motion plus the intra frames (GOP 12)."""
         return self.settings.F_t + self.settings.F_t // 11 + 2
 
+    def label_options(self, data_root: AnyPath) -> dict[str, str]:
+        """A UCF-101 tree's label set: one class per line of its classInd.txt (101 for the real one)."""
+        try:
+            return {"classes": str(len(readers.read_class_index(data_root)))}
+        except readers.BadDataRoot as err:
+            raise BadInput(str(err)) from None
+
     def list_sources(self, data_root: AnyPath, split: str) -> Listing:
         """UCF-101's layout, local or in an object store; each source's "path" is the clip's text
         (a URI for a remote clip) and "stamp" its [st_size, st_mtime_ns] from the listing."""

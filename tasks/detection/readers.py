@@ -30,9 +30,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from storage import AnyPath
+from tasks.images import to_rgb
 from tasks.inputs import file_stamp, files_in, input_path, read_input, unreadable
 
-__all__ = ["BadDataRoot", "BadImage", "LIMIT", "find_instances", "list_split", "load_image"]
+__all__ = ["BadDataRoot", "BadImage", "LIMIT", "declared_categories", "find_instances", "list_split", "load_image"]
 
 SPLITS = ("train", "val", "test")
 LIMIT = 20  # problems named per kind and split; the rest are counted
@@ -60,6 +61,20 @@ def find_instances(root: AnyPath | str) -> dict[str, tuple[AnyPath, AnyPath]]:
     return found
 
 
+def declared_categories(root: AnyPath | str) -> list[int]:
+    """The category ids the tree's smallest instances JSON declares (COCO's files share them):
+    the label set of a real data root, read without parsing the 450 MB train JSON."""
+    instances = find_instances(root)
+    path = min((p for p, _ in instances.values()), key=lambda p: p.stat().st_size)
+    try:
+        ids = sorted({int(c["id"]) for c in json.loads(path.read_bytes()).get("categories", [])})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise BadDataRoot(f"{path}: no readable categories ({type(err).__name__}: {err})") from None
+    if not ids or ids[0] < 1:
+        raise BadDataRoot(f"{path}: declares no categories with ids from 1; expected COCO's 'categories' list")
+    return ids
+
+
 def list_split(root: AnyPath | str, split: str, categories: tuple[int, ...]) -> tuple[list[dict], list[str]]:
     """The images of `split` as sources (id, path, stamp, size, annotations) and the problems found.
 
@@ -70,13 +85,18 @@ def list_split(root: AnyPath | str, split: str, categories: tuple[int, ...]) -> 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     instances = find_instances(root)
-    if "train2017" in instances and "val2017" in instances:
+    paired = "train2017" in instances and "val2017" in instances
+    if paired:
         name = "train2017" if split == "train" else "val2017"
         fractions = None if split == "train" else {"val": 0.5, "test": 0.5}
     else:
         name = "train2017" if "train2017" in instances else sorted(instances)[0]
         fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
     json_path, image_dir = instances[name]
+    used = {"train2017", "val2017"} if paired else {name}
+    unused = [instances[other][0] for other in sorted(set(instances) - used)]
+    notes = [f"{p}: not read (the splits come from {' and '.join(f'instances_{u}.json' for u in sorted(used))})"
+             for p in unused] if split == "train" else []  # named once, with the first split
     coco = _load_coco(json_path)
     image_ids = sorted(coco.imgs)
     if fractions is not None:
@@ -112,7 +132,7 @@ def list_split(root: AnyPath | str, split: str, categories: tuple[int, ...]) -> 
     if missing:
         problems.lines.append(f"{json_path.name} ({split}): {missing} of {len(image_ids)} listed images are not "
                               f"under {image_dir}; the {len(sources)} present are used")
-    return sources, problems.finish()
+    return sources, notes + problems.finish()
 
 
 def _present(image_dir: AnyPath, file_name: str, present: dict[str, AnyPath]) -> AnyPath | None:
@@ -144,8 +164,8 @@ def load_image(path: AnyPath | str, width: int, height: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            rgb = to_rgb(img)  # 16-bit grayscale scaled, not clipped to white; MPO: its first picture
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = _BYTES_REPR.sub("", str(err))
         raise BadImage(f"{path}: not a readable image ({type(err).__name__}: {reason}); left out") from None
     if rgb.shape[:2] != (height, width):

@@ -8,23 +8,20 @@ float32 array per image, rows [x, y, w, h, score, COCO category id] with the box
 [0, 1] of the image (P_n is the whole image, so the normalised box holds in every frame). The
 response scales the boxes to the original image's pixels.
 
-Decoding follows the task's reader (img.convert("RGB")), with one addition: an EXIF orientation
+Decoding follows the task's reader (tasks/images.py), with one addition: an EXIF orientation
 tag is applied first, as a viewer would, so the boxes fit the image the client sees. Files
 without that tag (every COCO and synthetic image) decode exactly as in training.
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from tasks.base import BadInput, InputTooSmall, ServedInput
+from tasks.base import InputTooSmall, ServedInput
+from tasks.images import decode_request_image
 
-FORMATS = ("PNG", "JPEG")
-MAX_PIXELS = 64_000_000  # decompression-bomb guard: about 8k x 8k
 MIN_SIDE = 8  # smaller images hold no detectable object even before the resize to R_n
 
 # The 80 COCO 2017 category names, in the order of tasks.detection.task.COCO80 (ids 1..90).
@@ -47,23 +44,7 @@ COCO_NAMES = dict(zip(
 
 def decode_request(body: bytes, gate_source: int, gate_crop: int, K: int) -> ServedInput:  # noqa: N803 - the paper's K
     """PNG/JPEG bytes -> one routing unit: the gate's centre crop; the decoded image stays in context."""
-    if not body:
-        raise BadInput("empty request body: POST the raw bytes of a PNG or JPEG image")
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            if img.format not in FORMATS:
-                raise BadInput(f"request body is a {img.format} image; expected PNG or JPEG")
-            if img.width * img.height > MAX_PIXELS:
-                raise BadInput(f"{img.width}x{img.height} image has more than {MAX_PIXELS} pixels")
-            img.load()  # a truncated file fails here
-            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))  # (H, W, 3) uint8, as readers.load_image
-    except BadInput:
-        raise
-    except UnidentifiedImageError:
-        raise BadInput(f"request body ({len(body)} bytes) is not a PNG or JPEG image") from None
-    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise BadInput(f"request body is not a readable PNG/JPEG image ({reason})") from None
+    rgb = decode_request_image(body)  # (H, W, 3) uint8, as readers.load_image, EXIF orientation applied
     height, width = rgb.shape[:2]
     if height < MIN_SIDE or width < MIN_SIDE:
         raise InputTooSmall(f"{width}x{height} image is under {MIN_SIDE} pixels a side; send a larger image")

@@ -13,6 +13,7 @@ import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,8 @@ COCO80 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
 @dataclass(frozen=True)
 class DetectionSettings:
     """One profile's settings; logged to MLflow as they are."""
+
+    may_be_zero: ClassVar[tuple[str, ...]] = ("min_side", "train_images", "val_images")  # -o KEY=0 allowed
 
     resolutions: tuple[int, ...] = (100, 150, 300)  # R_n, experts cheapest first
     model: str = "vgg16"  # models.MODELS: vgg16 | resnet50 | ssdlite | tiny
@@ -109,6 +112,13 @@ class DetectionTask:
         synthetic.write_coco_tree(folder, {"train2017": s.train_images, "val2017": s.val_images}, seed=0)
         stamp.write_text(json.dumps(key))
         return folder
+
+    def label_options(self, data_root: AnyPath) -> dict[str, str]:
+        """A COCO tree's label set: the categories its instances JSON declares (COCO's 80 for the real one)."""
+        try:
+            return {"categories": ",".join(str(c) for c in readers.declared_categories(data_root))}
+        except readers.BadDataRoot as err:
+            raise BadInput(str(err)) from None
 
     def list_sources(self, data_root: AnyPath, split: str) -> Listing:
         """A COCO tree, local or in an object store (readers.list_split: the split rules, the

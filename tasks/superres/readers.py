@@ -9,6 +9,8 @@ Split rules
 * DIV2K (``<root>/DIV2K_train_HR``, ``<root>/DIV2K_valid_HR``): train = every image of
   DIV2K_train_HR; DIV2K has no public test HR, so its validation set is halved: val = the first
   ceil(n/2) files of DIV2K_valid_HR in name order (0801-0850), test = the rest (0851-0900).
+  With DIV2K_train_HR alone (the usual partial download), its images are split by name hash as
+  a plain folder's, and the listing says so.
 * Split folders (``<root>/train``, ``<root>/val`` or ``<root>/valid``, ``<root>/test``; at least
   train and one other): each split is its folder (or that folder's ``HR/``), as it is.
 * Any other folder (its ``HR/`` subfolder if there is one, as in Set5/Set14: ``HR/``, ``X2/`` ...):
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from storage import AnyPath
+from tasks.images import to_rgb
 from tasks.inputs import input_path, read_input
 
 __all__ = [
@@ -115,17 +118,24 @@ def _subdirs(folder: AnyPath) -> dict[str, AnyPath]:
         return {}
 
 
-def list_image_files(folder: AnyPath) -> tuple[list[AnyPath], list[str]]:
-    """PNG/JPEG files directly in `folder` (sorted by name) and one line per suspicious other file."""
-    images, problems = [], []
+def list_image_files(folder: AnyPath, known_dirs: tuple[str, ...] = ()) -> tuple[list[AnyPath], list[str]]:
+    """PNG/JPEG files directly in `folder` (sorted by name) and one line per suspicious other file,
+    per subfolder that is not read (other than `known_dirs`, which the layout reads) and for the
+    hidden files skipped, so nothing is left out unsaid."""
+    images, problems, hidden = [], [], []
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if path.name.startswith("."):
+            hidden.append(path.name)
+        elif path.is_dir():
+            if path.name not in known_dirs and not _SCALE_DIR.match(path.name):
+                problems.append(f"{path}: a subfolder, not read (images are read directly in {folder})")
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
-        elif suffix not in _NOT_IMAGES and path.name not in ("Thumbs.db", "desc.ini"):
+        elif path.suffix.lower() not in _NOT_IMAGES and path.name not in ("Thumbs.db", "desc.ini"):
             problems.append(f"{path}: skipped, not a .png/.jpg/.jpeg file; convert it to PNG to use it")
+    if hidden:
+        problems.append(f"{folder}: {len(hidden)} hidden file(s) or folder(s) skipped: {', '.join(hidden[:5])}"
+                        + (" ..." if len(hidden) > 5 else ""))
     return images, problems
 
 
@@ -143,6 +153,10 @@ def _lr_dirs(folder: AnyPath | None) -> dict[int, AnyPath]:
 
 def _find_div2k(root: AnyPath, split: str, subdirs: dict[str, AnyPath]) -> ImageListing:
     """train = DIV2K_train_HR; val/test = first/second half of DIV2K_valid_HR by name."""
+    if _DIV2K_HR["valid"] not in subdirs and _DIV2K_HR["train"] in subdirs:
+        return _find_folder(root / _DIV2K_HR["train"], split, {}, layout="div2k",
+                            note=f"{root / _DIV2K_HR['valid']} is missing: the images of {_DIV2K_HR['train']} are "
+                                 "split 60/20/20 into train/val/test by a hash of their names")
     part = "train" if split == "train" else "valid"
     hr = root / _DIV2K_HR[part]
     problems: list[str] = []
@@ -186,17 +200,25 @@ def _find_split_dir(folder: AnyPath | None, root: AnyPath, split: str) -> ImageL
         )
     subdirs = _subdirs(folder)
     hr = subdirs.get("HR", folder)
-    paths, problems = list_image_files(hr)
+    paths, problems = list_image_files(hr, ("HR",))
+    if hr != folder:
+        problems += _beside_hr(folder)
     if not paths:
         problems.append(f"{hr}: no .png/.jpg/.jpeg images for split {split!r}")
     lr_dirs = _lr_dirs(folder) if hr != folder else {}
     return ImageListing(split=split, layout="splits", root=hr, paths=paths, lr_dirs=lr_dirs, problems=problems)
 
 
-def _find_folder(root: AnyPath, split: str, subdirs: dict[str, AnyPath]) -> ImageListing:
-    """A plain folder (or its HR/ subfolder) split 60/20/20 by a hash of each file name."""
+def _find_folder(root: AnyPath, split: str, subdirs: dict[str, AnyPath], layout: str = "folder",
+                 note: str | None = None) -> ImageListing:
+    """A plain folder (or its HR/ subfolder) split 60/20/20 by a hash of each file name. The
+    folder's problems (and `note`) are reported with the train split only: every split lists the
+    same folder, and each stray file is named once."""
     hr = subdirs.get("HR", root)
-    images, problems = list_image_files(hr)
+    images, problems = list_image_files(hr, ("HR",))
+    if hr != root:
+        problems += _beside_hr(root)
+    problems = ([note] if note else []) + problems if split == "train" else []
     if not images:
         raise BadDataRoot(
             f"{hr}: no .png/.jpg/.jpeg images found; expected DIV2K_train_HR/ and DIV2K_valid_HR/, "
@@ -209,12 +231,21 @@ def _find_folder(root: AnyPath, split: str, subdirs: dict[str, AnyPath]) -> Imag
         )
     return ImageListing(
         split=split,
-        layout="folder",
+        layout=layout,
         root=hr,
         paths=paths,
         lr_dirs=_lr_dirs(root) if hr != root else {},
         problems=problems,
     )
+
+
+def _beside_hr(folder: AnyPath) -> list[str]:
+    """One line when images lie beside an HR/ folder: only HR/ is the HR set, they are not read."""
+    beside, _ = list_image_files(folder, ("HR",))
+    if not beside:
+        return []
+    names = ", ".join(p.name for p in beside[:5]) + (" ..." if len(beside) > 5 else "")
+    return [f"{folder}: {len(beside)} image(s) beside HR/ not read (the HR images are those in HR/): {names}"]
 
 
 def _name_hash(name: str) -> float:
@@ -255,12 +286,9 @@ def load_rgb(path: AnyPath | str, min_side: int = MIN_SIDE) -> np.ndarray:
     uint8 RGB. A file this node cannot read raises tasks.UnreadableInput (naming the file and the
     node); one that is read but cannot be used raises BadImage naming the file.
 
-    Conversions: grayscale and bilevel are replicated to 3 channels; palette images are expanded;
-    alpha (RGBA, LA, palette transparency) is composited over black, i.e. RGB * alpha / 255, so
-    hidden colours under transparent pixels never leak in; 16-bit grayscale is scaled
-    round(v * 255 / 65535); 16-bit RGB(A) is reduced by Pillow to its high byte (65535 -> 255);
-    JPEG EXIF orientation is applied. Truncated files raise: we call img.load() and never enable
-    PIL's LOAD_TRUNCATED_IMAGES.
+    Conversions as tasks/images.py (16-bit grayscale scaled, alpha over black, MPO's first
+    picture), and JPEG EXIF orientation is applied. Truncated files raise: we call img.load() and
+    never enable PIL's LOAD_TRUNCATED_IMAGES.
     """
     path = input_path(path)
     data = read_input(path)  # UnreadableInput: a worker that cannot read it is not a corrupt file
@@ -268,7 +296,7 @@ def load_rgb(path: AnyPath | str, min_side: int = MIN_SIDE) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
     except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, zlib.error...
         reason = _BYTES_REPR.sub("", " ".join(str(err).split())) or type(err).__name__
         raise BadImage(f"{path}: not a readable PNG/JPEG image ({reason})") from err
@@ -279,22 +307,3 @@ def load_rgb(path: AnyPath | str, min_side: int = MIN_SIDE) -> np.ndarray:
             "use a larger image"
         )
     return rgb
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 from any decoded Pillow mode (see load_rgb for the conventions)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.float64)  # (H, W) 16-bit range
-        gray = np.clip(np.rint(values * 255.0 / 65535.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        rgba = np.asarray(img, dtype=np.uint16)  # (H, W, 4)
-        alpha = rgba[:, :, 3:4]
-        return ((rgba[:, :, :3] * alpha + 127) // 255).astype(np.uint8)  # over black, rounded
-    if img.mode != "RGB":
-        img = img.convert("RGB")  # 1, L, CMYK, YCbCr ...
-    return np.asarray(img, dtype=np.uint8).copy()

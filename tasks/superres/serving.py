@@ -13,34 +13,17 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from tasks.base import BadInput, InputTooSmall, ServedInput
-from tasks.superres import patches, readers
+from tasks.base import InputTooSmall, ServedInput
+from tasks.images import decode_request_image
+from tasks.superres import patches
 
-FORMATS = ("PNG", "JPEG")
-MAX_PIXELS = 64_000_000  # decompression-bomb guard: about 8k x 8k
 
 
 def decode_request(body: bytes, K: int) -> ServedInput:  # noqa: N803 - the paper's K
     """PNG/JPEG bytes -> one routing unit per 64x64 patch (row-major on the image's grid)."""
-    if not body:
-        raise BadInput("empty request body: POST the raw bytes of a PNG or JPEG image")
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            if img.format not in FORMATS:
-                raise BadInput(f"request body is a {img.format} image; expected PNG or JPEG")
-            if img.width * img.height > MAX_PIXELS:
-                raise BadInput(f"{img.width}x{img.height} image has more than {MAX_PIXELS} pixels")
-            img.load()  # a truncated file fails here
-            rgb = readers._to_rgb(ImageOps.exif_transpose(img))  # the training data's conventions
-    except BadInput:
-        raise
-    except UnidentifiedImageError:
-        raise BadInput(f"request body ({len(body)} bytes) is not a PNG or JPEG image") from None
-    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError...
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise BadInput(f"request body is not a readable PNG/JPEG image ({reason})") from None
+    rgb = decode_request_image(body)  # the training data's conventions (tasks/images.py)
     height, width = rgb.shape[:2]
     if height < patches.PATCH or width < patches.PATCH:
         raise InputTooSmall(f"{width}x{height} image is smaller than one {patches.PATCH}x{patches.PATCH} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,8 @@ from tasks.superres import metrics, models, patches, readers, serving, synthetic
 @dataclass(frozen=True)
 class SuperResSettings:
     """One profile's settings; logged to MLflow as they are."""
+
+    may_be_zero: ClassVar[tuple[str, ...]] = ("n_procedural",)  # -o KEY=0 allowed
 
     scales: tuple[int, ...] = patches.SCALES  # experts cheapest first: x4, x3, x2
     model: str = "espcn"  # or "fsrcnn"
