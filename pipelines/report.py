@@ -126,8 +126,9 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
     if lagrange is not None:
         candidates += [("lagrange", p["d_target"], lagrange, validation_figure(p)) for p in lagrange["points"]]
     ensure_mlflow(cfg)
-    runs = {r.data.tags.get("bmoe.gate_file"): r.info.run_id for r in mlflow.search_runs(
-        [sweep["experiment_id"]], filter_string=f"tags.`bmoe.sweep` = '{sweep['name']}'", output_format="list")}
+    runs = {r.data.tags["bmoe.gate_file"]: r.info.run_id for r in mlflow.search_runs(
+        [sweep["experiment_id"]], filter_string=f"tags.`bmoe.sweep` = '{sweep['name']}'", output_format="list")
+        if r.data.tags.get("bmoe.gate_file")}
     candidates = [c for c in candidates if c[2].get("gate_file") in runs]
     best_at = best_on_validation(candidates, key=lambda c: c[1], val=lambda c: c[3])
     client, name, registered = mlflow.MlflowClient(), gate_model(cfg.task), {}

@@ -73,6 +73,11 @@ def quiet_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny weights file
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local instance: on Linux Ray takes the default route's address as the node's and its
+        # GCS, raylet, workers and agents listen on every interface; with this setting (read when
+        # ray is first imported) it takes 127.0.0.1 and binds every port there (tests/test_binds.py).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray 2.60's Parquet datasource V2 starts fresh FooterReader actors for every read (about
     # 4 s each on 2 cores, measured); V1 reads the same shards in 0.2-0.3 s.
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
