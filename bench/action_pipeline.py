@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench.core import median_time  # noqa: E402
 from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
-from tasks import SPLITS  # noqa: E402
+from tasks import SOURCE_SPLITS  # noqa: E402
 from tasks.action import synthetic  # noqa: E402
 from tasks.action.motion_vectors import count_frames, motion_grids  # noqa: E402
 
@@ -78,7 +78,7 @@ def part2(folder: Path) -> dict:
     start = time.perf_counter()
     data_root = task.embedded_data(cfg.layout.raw())
     write_s = time.perf_counter() - start
-    sources = [s for split in SPLITS for s in task.list_sources(data_root, split).sources]
+    sources = [s for split in SOURCE_SPLITS for s in task.list_sources(data_root, split).sources]
     start = time.perf_counter()
     manifest = prepare(cfg)
     ray_s = time.perf_counter() - start

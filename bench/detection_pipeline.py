@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.runtime import RunConfig, ensure_ray, quiet_environment  # noqa: E402
-from tasks import SPLITS, get_task  # noqa: E402
+from tasks import SOURCE_SPLITS, get_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detection_pipeline.json"
 
@@ -62,7 +62,7 @@ def bench_prepare(work: Path, images: int) -> dict:
     samples = sum(s["samples"] for s in manifest["splits"].values())
 
     task = cfg.task_obj()
-    sources = [s for split in SPLITS for s in task.list_sources(tree, split).sources]
+    sources = [s for split in SOURCE_SPLITS for s in task.list_sources(tree, split).sources]
     started = time.perf_counter()
     for source in sources:
         task.load(source)

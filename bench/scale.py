@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
-from tasks import SPLITS  # noqa: E402
+from tasks import GATE_SPLIT, SOURCE_SPLITS, SPLITS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 HEIGHT, WIDTH = 1356, 2040  # a DIV2K-sized image: 21 x 31 = 651 patches
@@ -61,7 +61,7 @@ def write_images(root: Path, n_train: int, n_eval: int = 2) -> Path:
 
     splits = {}
     for split, count in (("train", n_train), ("val", n_eval), ("test", n_eval)):
-        splits[split] = [(f"{split}{i:04d}", procedural_image(np.random.default_rng([7, SPLITS.index(split), i]),
+        splits[split] = [(f"{split}{i:04d}", procedural_image(np.random.default_rng([7, SOURCE_SPLITS.index(split), i]),
                                                              HEIGHT, WIDTH)) for i in range(count)]
     return write_div2k_tree(root, splits)
 
@@ -144,14 +144,13 @@ def loop_in_process(data_root: str, out: str) -> dict:
 def loop_prepare(cfg: RunConfig, out: Path) -> dict:
     """Prepare's work in this one process: every image loaded once by task.load, its rows
     written by the same ShardWriter Ray's write tasks use. Returns {split: {part: rows}}."""
-    from pipelines.prepare import _data_root
+    from pipelines.prepare import _data_root, list_splits
     from pipelines.shard_writer import ShardColumns, ShardSizes, ShardWriter, rows_to_block
 
     task = cfg.task_obj()
     columns = ShardColumns.of(task)
     counts = {}
-    for split in SPLITS:
-        listing = task.list_sources(_data_root(cfg, task), split)
+    for split, listing in list_splits(task, _data_root(cfg, task)).items():
         folders = {part: out / split / part for part in columns.parts()}
         writer = ShardWriter(folders, columns, ShardSizes(), prefix="loop")
         for source in listing.sources:
@@ -237,13 +236,13 @@ def trial_in_process(root: str) -> dict:
     started = time.perf_counter()
     with MemorySampler(period=0.05) as memory:
         n = len(task.expert_names())
-        data = {split: load_split(where["cache_file"], where["gate_files"], n, full=split != "train")
+        data = {split: load_split(where["cache_file"], where["gate_files"], n, full=split != GATE_SPLIT)
                 for split, where in inputs.items()}
         d = task.data_costs()
         config = {"task": "superres", "profile": "paper", "options": OPTIONS, **TRIAL,
                   "d_target": targets(d, 7)[3]}
         result = run_trial(config, data, report=lambda metrics: None)
-    return {"train_rows": len(data["train"].cache), "seconds": round(time.perf_counter() - started, 2),
+    return {"gate_rows": len(data[GATE_SPLIT].cache), "seconds": round(time.perf_counter() - started, 2),
             "peak_rss_mb": memory.figures()["driver_rss_mb"], "rss_before_data_mb": baseline,
             "test_performance": result["points"][0]["performance"]}
 
@@ -266,7 +265,7 @@ def bench_trials(work: Path, sizes: list[int]) -> list[dict]:
     rows = []
     for n in sizes:
         row = {"train_images": n, **_helper("--trial-root", str(work / f"run-{n}"))}
-        print(f"trial n={n:3d}: {row['train_rows']} train patches  {row['seconds']:6.1f}s  "
+        print(f"trial n={n:3d}: {row['gate_rows']} gate-training patches  {row['seconds']:6.1f}s  "
               f"peak RSS {row['peak_rss_mb']:.0f} MB ({row['rss_before_data_mb']:.0f} MB before reading data)", flush=True)
         rows.append(row)
     return rows

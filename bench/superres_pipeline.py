@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
-from tasks import SPLITS, get_task  # noqa: E402
+from tasks import GATE_SPLIT, SPLITS, get_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "superres_pipeline.json"
 
@@ -160,8 +160,8 @@ def expert_trial(task, config: dict, data: dict, inputs: dict, experts: list, d)
     torch.manual_seed(int(config.get("seed", 0)))
     gate = build_gate(task.gate_spec(), config["width"])
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
-    xs, hr_train = inputs["train"]["x"], inputs["train"]["hr"]
-    M = len(data["train"].gate)
+    xs, hr_train = inputs[GATE_SPLIT]["x"], inputs[GATE_SPLIT]["hr"]
+    M = len(data[GATE_SPLIT].gate)
     batch = min(int(config["batch_size"]), M)
 
     def route(split: str) -> np.ndarray:
@@ -170,7 +170,7 @@ def expert_trial(task, config: dict, data: dict, inputs: dict, experts: list, d)
 
     best, best_state, steps = -np.inf, None, 0
     for _epoch in range(int(config["epochs"])):
-        for rows, x in _batches(data["train"], batch, gen):
+        for rows, x in _batches(data[GATE_SPLIT], batch, gen):
             idx = torch.from_numpy(rows)
             started = time.perf_counter()
             with torch.no_grad():
@@ -198,7 +198,7 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     import torch
 
     from pipelines.gate_trial import _train_biased_gate, expert_performance
-    from pipelines.sweep import GRIDS, load_split, targets
+    from pipelines.sweep import GRIDS, TRIAL_SPLITS, load_split, targets
     from pipelines.train_experts import load_expert
 
     task = get_task(cfg.task, cfg.profile)
@@ -212,9 +212,9 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     print(f"\n== part 2: one `enforce` trial, {epochs} epochs, from {cfg.root} (profile {cfg.profile}) ==")
     load = {}
     with _timed(load, "cache_load_s"):
-        data = {split: load_split(cfg, task, split) for split in SPLITS}
+        data = {split: load_split(cfg, task, split) for split in TRIAL_SPLITS}
     with _timed(load, "shard_load_s"):
-        inputs = {split: load_expert_inputs(cfg, task, split, data[split].cache["sample_id"]) for split in SPLITS}
+        inputs = {split: load_expert_inputs(cfg, task, split, data[split].cache["sample_id"]) for split in TRIAL_SPLITS}
     with _timed(load, "expert_load_s"):
         experts = [load_expert(task, n, cfg.layout.weights(n)) for n in range(len(d))]
 
@@ -223,10 +223,11 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     try:
         # untimed check: the per-batch expert losses are the cached ones (same experts, same inputs)
         with torch.no_grad():
-            hr = _to_float(inputs["train"]["hr"])
-            fresh = np.stack([((m(_to_float(inputs["train"]["x"][n])).clamp(0, 1) - hr) ** 2).mean(dim=(1, 2, 3)).numpy()
+            hr = _to_float(inputs[GATE_SPLIT]["hr"])
+            fresh = np.stack([((m(_to_float(inputs[GATE_SPLIT]["x"][n])).clamp(0, 1) - hr) ** 2).mean(dim=(1, 2, 3)).numpy()
                               for n, m in enumerate(experts)], axis=1)
-        loss_rel_err = float(np.max(np.abs(fresh - data["train"].losses) / np.maximum(data["train"].losses, 1e-12)))
+        loss_rel_err = float(np.max(np.abs(fresh - data[GATE_SPLIT].losses)
+                                    / np.maximum(data[GATE_SPLIT].losses, 1e-12)))
 
         cached_times, expert_times, cached_result, expert_result = [], [], None, None
         for _ in range(repeats):
@@ -239,12 +240,12 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
             expert_times.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
-    M = len(data["train"].losses)
+    M = len(data[GATE_SPLIT].losses)
     batch = min(config["batch_size"], M)
     cached_s, expert_s = statistics.median(cached_times), statistics.median(expert_times)
     return {
         "root": str(cfg.root), "profile": cfg.profile, "config": config,
-        "samples": {s: len(data[s].losses) for s in SPLITS}, "batch": batch, "steps_per_epoch": M // batch,
+        "samples": {s: len(data[s].losses) for s in TRIAL_SPLITS}, "batch": batch, "steps_per_epoch": M // batch,
         "steps": expert_result["steps"], "repeats": repeats, **load,
         "cached_s_per_trial": cached_s, "cached_s_all": cached_times,
         "expert_s_per_trial": expert_s, "expert_s_all": expert_times,

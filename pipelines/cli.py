@@ -33,6 +33,8 @@ DataRoot = Annotated[Optional[str], typer.Option(help="Real dataset folder; abse
 TrackingUri = Annotated[Optional[str], typer.Option(help="MLflow tracking URI; default sqlite:///<root>/mlflow.db.")]
 Workers = Annotated[int, typer.Option(help="Ray Train workers per expert.")]
 Gpu = Annotated[bool, typer.Option("--gpu/--no-gpu", help="Train and score experts on GPUs (Ray resources).")]
+Seed = Annotated[int, typer.Option(help="Seed of the embedded data, the expert and gate initialisations and the "
+                                        "sweep: another seed is another run (use another --root to keep both).")]
 Options = Annotated[Optional[list[str]], typer.Option(
     "--task-option", "-o", help="Override a task setting, KEY=VALUE, repeatable (superres: model=fsrcnn, "
     "scales=4,3,2; detection: resolutions=100,150,300; action: F_t=150, split=2; any task: epochs=30, K=1 ...; "
@@ -97,7 +99,7 @@ def _run(stage: Callable, *args, **kwargs):
 
 @app.command()
 def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-            data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
+            data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
             strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False,
             shard_file_mb: Annotated[float, typer.Option(help="Close a shard file once it holds this many MB "
                                                               "(Arrow data, before compression).")] = 128.0,
@@ -111,13 +113,13 @@ def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile 
         sizes = ShardSizes(file_mb=shard_file_mb, row_group_mb=row_group_mb)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict), sizes)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict, seed=seed), sizes)
 
 
 @app.command("train-experts")
 def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
                   data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
-                  num_workers: Workers = 1, gpu: Gpu = False,
+                  seed: Seed = 0, num_workers: Workers = 1, gpu: Gpu = False,
                   concurrent_fits: Annotated[int, typer.Option(
                       help="Experts trained at once (0: with --gpu all of them, each waiting for its GPUs, which "
                            "is what makes an autoscaler add GPU nodes; on CPUs what the cluster holds now).",
@@ -126,23 +128,24 @@ def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Pr
     from pipelines.train_experts import train_experts as stage
 
     _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True,
-                        num_workers=num_workers, use_gpu=gpu, concurrent_fits=concurrent_fits))
+                        num_workers=num_workers, use_gpu=gpu, concurrent_fits=concurrent_fits, seed=seed))
 
 
 @app.command()
 def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, gpu: Gpu = False,
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
+          gpu: Gpu = False,
           actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: one per GPU with --gpu, "
                                                    "else one); the pool scales up to it.", min=0)] = 0):
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, use_gpu=gpu), actors=actors)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, use_gpu=gpu, seed=seed), actors=actors)
 
 
 @app.command()
 def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
+          data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
           methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of methods.")] = None,
           name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None,
           cpus_per_trial: Annotated[Optional[float], typer.Option(
@@ -162,7 +165,7 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
-    cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True)
+    cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
     overrides = {"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
                  "max_concurrent": max_concurrent_trials, "search": search, "num_samples": num_samples,
@@ -176,12 +179,12 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
 
 @app.command()
 def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
-           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
+           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
            sweep_file: Annotated[Optional[str], typer.Option(help="Sweep results JSON (default: latest).")] = None):
     """Stage 5: tables, plots and summary.json under <root>/reports/<task>/, logged to MLflow."""
     from pipelines.report import report as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True), sweep_file)
+    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed), sweep_file)
 
 
 @app.command()
@@ -262,13 +265,14 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
 @app.command()
 def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
-         tracking_uri: TrackingUri = None, option: Options = None):
+         tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0):
     """Run every stage of every task on the embedded default data and print what ran."""
     from pipelines.demo import run_demo
     from tasks import TASKS
 
     names = [task] if task else list(TASKS)
-    configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True) for name in names]
+    configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
+               for name in names]
     _run(run_demo, configs)
 
 

@@ -26,7 +26,7 @@ from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
 from storage import AnyPath, read_table, save_torch
-from tasks import get_task
+from tasks import GATE_SPLIT, get_task
 
 STATIC_METHODS = ("experts", "random", "heuristic", "oracle")  # no training: all targets in one trial
 TRAINED_METHODS = ("soft", "enforce")  # one trial per target and hyperparameters
@@ -117,7 +117,7 @@ def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
 
 
 def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
-    """Evaluate one configuration; reports per-epoch metrics through `report` (Tune's, unless
+    """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits; reports per-epoch metrics through `report` (Tune's, unless
     given: a trial can run without Tune) and returns the final record:
     {"points": [{d_target, d_mean, performance, ...}], ...}."""
     if report is None:
@@ -248,7 +248,7 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
     c_g = count_macs(gate, task.gate_spec().scaled(config["width"]).input_shape)
     gate = gate.to(device)
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
-    train = data["train"]
+    train = data[GATE_SPLIT]  # inputs the experts never trained on
     # Scaling the losses by one constant leaves the optimum unchanged and keeps lr meaningful.
     losses = torch.as_tensor(train.losses / max(train.losses.mean(), 1e-12), dtype=torch.float32, device=device)
     batch = min(int(config["batch_size"]), len(losses))
@@ -293,7 +293,7 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_va
     c_g = count_macs(gate, spec.scaled(config["width"]).input_shape)
     gate = gate.to(device)
     optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
-    train = data["train"]
+    train = data[GATE_SPLIT]  # inputs the experts never trained on
     mean, std = train.scores.mean(), max(train.scores.std(), 1e-12)  # one scale for all experts
     y_train = torch.as_tensor((train.scores - mean) / std, dtype=torch.float32, device=device)
     batch = min(int(config["batch_size"]), len(y_train))

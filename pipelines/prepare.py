@@ -20,8 +20,8 @@ from pathlib import Path
 from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
-from tasks import SPLITS, BadInput, UnreadableInput
-from tasks.base import Task
+from tasks import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, UnreadableInput
+from tasks.base import Task, carve_gate_split
 
 EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
 BLOCK_BYTES = 32 << 20  # Ray Data blocks from the loaders to the writers (Ray's default: 128 MiB)
@@ -34,8 +34,14 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     task = cfg.task_obj()
     layout = cfg.layout
     data_root = _data_root(cfg, task)
-    listings = {split: task.list_sources(data_root, split) for split in SPLITS}
+    try:
+        listings = list_splits(task, data_root)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     for split, listing in listings.items():
+        if split == GATE_SPLIT and not listing.sources and listings["train"].sources:
+            raise UserError(f"the train inputs under {data_root} are one group: at least two are needed to hold "
+                            f"some out for training gates")
         if not listing.sources:
             raise UserError(f"no usable {split} inputs under {data_root} ({len(listing.problems)} problems: "
                             f"{'; '.join(listing.problems[:3]) or 'nothing found'})")
@@ -92,6 +98,14 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         raise UserError(f"{unreadable} input files could not be read by the Ray workers (named above): the shards "
                         f"hold the rest; make the data root readable from every node and rerun")
     return manifest
+
+
+def list_splits(task: Task, data_root: AnyPath) -> dict:
+    """The sources of every split: the data set's own (task.list_sources), with the gate split
+    carved out of train (tasks.base.carve_gate_split)."""
+    listings = {split: task.list_sources(data_root, split) for split in SOURCE_SPLITS}
+    listings["train"], listings[GATE_SPLIT] = carve_gate_split(listings["train"], task.settings.gate_share)
+    return {split: listings[split] for split in SPLITS}
 
 
 def read_manifest(cfg: RunConfig) -> dict | None:
@@ -230,13 +244,13 @@ def _embedded_data(cfg: RunConfig, task: Task) -> AnyPath:
     the store); an upload whose settings stamp is unchanged is kept."""
     raw = cfg.layout.raw()
     if not isinstance(raw, StoragePath):
-        return task.embedded_data(raw)
+        return task.embedded_data(raw, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="bmoe-embedded-") as tmp:
         local = Path(tmp)
         stamp = read_json(raw / EMBEDDED_STAMP)
         if stamp is not None:  # the task regenerates nothing when its settings match the stamp
             (local / EMBEDDED_STAMP).write_text(json.dumps(stamp))
-        task.embedded_data(local)
+        task.embedded_data(local, cfg.seed)
         if any(p.is_file() and p.name != EMBEDDED_STAMP for p in local.rglob("*")):
             remove_tree(raw)
             count = upload_tree(local, raw)

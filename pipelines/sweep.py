@@ -35,7 +35,7 @@ from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from pipelines.search import HYPERPARAMETERS, SCHEDULERS, SEARCHES, PerPointASHA, PointSearch
 from storage import AnyPath, read_json, write_bytes, write_json
-from tasks import SPLITS
+from tasks import GATE_SPLIT, SPLITS
 
 MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this many times
 
@@ -51,7 +51,7 @@ class SweepGrid:
     lrs: tuple[float, ...] = (1e-4,)
     widths: tuple[float, ...] = (1.0,)
     w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
-    seed: int = 0
+    seed: int = 0  # the RunConfig's (--seed): trial initialisations, random quotas, searchers
     search: str = "grid"  # grid | random | optuna (pipelines/search.py)
     num_samples: int = 1  # trials per (method, d_t) point when searching
     scheduler: str = "none"  # none | asha
@@ -170,10 +170,13 @@ def _identity(grid: SweepGrid) -> dict:
     return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")}
 
 
-def split_inputs(layout: RunLayout, manifest: dict) -> dict[str, dict]:
+TRIAL_SPLITS = (GATE_SPLIT, "val", "test")  # what a trial reads: the experts' own train split is not among them
+
+
+def split_inputs(layout: RunLayout, manifest: dict, splits: tuple[str, ...] = TRIAL_SPLITS) -> dict[str, dict]:
     """Where each split's cache and gate shards are: what a trial reads, on its own node."""
     return {split: {"cache_file": layout.cache(split), "gate_files": shard_files(layout, manifest, split, "gate")}
-            for split in SPLITS}
+            for split in splits}
 
 
 def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -> SplitData:
@@ -181,7 +184,7 @@ def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -
     manifest = manifest or require_manifest(cfg)
     if not cfg.layout.cache(split).exists():
         raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
-    where = split_inputs(cfg.layout, manifest)[split]
+    where = split_inputs(cfg.layout, manifest, (split,))[split]
     try:
         return gate_trial.load_split(where["cache_file"], where["gate_files"], len(task.expert_names()))
     except gate_trial.CacheMismatch as err:
@@ -201,7 +204,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     manifest = require_manifest(cfg)
     task = cfg.task_obj()
     layout = cfg.layout
-    grid = grid or GRIDS[cfg.profile]
+    grid = replace(grid or GRIDS[cfg.profile], seed=cfg.seed)  # the run's seed is the sweep's
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)
     planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
@@ -415,7 +418,7 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # the CPUs Ray gave this trial
     data = {split: gate_trial.load_split(where["cache_file"], where["gate_files"], n_experts,
-                                         full=split != "train")
+                                         full=split != GATE_SPLIT)
             for split, where in inputs.items()}
     result = run_trial(trial, data)
     final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0),

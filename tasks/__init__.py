@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.base import SPLITS, BadInput, Task, UnreadableInput
+from tasks.base import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, Task, UnreadableInput
 
-__all__ = ["SPLITS", "BadInput", "UnreadableInput", "Task", "TASKS", "get_task"]
+__all__ = ["SPLITS", "SOURCE_SPLITS", "GATE_SPLIT", "BadInput", "UnreadableInput", "Task", "TASKS", "get_task"]
 
 
 def _detection(profile: str, options: dict) -> Task:

@@ -47,7 +47,7 @@ def _split(folder, split: str, rows: int, seed: int) -> gate_trial.SplitData:
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trial")
     return {split: _split(folder, split, rows, seed)
-            for split, rows, seed in (("train", 256, 0), ("val", 128, 1), ("test", 128, 2))}
+            for split, rows, seed in (("gate", 256, 0), ("val", 128, 1), ("test", 128, 2))}
 
 
 def _config(method: str, **extra) -> dict:

@@ -45,6 +45,7 @@ class ActionSettings:
     classes: int = 101  # UCF-101; the embedded data has len(synthetic.CLASSES)
     split: int = 1  # official UCF-101 split K in 1..3
     val_every: int = 5  # train clips of groups g05, g10, ... form the validation split
+    gate_share: float = 0.2  # of train's groups, held out from the experts to train gates (carve_gate_split)
     upsample: int = 24  # server-side size of the motion grid inside the temporal expert
     expert_width: float = 1.0
     clips_per_group: int = 3  # embedded data: clips per class and group
@@ -59,9 +60,9 @@ class ActionSettings:
 _SYNTH = len(synthetic.CLASSES)
 PROFILES = {
     "smoke": ActionSettings(F_t=4, F_s=1, H_s=36, W_s=48, classes=_SYNTH, expert_width=0.25, clips_per_group=1,
-                            groups=10, epochs=1, batch_size=16),
+                            groups=10, gate_share=0.5, epochs=1, batch_size=16),
     "demo": ActionSettings(F_t=8, F_s=1, H_s=72, W_s=96, classes=_SYNTH, expert_width=0.5, clips_per_group=3,
-                           epochs=12, batch_size=32),
+                           groups=39, gate_share=0.5, epochs=12, batch_size=32),
     "paper": ActionSettings(epochs=50, batch_size=128, lr=1e-3, clips_per_group=4, clip_height=240, clip_width=320),
 }
 
@@ -96,18 +97,18 @@ class ActionTask:
         spatial = s.F_s * s.H_s * s.W_s * 3 * s.K
         return np.array([temporal, spatial, temporal + spatial], dtype=np.float64)
 
-    def embedded_data(self, folder: Path) -> Path:
-        """Synthetic clips encoded with MPEG-4 part 2 in UCF-101's layout (synthetic.py)."""
+    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+        """Synthetic clips (drawn with `seed`) encoded with MPEG-4 part 2 in UCF-101's layout (synthetic.py)."""
         s = self.settings
         stamp = folder / "embedded.json"
         key = {"clips_per_group": s.clips_per_group, "groups": s.groups, "frames": self.clip_frames(),
                "height": s.clip_height, "width": s.clip_width, "classes": [c.name for c in synthetic.CLASSES],
-               "version": 1}
+               "seed": seed, "version": 2}
         if stamp.exists() and json.loads(stamp.read_text()) == key:
             return folder
         shutil.rmtree(folder / readers.VIDEO_DIR, ignore_errors=True)  # our own tree: no stale clips
         synthetic.write_ucf101_tree(folder, s.clips_per_group, self.clip_frames(), s.clip_height, s.clip_width,
-                                    groups=s.groups)
+                                    groups=s.groups, seed=seed)
         stamp.write_text(json.dumps(key))
         return folder
 

@@ -49,6 +49,7 @@ class DetectionSettings:
     jpeg_quality: int = 90  # for the recorded JPEG bytes of P_n(x)
     train_images: int = 0  # embedded data: synthetic train2017 scenes
     val_images: int = 0  # embedded data: synthetic val2017 scenes (halved into val and test)
+    gate_share: float = 0.2  # of train's images, held out from the experts to train gates (carve_gate_split)
     epochs: int = 120
     batch_size: int = 32
     lr: float = 2e-3
@@ -57,10 +58,10 @@ class DetectionSettings:
 PROFILES = {
     "smoke": DetectionSettings(resolutions=(36, 48, 64), model="tiny", width=0.5, categories=synthetic.CATEGORY_IDS,
                                gate_source=64, gate_crop=48, max_boxes=16, train_images=24, val_images=16,
-                               epochs=1, batch_size=8),
+                               gate_share=0.5, epochs=1, batch_size=8),
     "demo": DetectionSettings(resolutions=(50, 75, 150), model="tiny", min_side=100, categories=synthetic.CATEGORY_IDS,
-                              gate_source=128, gate_crop=96, max_boxes=16, train_images=600, val_images=400,
-                              epochs=8, batch_size=16, lr=1e-3),
+                              gate_source=128, gate_crop=96, max_boxes=16, train_images=1200, val_images=400,
+                              gate_share=0.5, epochs=8, batch_size=16, lr=1e-3),
     "paper": DetectionSettings(),
 }
 
@@ -99,17 +100,17 @@ class DetectionTask:
     def data_costs(self) -> np.ndarray:
         return np.array([3.0 * r * r * self.settings.K for r in self.settings.resolutions])  # d_n = 3 R^2 K
 
-    def embedded_data(self, folder: Path) -> Path:
-        """Synthetic scenes written as a real COCO tree (instances JSON + JPEG files)."""
+    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+        """Synthetic scenes (drawn with `seed`) written as a real COCO tree (instances JSON + JPEG files)."""
         s = self.settings
         stamp = folder / "embedded.json"
-        key = {"train": s.train_images, "val": s.val_images, "version": 1}
+        key = {"train": s.train_images, "val": s.val_images, "seed": seed, "version": 2}
         if stamp.exists() and json.loads(stamp.read_text()) == key:
             return folder
         if s.train_images <= 0 or s.val_images <= 0:
             raise BadInput(f"these settings have no embedded data (train_images={s.train_images}, val_images="
                            f"{s.val_images}): pass --data-root with a COCO tree, or -o train_images=N -o val_images=N")
-        synthetic.write_coco_tree(folder, {"train2017": s.train_images, "val2017": s.val_images}, seed=0)
+        synthetic.write_coco_tree(folder, {"train2017": s.train_images, "val2017": s.val_images}, seed=seed)
         stamp.write_text(json.dumps(key))
         return folder
 

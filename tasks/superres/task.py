@@ -4,6 +4,7 @@ PSNR on Y per image reassembled from its patches (section IV-C, Tables V-VII).""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from bmoe.gating import SUPERRES_GATE, GateSpec
 from storage import AnyPath
-from tasks.base import SPLITS, BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.base import SOURCE_SPLITS, BadInput, ExpertTraining, Listing, ServedInput, with_options
 from tasks.inputs import file_stamp, input_path
 from tasks.superres import metrics, models, patches, readers, serving, synthetic
 
@@ -33,14 +34,17 @@ class SuperResSettings:
     max_side: int = 256  # embedded images are resized to at most this side, then cropped to multiples of 64
     n_procedural: int = 8  # procedural images per split in the embedded data
     train_multiplier: int = 1  # the train split gets this many times n_procedural (the gate needs data)
+    gate_share: float = 0.2  # of train's images, held out from the experts to train gates (carve_gate_split)
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
 
 
 PROFILES = {
-    "smoke": SuperResSettings(expert_width=0.25, max_side=128, n_procedural=2, epochs=1, batch_size=16),
-    "demo": SuperResSettings(max_side=320, n_procedural=24, train_multiplier=4, epochs=8, batch_size=32),
+    "smoke": SuperResSettings(expert_width=0.25, max_side=128, n_procedural=2, gate_share=0.5, epochs=1,
+                              batch_size=16),
+    "demo": SuperResSettings(max_side=320, n_procedural=24, train_multiplier=6, gate_share=0.5, epochs=8,
+                             batch_size=32),
     "paper": SuperResSettings(max_side=2048, n_procedural=0, epochs=50, batch_size=128, lr=1e-3),
 }
 
@@ -70,17 +74,18 @@ class SuperResTask:
     def data_costs(self) -> np.ndarray:
         return np.array([patches.data_cost_bytes(s, self.settings.K) for s in self.settings.scales])
 
-    def embedded_data(self, folder: Path) -> Path:
-        """scikit-image's photographs plus procedural textures as PNG files, one folder per split."""
+    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+        """scikit-image's photographs plus procedural textures (drawn with `seed`) as PNG files,
+        one folder per split."""
         stamp = folder / "embedded.json"
         key = {"max_side": self.settings.max_side, "n_procedural": self.settings.n_procedural,
-               "train_multiplier": self.settings.train_multiplier, "version": 1}
+               "train_multiplier": self.settings.train_multiplier, "seed": seed, "version": 2}
         if stamp.exists() and json.loads(stamp.read_text()) == key:
             return folder
-        for split in SPLITS:
+        for split in SOURCE_SPLITS:
             count = self.settings.n_procedural * (self.settings.train_multiplier if split == "train" else 1)
-            images = synthetic.embedded_images(split, n_procedural=count,
-                                               max_side=self.settings.max_side, seed=SPLITS.index(split))
+            images = synthetic.embedded_images(split, n_procedural=count, max_side=self.settings.max_side, seed=seed)
+            shutil.rmtree(folder / split, ignore_errors=True)  # our own tree: no images of other settings
             synthetic.write_png_folder(images, folder / split)
         stamp.write_text(json.dumps(key))
         return folder
