@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["rho"]
+__all__ = ["rho", "routing_efficiency"]
 
 
 def rho(costs, perfs, d_min: float, d_max: float) -> float:
@@ -26,3 +26,11 @@ def rho(costs, perfs, d_min: float, d_max: float) -> float:
     t = np.concatenate([[0.0], t, [1.0]])
     p = np.concatenate([[p[0]], p, [p[-1]]])
     return float(np.sum(np.diff(t) * (p[1:] + p[:-1]) / 2.0))
+
+
+def routing_efficiency(value: float | None, random: float | None, oracle: float | None) -> float | None:
+    """(value - random) / (oracle - random): the share of the oracle's gain over random selection
+    that a method achieves (of performance at one target, or of rho); None where undefined."""
+    if value is None or random is None or oracle is None or abs(oracle - random) < 1e-12:
+        return None
+    return (value - random) / (oracle - random)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from bmoe.curves import routing_efficiency
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 
@@ -147,16 +148,10 @@ def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[Target
             out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=perf,
                                    val_performance=run.data.metrics.get("val_performance"),
                                    d_mean=run.data.metrics["d_mean"],
-                                   routing_efficiency=_efficiency(perf, ref.get("random"), ref.get("oracle")),
+                                   routing_efficiency=routing_efficiency(perf, ref.get("random"), ref.get("oracle")),
                                    rho=rho.get(method),
-                                   rho_efficiency=_efficiency(rho.get(method), rho.get("random"), rho.get("oracle"))))
+                                   rho_efficiency=routing_efficiency(rho.get(method), rho.get("random"), rho.get("oracle"))))
     return out
-
-
-def _efficiency(value: float | None, random: float | None, oracle: float | None) -> float | None:
-    if value is None or random is None or oracle is None or abs(oracle - random) < 1e-12:
-        return None
-    return (value - random) / (oracle - random)
 
 
 def format_side_by_side(points: list[TargetPoint]) -> str:

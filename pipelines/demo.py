@@ -33,14 +33,19 @@ def run_demo(configs: list[RunConfig]) -> dict[str, dict]:
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
-    """rho per method (rows) and task (columns), as plain text."""
+    """rho per method (rows) and task (columns) with its routing efficiency, as plain text."""
     methods = []
     for s in summaries.values():
         methods += [m for m in s["methods"] if m not in methods]
     tasks = list(summaries)
-    lines = ["", "rho (eq. 11) per method and task:", f"  {'method':<10}" + "".join(f"{t:>14}" for t in tasks)]
+    lines = ["", "rho (eq. 11) per method and task (routing efficiency: the share of the oracle's gain over random):",
+             f"  {'method':<10}" + "".join(f"{t:>20}" for t in tasks)]
     for m in methods:
-        cells = "".join(f"{summaries[t]['methods'][m]['rho']:>14.3f}" if m in summaries[t]["methods"] else f"{'—':>14}"
-                        for t in tasks)
+        cells = ""
+        for t in tasks:
+            info = summaries[t]["methods"].get(m)
+            eff = None if info is None else info.get("efficiency")
+            cell = "—" if info is None else f"{info['rho']:.3f}" + ("" if eff is None else f" ({eff:+.2f})")
+            cells += f"{cell:>20}"
         lines.append(f"  {m:<10}{cells}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmoe.curves import rho
+from bmoe.curves import rho, routing_efficiency
 from pipelines.gate_trial import TRAINED_METHODS, expert_performance
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
@@ -43,7 +43,8 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
         upload_tree(Path(tmp), layout.reports())
     print(f"report: {layout.reports() / 'report.md'}")
     for method, info in summary["methods"].items():
-        print(f"  rho {method:<10} {info['rho']:.4f}")
+        eff = info.get("efficiency")
+        print(f"  rho {method:<10} {info['rho']:.4f}" + ("" if eff is None else f"  efficiency {eff:+.2f}"))
     best = sorted((a for a in summary["registered"] if a.startswith("best-d")), key=lambda a: int(a[len("best-d"):]))
     if best:
         print(f"  registered the best gate per method and target as {len(summary['registered'])} aliases of "
@@ -69,6 +70,9 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         points = sorted(curves[method], key=lambda p: p["d_target"])
         methods[method] = {"rho": curve_rho(points, cheapest, d_max), "points": points}
+    bounds = [methods.get(m, {}).get("rho") for m in ("random", "oracle")]
+    for info in methods.values():  # how much of the oracle's gain over random selection each method gets
+        info["efficiency"] = routing_efficiency(info["rho"], *bounds)
     c_g = max((t.get("C_g") or 0) for t in sweep["trials"])
     summary = {
         "task": task.name,
@@ -87,8 +91,8 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
     draw = getattr(task, "draw_assignment", None)
     enforce = chosen.get("enforce", {})
     if draw is not None and enforce:
-        # the picture at d_max/3 (or the nearest target), where the gate's choices matter most
-        d_t = min(enforce, key=lambda t: abs(t - d_max / 3))
+        # the picture at d_max/2 (or the nearest target), where the gate's choice is most mixed
+        d_t = min(enforce, key=lambda t: abs(t - d_max / 2))
         assignment_file = enforce[d_t].get("assignment_file")
         assignment = cfg.layout.resolve(assignment_file) if assignment_file else None
         if assignment is not None and assignment.exists():
@@ -105,6 +109,8 @@ def _log_to_mlflow(cfg: RunConfig, sweep: dict, summary: dict, out: Path) -> Non
     with mlflow.start_run(run_id=sweep["mlflow_parent_run"]):
         for method, info in summary["methods"].items():
             mlflow.log_metric(f"rho_{method}", info["rho"])
+            if info.get("efficiency") is not None:
+                mlflow.log_metric(f"efficiency_{method}", info["efficiency"])
         mlflow.log_artifacts(str(out), artifact_path="report")
     mlflow.MlflowClient().set_terminated(sweep["mlflow_parent_run"])
 
@@ -210,19 +216,23 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         "",
         "## Performance at data-cost targets and rho (our Table I / V / VIII)",
         "",
-        "| method | " + " | ".join(f"{name} ({v / 1000:.2f} kB)" for name, v in columns) + " | rho |",
-        "|---|" + "---|" * (len(columns) + 1),
+        "| method | " + " | ".join(f"{name} ({v / 1000:.2f} kB)" for name, v in columns) + " | rho | efficiency |",
+        "|---|" + "---|" * (len(columns) + 2),
     ]
     for method, info in summary["methods"].items():
         cells = []
         for _, v in columns:
             p = _at(info["points"], v)
             cells.append(f"{p['performance']:.3f} (d̄ {p['d_mean'] / 1000:.2f})" if p else "—")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} |")
+        eff = info.get("efficiency")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} | "
+                     + ("—" if eff is None else f"{eff:.2f}") + " |")
     standard = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b", "lambda",
                 "hyperparameters"}
     extra = sorted({k for info in summary["methods"].values() for p in info["points"] for k in p} - standard)
-    lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄."]
+    lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄; efficiency "
+              "is (rho - rho_random) / (rho_oracle - rho_random), the share of the oracle's gain over random "
+              "selection a method achieves."]
     if extra:  # the task's secondary metrics, e.g. RGB PSNR beside Y PSNR
         lines += ["", "Secondary metrics: " + ", ".join(extra) + " at " + ", ".join(n for n, _ in columns) + ":", "",
                   "| method | " + " | ".join(f"{k} @ {n}" for k in extra for n, _ in columns) + " |",

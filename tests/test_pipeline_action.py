@@ -79,10 +79,14 @@ def test_prepare_counts_and_names_bad_clips(run, tree, capsys):
     assert manifest["data_costs"] == [float(d) for d in task.data_costs()]
     on_disk = {split: len(task.list_sources(tree, split).sources) for split in ("train", "val", "test")}
     splits = manifest["splits"]
-    assert splits["train"]["samples"] == on_disk["train"] - 1  # the corrupt clip
+    # the gate split is whole groups of train's (gXX: no actor in both), held out from the experts
+    groups = {split: {int(g) for g in pd.read_parquet(cfg.layout.shards(split, "gate"), columns=["group"])["group"]}
+              for split in ("train", "gate")}
+    assert groups["train"] and groups["gate"] and not groups["train"] & groups["gate"]
+    assert splits["train"]["samples"] + splits["gate"]["samples"] == on_disk["train"] - 1  # the corrupt clip
     assert splits["val"]["samples"] == on_disk["val"]
     assert splits["test"]["samples"] == on_disk["test"] - 1  # the all-intra clip
-    train_problems = " | ".join(splits["train"]["problems"])
+    train_problems = " | ".join(splits["train"]["problems"] + splits["gate"]["problems"])
     assert "v_SlideRight_g09_c02.avi" in train_problems and "cannot decode" in train_problems
     assert "1 listed train clips not on disk" in train_problems and MISSING in train_problems
     assert any("v_Rise_g01_c02.avi" in p and "no motion vectors" in p for p in splits["test"]["problems"])

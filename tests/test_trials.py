@@ -86,6 +86,9 @@ def test_run_trial_without_tune_every_method(data, one_thread):
 
     lagrange = run_trial(_config("lagrange", targets=[d_t, float(D[-1])]), data, report=reports.append)
     assert len(lagrange["points"]) == 2 and "val_score_mse" in reports[-1]
+    # the price of data is set on the routed inputs themselves: never over budget, within a few inputs of it
+    assert all(p["d_mean"] <= p["d_target"] * (1 + 1e-9) for p in lagrange["points"])
+    assert lagrange["points"][0]["d_mean"] >= 0.98 * d_t
     assert lagrange["val_objective"] == pytest.approx(np.mean([p["val_objective"] for p in lagrange["points"]]))
 
 

@@ -59,7 +59,7 @@ PROFILES = {
     "smoke": DetectionSettings(resolutions=(36, 48, 64), model="tiny", width=0.5, categories=synthetic.CATEGORY_IDS,
                                gate_source=64, gate_crop=48, max_boxes=16, train_images=24, val_images=16,
                                gate_share=0.5, epochs=1, batch_size=8),
-    "demo": DetectionSettings(resolutions=(50, 75, 150), model="tiny", min_side=100, categories=synthetic.CATEGORY_IDS,
+    "demo": DetectionSettings(resolutions=(50, 100, 150), model="tiny", min_side=100, categories=synthetic.CATEGORY_IDS,
                               gate_source=128, gate_crop=96, max_boxes=16, train_images=1200, val_images=400,
                               gate_share=0.5, epochs=8, batch_size=16, lr=1e-3),
     "paper": DetectionSettings(),
