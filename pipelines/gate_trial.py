@@ -36,12 +36,17 @@ SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whol
 BUDGET_TOLERANCE = 0.10  # a gate may spend up to this fraction over its target on validation
 
 
-def budget_objective(performance: float, d_mean: float, d_t: float, p_val: np.ndarray) -> float:
+def budget_objective(performance: float, d_mean: float, d_t: float, p_val: np.ndarray,
+                     two_sided: bool = False) -> float:
     """The validation figure that model selection (epochs, hyperparameters) and early stopping
     maximise: the performance while the mixture keeps d_mean within BUDGET_TOLERANCE of d_t;
     beyond it, below what any useful in-budget gate scores (the worst single expert's
-    performance, or less) and lower the more it overspends, so the least overspending wins."""
-    over = d_mean / max(d_t, 1e-12) - 1.0 - BUDGET_TOLERANCE
+    performance, or less) and lower the further off, so the least overspending wins.
+    two_sided (soft regularisation, whose job is to meet its bias b, eq. 5): spending less than
+    d_t by more than the tolerance misses the target too (a soft gate that collapsed onto the
+    cheapest expert otherwise counted as in budget)."""
+    ratio = d_mean / max(d_t, 1e-12) - 1.0
+    over = (abs(ratio) if two_sided else ratio) - BUDGET_TOLERANCE
     if over <= 0:
         return float(performance)
     spread = float(np.ptp(p_val)) or 1.0
@@ -271,7 +276,7 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
                               losses[torch.from_numpy(idx).to(device)], method, b, config.get("w_bias", 0.0))
             total, steps = total + stats["loss"], steps + 1
         val = _routing_figures(task, data["val"], route(data["val"]), d)
-        objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val)
+        objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val, two_sided=method == "soft")
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_performance": val["performance"],
                 "val_objective": objective, "val_d_mean": val["d_mean"],
                 **{f"val_u_{n}": u for n, u in enumerate(val["share"])}})

@@ -83,7 +83,7 @@ class SweepGrid:
 
 GRIDS = {
     "smoke": SweepGrid(points=3, epochs=2, batch_sizes=(16,), lrs=(1e-3,), widths=(0.25,), w_biases=(1.0,)),
-    "demo": SweepGrid(points=7, epochs=12, batch_sizes=(64,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0)),
+    "demo": SweepGrid(points=5, epochs=12, batch_sizes=(32,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0, 100.0)),
     "paper": SweepGrid(),  # the paper: batch 128, lr 1e-4, 20 epochs, w_bias cross-validated
 }
 

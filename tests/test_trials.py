@@ -63,6 +63,10 @@ def test_budget_objective_ranks_every_in_budget_gate_above_any_overspending_one(
     over = [budget_objective(40.0, cost, 1000, p_val) for cost in (1200, 1500, 3000)]
     assert max(over) < 30.0 - 1e-9 and over == sorted(over, reverse=True)  # worse the more it overspends
     assert budget_objective(29.0, 1050, 1000, p_val) > max(over)
+    # soft regularisation meets its bias: under-spending by more than the tolerance misses it too
+    assert budget_objective(29.0, 500, 1000, p_val) == 29.0
+    assert budget_objective(29.0, 500, 1000, p_val, two_sided=True) < 30.0 - 1e-9
+    assert budget_objective(29.0, 950, 1000, p_val, two_sided=True) == 29.0
 
 
 def test_run_trial_without_tune_every_method(data, one_thread):

@@ -62,7 +62,7 @@ PROFILES = {
     "smoke": ActionSettings(F_t=4, F_s=1, H_s=36, W_s=48, classes=_SYNTH, expert_width=0.25, clips_per_group=1,
                             groups=10, gate_share=0.5, epochs=1, batch_size=16),
     "demo": ActionSettings(F_t=8, F_s=1, H_s=72, W_s=96, classes=_SYNTH, expert_width=0.5, clips_per_group=3,
-                           groups=39, gate_share=0.5, epochs=12, batch_size=32),
+                           groups=60, gate_share=0.67, epochs=10, batch_size=32),
     "paper": ActionSettings(epochs=50, batch_size=128, lr=1e-3, clips_per_group=4, clip_height=240, clip_width=320),
 }
 

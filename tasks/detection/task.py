@@ -60,7 +60,7 @@ PROFILES = {
                                gate_source=64, gate_crop=48, max_boxes=16, train_images=24, val_images=16,
                                gate_share=0.5, epochs=1, batch_size=8),
     "demo": DetectionSettings(resolutions=(50, 100, 150), model="tiny", min_side=100, categories=synthetic.CATEGORY_IDS,
-                              gate_source=128, gate_crop=96, max_boxes=16, train_images=1200, val_images=400,
+                              gate_source=128, gate_crop=96, max_boxes=16, train_images=1200, val_images=600,
                               gate_share=0.5, epochs=8, batch_size=16, lr=1e-3),
     "paper": DetectionSettings(),
 }
@@ -104,7 +104,7 @@ class DetectionTask:
         """Synthetic scenes (drawn with `seed`) written as a real COCO tree (instances JSON + JPEG files)."""
         s = self.settings
         stamp = folder / "embedded.json"
-        key = {"train": s.train_images, "val": s.val_images, "seed": seed, "version": 2}
+        key = {"train": s.train_images, "val": s.val_images, "seed": seed, "version": 4}
         if stamp.exists() and json.loads(stamp.read_text()) == key:
             return folder
         if s.train_images <= 0 or s.val_images <= 0:

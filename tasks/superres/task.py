@@ -43,7 +43,7 @@ class SuperResSettings:
 PROFILES = {
     "smoke": SuperResSettings(expert_width=0.25, max_side=128, n_procedural=2, gate_share=0.5, epochs=1,
                               batch_size=16),
-    "demo": SuperResSettings(max_side=320, n_procedural=24, train_multiplier=6, gate_share=0.5, epochs=8,
+    "demo": SuperResSettings(max_side=320, n_procedural=24, train_multiplier=6, gate_share=0.5, epochs=6,
                              batch_size=32),
     "paper": SuperResSettings(max_side=2048, n_procedural=0, epochs=50, batch_size=128, lr=1e-3),
 }
