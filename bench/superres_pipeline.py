@@ -233,7 +233,8 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
         for _ in range(repeats):
             started = time.perf_counter()
             p_val = expert_performance(task, data["val"])  # as run_trial, inside the trial
-            cached_result = _train_biased_gate(task, config, data, d, p_val, lambda metrics: None)
+            cached_result = _train_biased_gate(task, config, data, d, p_val, lambda metrics: None,
+                                               torch.device("cpu"))
             cached_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             expert_result = expert_trial(task, config, data, inputs, experts, d)

@@ -121,8 +121,9 @@ def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
-    """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits; reports per-epoch metrics through `report` (Tune's, unless
+def run_trial(config: dict, data: dict[str, SplitData], report=None, device: torch.device | None = None) -> dict:
+    """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits,
+    training on `device` (default: the GPU Ray gave this trial, else the CPU); reports per-epoch metrics through `report` (Tune's, unless
     given: a trial can run without Tune) and returns the final record:
     {"points": [{d_target, d_mean, performance, ...}], ...}."""
     if report is None:
@@ -139,9 +140,9 @@ def run_trial(config: dict, data: dict[str, SplitData], report=None) -> dict:
         points = [_static_point(task, method, data, d, p_val, d_t, seed) for d_t in config["targets"]]
         result = {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
     elif method in TRAINED_METHODS:
-        result = _train_biased_gate(task, config, data, d, p_val, report)
+        result = _train_biased_gate(task, config, data, d, p_val, report, device or trial_device())
     elif method == "lagrange":
-        result = _train_lagrange_gate(task, config, data, d, p_val, report)
+        result = _train_lagrange_gate(task, config, data, d, p_val, report, device or trial_device())
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return result
@@ -247,12 +248,12 @@ def _batches(split: SplitData, batch: int, gen: torch.Generator):
     yield from split.gate.batches(batch, gen=gen, buffer_rows=buffer_rows, drop_last=True)
 
 
-def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report) -> dict:
+def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report,
+                       device: torch.device) -> dict:
     method, d_t = config["method"], float(config["d_target"])
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
     torch.manual_seed(int(config.get("seed", 0)))
-    device = trial_device()
     gate = build_gate(task.gate_spec(), config["width"])
     c_g = count_macs(gate, task.gate_spec().scaled(config["width"]).input_shape)
     gate = gate.to(device)
@@ -293,11 +294,11 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
             "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
 
 
-def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report) -> dict:
+def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report,
+                         device: torch.device) -> dict:
     torch.manual_seed(int(config.get("seed", 0)))
     gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
     spec = task.gate_spec()
-    device = trial_device()
     gate = build_gate(spec, config["width"])  # N outputs: one predicted score per expert
     c_g = count_macs(gate, spec.scaled(config["width"]).input_shape)
     gate = gate.to(device)

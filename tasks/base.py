@@ -217,3 +217,6 @@ def _check_amount(key: str, given, value, may_be_zero: tuple[str, ...], task: st
         if not math.isfinite(v) or v < 0 or (v == 0 and key not in may_be_zero):
             need = "zero or more" if key in may_be_zero else "positive"
             raise ValueError(f"{task} option {key}={given!r}: must be {need}")
+        if key == "gate_share" and v >= 1:  # a share of train's groups: some must stay for the experts
+            raise ValueError(f"{task} option {key}={given!r}: must be below 1 (the share of train held out "
+                             f"for training gates)")

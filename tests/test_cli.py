@@ -42,6 +42,7 @@ def test_help_lists_every_stage():
         (("serve", "--host", "0.0.0.0", "--root", "{tmp}"), "warning: --host 0.0.0.0 exposes the server beyond"),
         (("prepare", "-o", "epochs=-3", "--root", "{tmp}"), "superres option epochs='-3': must be positive"),
         (("prepare", "--task", "detection", "-o", "train_images=-1", "--root", "{tmp}"), "must be zero or more"),
+        (("prepare", "--task", "action", "-o", "gate_share=1", "--root", "{tmp}"), "gate_share='1': must be below 1"),
         (("sweep", "--search", "bayes", "--root", "{tmp}"), "--search 'bayes': choose from grid, random, optuna"),
         (("sweep", "--num-samples", "3", "--root", "{tmp}"), "--num-samples needs --search random or optuna"),
         (("sweep", "--scheduler", "pbt", "--root", "{tmp}"), "--scheduler 'pbt': choose from none, asha"),
