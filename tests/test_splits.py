@@ -35,3 +35,19 @@ def test_sources_without_a_group_are_their_own_group_and_both_sides_keep_one():
 def test_a_share_outside_zero_to_one_is_refused(share):
     with pytest.raises(ValueError, match="gate_share"):
         carve_gate_split(_listing(4), share)
+
+
+def test_prepare_says_in_one_line_when_train_is_one_group(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.prepare import prepare
+    from pipelines.runtime import RunConfig, UserError
+
+    for split, count in (("train", 1), ("val", 1), ("test", 1)):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / split / f"{i}.png")
+    cfg = RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(tmp_path / "images"))
+    with pytest.raises(UserError, match="are one group: at least two are needed"):
+        prepare(cfg)
