@@ -164,3 +164,16 @@ def test_asha_compares_trials_only_within_their_point():
     assert asha.on_trial_result(None, static, {"val_objective": 0.0}) == "CONTINUE"
     assert asha.stopped == 1 and "1 trials stopped early" in asha.debug_string()
     pickle.loads(pickle.dumps(asha))  # Tune saves the scheduler with the experiment
+
+
+@pytest.mark.parametrize("method", ["soft", "enforce"])
+def test_at_an_end_of_the_budget_range_every_input_goes_to_that_expert_untrained(data, method):
+    """b is one-hot at d_min and d_max: nothing for a gate to choose, so none is trained or saved."""
+    reports: list[dict] = []
+    for n, d_t in ((0, float(D[0])), (len(D) - 1, float(D[-1]))):
+        result = run_trial(_config(method, d_target=d_t), data, report=reports.append)
+        (point,) = result["points"]
+        assert point["d_mean"] == pytest.approx(d_t) and point["share"][n] == 1.0
+        assert "gate" not in result and result["C_g"] == 0 and set(result["test_assignment"]) == {n}
+        assert result["val_objective"] == result["val_performance"]  # on budget by construction
+    assert reports == []  # no epochs ran

@@ -84,7 +84,8 @@ class SuperResTask:
             return folder
         for split in SOURCE_SPLITS:
             count = self.settings.n_procedural * (self.settings.train_multiplier if split == "train" else 1)
-            images = synthetic.embedded_images(split, n_procedural=count, max_side=self.settings.max_side, seed=seed)
+            images = synthetic.embedded_images(split, n_procedural=count, max_side=self.settings.max_side,
+                                               seed=SOURCE_SPLITS.index(split) + len(SOURCE_SPLITS) * seed)
             shutil.rmtree(folder / split, ignore_errors=True)  # our own tree: no images of other settings
             synthetic.write_png_folder(images, folder / split)
         stamp.write_text(json.dumps(key))
