@@ -63,7 +63,8 @@ def _stack(values: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(v) for v in values])
 
 
-def check(data: Path, out: Path) -> dict:
+def check(data: Path, out: Path, accelerator: str = "cuda") -> dict:
+    """accelerator "cpu": a dry run of this script on a machine without a GPU (CPU against CPU)."""
     import torch
 
     from bmoe.gating import build_gate, gate_step
@@ -71,9 +72,11 @@ def check(data: Path, out: Path) -> dict:
     from bmoe.bias import select_bias
     from tasks import get_task
 
-    assert torch.cuda.is_available(), "no CUDA device"
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tasks": {}}
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here (--accelerator cpu runs the script CPU against CPU)")
+    cuda, cpu = torch.device(accelerator), torch.device("cpu")
+    report = {"device": torch.cuda.get_device_name(0) if accelerator == "cuda" else "cpu", "torch": torch.__version__,
+              "tasks": {}}
     for name in TASKS:
         arrays = np.load(data / f"{name}.npz", allow_pickle=True)
         task = get_task(name, "smoke")
@@ -98,12 +101,12 @@ def check(data: Path, out: Path) -> dict:
                 model.eval()
                 with torch.no_grad():
                     scored = task.evaluate(n, model, batch, device)
-                figures[device.type] = {"train_losses": losses, "loss": np.asarray(scored["loss"], dtype=float)}
-            agree = bool(np.allclose(figures["cpu"]["loss"], figures["cuda"]["loss"], rtol=2e-2, atol=1e-3))
+                figures[str(device)] = {"train_losses": losses, "loss": np.asarray(scored["loss"], dtype=float)}
+            ours, theirs = figures["cpu"]["loss"], figures[str(cuda)]["loss"]
+            agree = bool(np.allclose(ours, theirs, rtol=2e-2, atol=1e-3))
             result["experts"].append({"expert": task.expert_names()[n], "agree": agree,
                                       "train_losses": {k: v["train_losses"] for k, v in figures.items()},
-                                      "max_abs_loss_diff": float(np.max(np.abs(figures["cpu"]["loss"]
-                                                                               - figures["cuda"]["loss"])))})
+                                      "max_abs_loss_diff": float(np.max(np.abs(ours - theirs)))})
         d = task.data_costs()
         b = select_bias(d, -arrays["losses"].mean(axis=0), float(d.mean()))
         x = arrays["gate"]
@@ -130,12 +133,12 @@ def check(data: Path, out: Path) -> dict:
                         gate_step(gate, optimizer, inputs, losses / losses.mean(), method, b, 1.0)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                timings[device.type] = steps / (time.perf_counter() - started)
+                timings[str(device)] = steps / (time.perf_counter() - started)
                 with torch.no_grad():
-                    outputs[device.type] = gate.eval()(inputs).float().cpu().numpy()
-            lam = calibrate_lambda(outputs["cuda"], d, float(d.mean())) if method == "lagrange" else None
+                    outputs[str(device)] = gate.eval()(inputs).float().cpu().numpy()
+            lam = calibrate_lambda(outputs[str(cuda)], d, float(d.mean())) if method == "lagrange" else None
             result["gates"][method] = {"steps_per_s": {k: round(v, 1) for k, v in timings.items()},
-                                       "max_abs_logit_diff": float(np.max(np.abs(outputs["cpu"] - outputs["cuda"]))),
+                                       "max_abs_logit_diff": float(np.max(np.abs(outputs["cpu"] - outputs[str(cuda)]))),
                                        **({"lambda": lam} if lam is not None else {})}
         report["tasks"][name] = result
         print(json.dumps({name: result}, indent=1, default=float))
@@ -153,11 +156,12 @@ def main() -> None:
     ch = sub.add_parser("check", help="on the GPU machine: CUDA against CPU")
     ch.add_argument("--data", type=Path, default=Path(".gpucheck"))
     ch.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_check.json")
+    ch.add_argument("--accelerator", default="cuda", help="cuda; cpu for a dry run here")
     args = parser.parse_args()
     if args.step == "export":
         export(args.root_template, args.out)
     else:
-        check(args.data, args.out)
+        check(args.data, args.out, args.accelerator)
 
 
 if __name__ == "__main__":

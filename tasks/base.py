@@ -51,8 +51,9 @@ class Listing:
 
 
 def carve_gate_split(train: Listing, share: float) -> tuple[Listing, Listing]:
-    """(train, gate): a `share` of train's groups (a source's "group", else its id: UCF-101's
-    gXX, so no actor is in both) held out from expert training, for training gates.
+    """(train, gate): a `share` of train's groups (a source's "group", else its id: a UCF-101
+    class's gXX clips, which share actors and scene, are never in both) held out from expert
+    training, for training gates.
 
     A gate trained on the experts' own training inputs learns from losses the experts have
     memorised, not the losses they make on new inputs (measured on the demo's detection data:

@@ -303,10 +303,10 @@ def test_a_data_roots_label_set_comes_from_its_instances_json(tree, tmp_path):
 
     root = tmp_path / "coco"
     shutil.copytree(tree, root)
-    path = root / "annotations" / "instances_val2017.json"
-    data = json.loads(path.read_text())
-    data["categories"].append({"id": 90, "name": "toothbrush", "supercategory": "indoor"})
-    path.write_text(json.dumps(data))  # the smaller JSON is read; COCO's files declare the same categories
+    for path in (root / "annotations").glob("instances_*.json"):  # COCO's files declare the same categories
+        data = json.loads(path.read_text())
+        data["categories"].append({"id": 90, "name": "toothbrush", "supercategory": "indoor"})
+        path.write_text(json.dumps(data))  # the smaller is read
     wanted = sorted([*synthetic.CATEGORY_IDS, 90])
     assert label_options("detection", "smoke", str(root)) == {"categories": ",".join(map(str, wanted))}
     task = get_task("detection", "smoke", label_options("detection", "smoke", str(root)))

@@ -79,8 +79,8 @@ def test_prepare_counts_and_names_bad_clips(run, tree, capsys):
     assert manifest["data_costs"] == [float(d) for d in task.data_costs()]
     on_disk = {split: len(task.list_sources(tree, split).sources) for split in ("train", "val", "test")}
     splits = manifest["splits"]
-    # the gate split is whole groups of train's (gXX: no actor in both), held out from the experts
-    groups = {split: {int(g) for g in pd.read_parquet(cfg.layout.shards(split, "gate"), columns=["group"])["group"]}
+    # the gate split is whole groups of train's (a class's gXX clips share actors: never in both), held out
+    groups = {split: set(pd.read_parquet(cfg.layout.shards(split, "gate"), columns=["group"])["group"])
               for split in ("train", "gate")}
     assert groups["train"] and groups["gate"] and not groups["train"] & groups["gate"]
     assert splits["train"]["samples"] + splits["gate"]["samples"] == on_disk["train"] - 1  # the corrupt clip
