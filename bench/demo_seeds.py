@@ -110,8 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--root-template", default="bmoe-runs-seed{seed}",
-                        help="run root per seed; {seed} is replaced (a finished demo there is reused)")
+                        help="run run root per seed, a path or a URI; {seed} is replaced (a finished demo there is reused)")
     args = parser.parse_args()
+    from pipelines.runtime import RunConfig
+    from storage import read_json
+
     seeds = [int(s) for s in args.seeds.split(",")]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -121,7 +124,7 @@ def main() -> None:
         seconds[seed] = round(run_seed(seed, root), 1)
         results[seed] = {}
         for task_name in ("detection", "superres", "action"):
-            summary = json.loads((Path(root) / "reports" / task_name / "summary.json").read_text())
+            summary = read_json(RunConfig(task=task_name, root=root, profile="demo").layout.reports() / "summary.json")
             results[seed][task_name] = check_task(task_name, summary, expert_ladder(root, task_name, seed))
     print("\nrho (routing efficiency) per method, task and seed:\n")
     print(table(results))
