@@ -38,7 +38,9 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         listings = list_splits(task, data_root)
     except ValueError as err:
         raise UserError(str(err)) from None
-    for split, listing in listings.items():
+    # the data set's own splits first: a missing one says more than a train split of one group
+    for split in sorted(listings, key=lambda split: split == GATE_SPLIT):
+        listing = listings[split]
         if split == GATE_SPLIT and not listing.sources and listings["train"].sources:
             raise UserError(f"the train inputs under {data_root} are one group: at least two are needed to hold "
                             f"some out for training gates")
