@@ -249,14 +249,17 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
                                             "tracking_uri": tracking_uri})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    models = _run(load_run, root, task, gate_file, target_cost, settings.expert_uris, tracking_uri)  # fail fast
+    # Everything loaded once here, to fail fast in one line; the replicas then load their own parts.
+    models = _run(load_run, root, task, gate_file, target_cost, settings.expert_uris, tracking_uri)
     if models.gate_target is not None and target_cost is None and bias is None:
         settings = replace(settings, target_cost=models.gate_target)
+    served = models.run
+    del models
     try:
-        budget_target(settings, models.d)
+        budget_target(settings, served.costs)
         ensure_ray(RunConfig(task=task, root=root))
         typer.echo(f"serving {task} on http://{host}:{port}/{task}/predict (stats: /{task}/stats)")
-        _run(serve_app, settings, host=host, port=port, blocking=True, models=models)
+        _run(serve_app, settings, host=host, port=port, blocking=True, served=served)
     except ValueError as err:  # a budget outside the feasible range, a bad bias
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -1,22 +1,23 @@
-"""Build the Serve application of one task: a Router ingress and one deployment per expert,
-composed through DeploymentHandles (the Router receives the experts' handles when bound).
+"""Build the Serve application of one task: an autoscaled Router ingress and one autoscaled
+deployment per expert, composed through DeploymentHandles (the Router receives the experts'
+handles when bound).
 
     serve run serving.app:build_app task=superres root=./bmoe-runs target_cost=4096
     bmoe serve --task superres --root ./bmoe-runs --target-cost 4096
     serve deploy serving/serve_config.yaml     # the same app from a config file, on a cluster
 
-Nothing is bound at import time: build_app(args) / build(settings) make the application.
+Nothing is bound at import time: build_app(args) / build(settings) make the application. What
+is bound is a ServedRun (references to the run's files or registered models, a few hundred
+bytes); each replica loads its own weights.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from ray.serve import Application
 
 from serving.experts import Expert
-from serving.loading import ServedModels, load_run
+from serving.loading import ServedRun, resolve_run
 from serving.router import Router
 from serving.settings import ServeSettings
 
@@ -37,28 +38,22 @@ def budget_target(settings: ServeSettings, d: np.ndarray) -> float:
     return target
 
 
-def build(settings: ServeSettings, models: ServedModels | None = None) -> Application:
+def resolve(settings: ServeSettings) -> ServedRun:
+    return resolve_run(settings.root, settings.task, settings.gate_file, settings.target_cost,
+                       settings.expert_uris, settings.tracking_uri)
+
+
+def build(settings: ServeSettings, run: ServedRun | None = None) -> Application:
     """The bound application (Router over one Expert deployment per expert)."""
-    models = models or load_run(settings.root, settings.task, settings.gate_file, settings.target_cost,
-                                settings.expert_uris, settings.tracking_uri)
-    target = budget_target(settings, models.d)
+    run = run or resolve(settings)
+    target = budget_target(settings, run.costs)
     experts = []
-    for n, name in enumerate(models.expert_names):
+    for n, name in enumerate(run.expert_names):
         scaling = settings.scaling(n)
-        deployment = Expert.options(
-            name=f"{models.task}-expert-{n}-{name}",
-            autoscaling_config=scaling.autoscaling_config(),
-            ray_actor_options=scaling.ray_actor_options(),
-            max_ongoing_requests=scaling.max_ongoing_requests,
-            health_check_period_s=scaling.health_check_period_s,
-        )
-        experts.append(deployment.bind(models.task, models.profile, models.options, n, models.expert_states[n],
-                                       scaling.max_batch_size, scaling.batch_wait_timeout_s))
-    # One Router replica: it is the sensor, and it holds the budget's running state.
-    router = Router.options(name=f"{models.task}-router", num_replicas=1,
-                            ray_actor_options={"num_cpus": settings.router_cpus},
-                            max_ongoing_requests=settings.router_max_ongoing_requests)
-    return router.bind(dataclasses.replace(models, expert_states=[]), settings, target, experts)
+        deployment = Expert.options(**scaling.deployment_options(f"{run.task}-expert-{n}-{name}"))
+        experts.append(deployment.bind(run, n, scaling.max_batch_size, scaling.batch_wait_timeout_s))
+    router = Router.options(**settings.router.deployment_options(f"{run.task}-router"))
+    return router.bind(run, settings, target, experts)
 
 
 def build_app(args: dict) -> Application:
@@ -67,14 +62,14 @@ def build_app(args: dict) -> Application:
 
 
 def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
-        models: ServedModels | None = None, access_log: bool = True):
+        served: ServedRun | None = None, access_log: bool = True):
     """Start Serve's HTTP proxy on host:port (loopback by default) and deploy the task's app at
     /<task>, so several tasks' apps can share one proxy. Returns the Router's handle.
     access_log=False keeps load tests and benchmarks from logging a line per request."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-    app = build(settings, models)
+    app = build(settings, served)
     logging = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
     return serve.run(app, name=settings.task, route_prefix=f"/{settings.task}", blocking=blocking,
                      logging_config=logging)

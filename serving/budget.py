@@ -25,7 +25,7 @@ import numpy as np
 
 from bmoe.lagrange import calibrate_lambda
 
-__all__ = ["BudgetController", "window_bound"]
+__all__ = ["BudgetController", "merge_summaries", "window_bound"]
 
 
 def band(d: np.ndarray, target: float, window: int, tolerance: float) -> float:
@@ -120,5 +120,36 @@ class BudgetController:
             "window_error": (window_mean - self.target) / self.target if window_mean is not None else None,
             "lambda": self.lam,
             "band_overrides": self.clamped,
+            "band": self.band,
             "guaranteed_window_error": window_bound(self.d, self.target, self.window, self.tolerance) / self.target,
         }
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One stream's figures from R replicas' streams at the same target (router replicas).
+
+    Each replica keeps its own cumulative overspend within its band B, so over all U units the
+    application's mean is within sum(B) / U of the target (R B / U), and a mean over the replicas'
+    windows, a units-weighted mean of values each within the window bound, is within it too.
+    """
+    units = sum(s["units"] for s in summaries)
+    spent = sum((s["mean_data_cost"] or 0.0) * s["units"] for s in summaries)
+    window_units = sum(s["window_units"] for s in summaries)
+    window_spent = sum((s["window_mean_data_cost"] or 0.0) * s["window_units"] for s in summaries)
+    target = summaries[0]["target"]
+    window_mean = window_spent / window_units if window_units else None
+    return {
+        "target": target,
+        "replicas": len(summaries),
+        "units": units,
+        "mean_data_cost": spent / units if units else None,
+        "guaranteed_mean_error": sum(s["band"] for s in summaries) / units / target if units else None,
+        "window": summaries[0]["window"],
+        "window_units": window_units,
+        "window_mean_data_cost": window_mean,
+        "window_error": (window_mean - target) / target if window_mean is not None else None,
+        "lambda": [s["lambda"] for s in summaries],
+        "band_overrides": sum(s["band_overrides"] for s in summaries),
+        "band": [s["band"] for s in summaries],
+        "guaranteed_window_error": summaries[0]["guaranteed_window_error"],
+    }

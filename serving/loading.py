@@ -1,9 +1,12 @@
 """What a served mixture is made of, read from a pipeline run root (a local folder or an
-object-store URI; paths from pipelines/layout.py): the frozen experts, the gate the sweep saved,
-and the gate's values on the validation inputs, on which the budget controller calibrates.
+object-store URI; paths from pipelines/layout.py) or the MLflow registry: the frozen experts,
+the gate the sweep saved, and the gate's values on the validation inputs, on which the budget
+controller calibrates.
 
-Everything is loaded once, where the app is built, and passed to the deployments as plain
-tensors and arrays: replicas on other nodes need no access to the run root.
+The driver resolves the run into a ServedRun: references and a few numbers, checked to exist,
+which is all that passes through .bind(). Every replica loads its own part from there
+(load_gate in the router, load_expert in expert n), so no weights travel in the application's
+config, and replicas on any node read the same root or registry.
 """
 
 from __future__ import annotations
@@ -24,25 +27,51 @@ SERVABLE_METHODS = ("lagrange", "enforce", "soft")  # gates that give every expe
 HOOKS = ("decode_request", "request_inputs", "serve_expert", "response")
 
 
-@dataclass
-class ServedModels:
-    """Everything the deployments need, as plain values (picklable to Ray)."""
+@dataclass(frozen=True)
+class ServedRun:
+    """A served mixture by reference (picklable, a few hundred bytes)."""
 
     task: str
     profile: str
     options: dict
-    expert_names: list[str]
-    d: np.ndarray  # (N,) data cost per expert, bytes
-    expert_states: list[dict]  # state_dict of each frozen expert
-    gate: dict  # the gate bundle (pipelines.gate_trial.gate_bundle), state_dict included
-    val_values: np.ndarray  # (M, N) gate values on the validation gate inputs
-    gate_file: str  # a path, or the registry URI it came from
+    root: str
+    tracking_uri: str
+    expert_names: tuple[str, ...]
+    d: tuple[float, ...]  # data cost per expert, bytes
+    gate_file: str  # a path or URI under the root, or the registry URI it comes from
+    gate_method: str
+    expert_sources: tuple[str, ...]  # per expert: its checkpoint's path or URI, or a registry URI
     gate_target: float | None = None  # the d_target a registered gate was chosen for, if one
+
+    @property
+    def costs(self) -> np.ndarray:
+        return np.asarray(self.d, dtype=np.float64)
 
     def task_obj(self):
         from tasks import get_task
 
         return get_task(self.task, self.profile, self.options)
+
+
+@dataclass
+class ServedModels:
+    """A ServedRun with every part loaded, for one process (the CLI's checks, benchmarks)."""
+
+    run: ServedRun
+    expert_states: list[dict]  # state_dict of each frozen expert
+    gate: dict  # the gate bundle (pipelines.gate_trial.gate_bundle), state_dict included
+    val_values: np.ndarray  # (M, N) gate values on the validation gate inputs
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.run.costs
+
+    @property
+    def gate_target(self) -> float | None:
+        return self.run.gate_target
+
+    def task_obj(self):
+        return self.run.task_obj()
 
 
 def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
@@ -80,93 +109,112 @@ def gate_values(gate, bundle: dict, x) -> np.ndarray:
     return torch.log_softmax(out.double(), dim=1).numpy()
 
 
-def load_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
-             expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
-    """Read a run's experts, gate and validation gate inputs; UserError names what is missing.
+def resolve_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
+                expert_uris: list[str] | tuple[str, ...] | None = None,
+                tracking_uri: str | None = None) -> ServedRun:
+    """Find and check every part of a run; UserError names what is missing. Reads the gate file
+    (kilobytes), never the experts' weights.
 
     gate_file: a path, or a registry URI (models:/bmoe-<task>-gate@best-d4096; pipelines/registry.py).
     expert_uris: registry or run URIs (models:/bmoe-<task>-expert-<n>/3, runs:/<id>/expert) to
     serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    from pipelines.gate_trial import EVAL_BATCH
-
     layout = RunConfig(task=task, root=str(root)).layout
     tracking = tracking_uri or RunConfig(task=task, root=str(root)).mlflow_uri
     gate_target = None
     if registry.is_model_uri(gate_file):
-        path = gate_file
-        raw = registry.load_weights(gate_file, tracking, "a gate")
+        location = gate_file
         gate_target = registry.chosen_target(gate_file, tracking)
     else:
         path = as_path(gate_file) if gate_file else find_gate_file(layout, target)
         if not path.exists():
             raise UserError(f"gate file {path} not found")
-        try:
-            raw = load_torch(path)
-        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError for other files
-            raise UserError(f"{path} is not a gate file saved by `bmoe sweep` ({type(err).__name__})") from None
-    gate, bundle = _gate(raw, path)
+        location = str(path)
+    bundle = _read_gate(location, tracking)[1]
     if bundle["task"] != task:
-        raise UserError(f"gate file {path} is for task {bundle['task']}, not {task}")
+        raise UserError(f"gate file {location} is for task {bundle['task']}, not {task}")
     if bundle["method"] not in SERVABLE_METHODS:
-        raise UserError(f"gate file {path} holds a {bundle['method']} gate; servable: {', '.join(SERVABLE_METHODS)}")
-    cfg = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"],
-                    tracking_uri=tracking_uri)
-    task_obj = cfg.task_obj()
+        raise UserError(f"gate file {location} holds a {bundle['method']} gate; "
+                        f"servable: {', '.join(SERVABLE_METHODS)}")
+    task_obj = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"]).task_obj()
     missing = [h for h in HOOKS if not callable(getattr(task_obj, h, None))]
     if missing:
         raise UserError(f"task {task} cannot be served yet: it lacks {', '.join(missing)} (see tasks/base.py)")
+    names = task_obj.expert_names()
     if expert_uris:
-        states = load_registered_experts(task_obj, list(expert_uris), tracking)
+        if len(expert_uris) != len(names):
+            raise UserError(f"{len(expert_uris)} expert model URI(s) given; task {task} has {len(names)} experts "
+                            f"({', '.join(names)})")
+        sources = tuple(str(u) for u in expert_uris)
     else:
-        states = []
-        for n, name in enumerate(task_obj.expert_names()):
+        sources = []
+        for n, name in enumerate(names):
             weights = layout.weights(n)
             if not weights.exists():
                 raise UserError(f"expert {n} ({name}) of task {task} has no checkpoint {weights}: "
                                 "run `bmoe train-experts` first")
-            states.append(load_torch(weights))
-    manifest = read_json(layout.manifest())
-    if manifest is None:
+            sources.append(str(weights))
+        sources = tuple(sources)
+    if read_json(layout.manifest()) is None:
         raise UserError(f"no prepared data for task {task} under {layout.root}: run `bmoe prepare` first")
-    # the validation split's gate values, streamed from its shards in batches (bounded memory)
-    val_gate = GateInputs(shard_files(layout, manifest, "val", "gate"))
-    values = np.concatenate([gate_values(gate, bundle, task_obj.gate_tensor(x))
-                             for _, x in val_gate.batches(EVAL_BATCH)])
+    return ServedRun(task=task, profile=bundle["profile"], options=dict(bundle["options"]), root=str(root),
+                     tracking_uri=tracking, expert_names=tuple(names),
+                     d=tuple(float(x) for x in task_obj.data_costs()), gate_file=location,
+                     gate_method=bundle["method"], expert_sources=sources, gate_target=gate_target)
+
+
+def load_gate(run: ServedRun) -> tuple:
+    """(gate, bundle, val_values): the gate in eval mode, its bundle (state_dict included) and
+    its values (M, N) on the validation split's gate inputs, streamed from the shards in batches."""
+    from pipelines.gate_trial import EVAL_BATCH
+
+    gate, bundle = _read_gate(run.gate_file, run.tracking_uri)
+    task = run.task_obj()
+    layout = RunConfig(task=run.task, root=run.root).layout
+    val_gate = GateInputs(shard_files(layout, read_json(layout.manifest()), "val", "gate"))
+    values = np.concatenate([gate_values(gate, bundle, task.gate_tensor(x)) for _, x in val_gate.batches(EVAL_BATCH)])
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
-    return ServedModels(task=task, profile=bundle["profile"], options=dict(bundle["options"]),
-                        expert_names=task_obj.expert_names(), d=np.asarray(task_obj.data_costs(), dtype=np.float64),
-                        expert_states=states, gate=bundle, val_values=values, gate_file=str(path),
-                        gate_target=gate_target)
+    return gate, bundle, values
 
 
-def _gate(raw, where) -> tuple:
-    """The gate and bundle a loaded gate file holds; UserError if it holds anything else."""
+def load_expert(run: ServedRun, n: int) -> dict:
+    """Expert n's state_dict from its source, checked against the task's architecture so a model
+    of the wrong task or size fails here, in one line."""
+    source = run.expert_sources[n]
+    what = f"expert {n} ({run.expert_names[n]})"
+    state = registry.load_weights(source, run.tracking_uri, what) if registry.is_model_uri(source) \
+        else load_torch(as_path(source))
+    try:
+        run.task_obj().build_expert(n).load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"model {source} is not {what} of task {run.task}: its weights do not fit") from None
+    return state
+
+
+def load_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
+             expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
+    """resolve_run, then every part loaded here: what the CLI checks before it deploys, and what
+    benchmarks run in one process."""
+    run = resolve_run(root, task, gate_file, target, expert_uris, tracking_uri)
+    _, bundle, values = load_gate(run)
+    return ServedModels(run=run, expert_states=[load_expert(run, n) for n in range(len(run.expert_names))],
+                        gate=bundle, val_values=values)
+
+
+def _read_gate(location: str, tracking_uri: str) -> tuple:
+    """The gate and bundle a gate file or registered gate holds; UserError if it holds anything else."""
     from pipelines.gate_trial import gate_from_bundle
 
+    if registry.is_model_uri(location):
+        raw = registry.load_weights(location, tracking_uri, "a gate")
+    else:
+        try:
+            raw = load_torch(as_path(location))
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError for other files
+            raise UserError(f"{location} is not a gate file saved by `bmoe sweep` ({type(err).__name__})") from None
     if not isinstance(raw, dict) or not {"task", "profile", "options", "width", "method", "state_dict"} <= set(raw):
-        raise UserError(f"{where} is not a gate file saved by `bmoe sweep` (pipelines/gate_trial.py save_gate)")
+        raise UserError(f"{location} is not a gate file saved by `bmoe sweep` (pipelines/gate_trial.py save_gate)")
     try:
         return gate_from_bundle(raw)
     except Exception as err:  # noqa: BLE001 - an unknown task, options or weights that do not fit
-        raise UserError(f"{where}: a gate that does not fit its own task ({' '.join(str(err).split())[:200]})") from None
-
-
-def load_registered_experts(task, uris: list[str], tracking_uri: str) -> list[dict]:
-    """State dicts of the experts registered (or logged) in MLflow as plain weights, checked
-    against the task's expert architectures so a model of the wrong task or size fails here, in
-    one line."""
-    names = task.expert_names()
-    if len(uris) != len(names):
-        raise UserError(f"{len(uris)} expert model URI(s) given; task {task.name} has {len(names)} experts "
-                        f"({', '.join(names)})")
-    states = []
-    for n, uri in enumerate(uris):
-        state = registry.load_weights(uri, tracking_uri, f"expert {n} ({names[n]})")
-        try:
-            task.build_expert(n).load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError):
-            raise UserError(f"model {uri} is not expert {n} ({names[n]}) of task {task.name}: "
-                            "its weights do not fit") from None
-        states.append(state)
-    return states
+        raise UserError(f"{location}: a gate that does not fit its own task ({' '.join(str(err).split())[:200]})") from None

@@ -6,6 +6,15 @@ and sends only that, in the wire format, to the chosen expert's deployment, then
 task's JSON prediction. It counts bytes: the data cost spent (K bytes per value, the paper's
 convention), the wire bytes actually sent, and what sending every full input would have cost.
 
+The event loop only reads bodies and awaits: decoding, the gate, P_n, encoding and the
+response run in a small thread pool, so health checks and small requests are answered while
+a heavy one computes. A request's units go through the gate and the experts `chunk_units` at a
+time, so its memory is bounded by one chunk whatever the input's size.
+
+The router autoscales. Each replica holds its own budget stream at d_t, so the application's
+mean over any set of replicas' windows is a mean of means each within tolerance; /stats
+collects every replica's counters (DeploymentHandle.broadcast) and reports the sum and each.
+
 Routes (under the app's route prefix): POST /<task>/predict, GET /<task>/stats,
 GET /<task>/healthz (the Serve proxy answers GET /-/healthz itself).
 """
@@ -13,8 +22,10 @@ GET /<task>/healthz (the Serve proxy answers GET /-/healthz itself).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
@@ -24,8 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serving import wire
-from serving.budget import BudgetController
-from serving.loading import ServedModels, gate_values
+from serving.budget import BudgetController, merge_summaries
+from serving.loading import ServedRun, gate_values, load_gate
 from serving.settings import ServeSettings
 
 TARGET_HEADER = "x-bmoe-target-cost"
@@ -46,21 +57,19 @@ class HTTPError(Exception):
 class Router:
     """Gate, budget controller, P_n and byte accounting; experts[n] is expert n's handle."""
 
-    def __init__(self, models: ServedModels, settings: ServeSettings, target: float, experts: list):
+    def __init__(self, run: ServedRun, settings: ServeSettings, target: float, experts: list):
         import torch
 
-        from bmoe.gating import build_gate
-
-        torch.set_num_threads(1)
-        self.models = models
+        torch.set_num_threads(1)  # the pool's threads share the node's cores
+        self.run = run
         self.settings = settings
-        self.task = models.task_obj()
-        self.names = models.expert_names
-        self.d = models.d
+        self.task = run.task_obj()
+        self.names = list(run.expert_names)
+        self.d = run.costs
         self.experts = experts
-        self.gate = build_gate(self.task.gate_spec(), models.gate["width"])
-        self.gate.load_state_dict(models.gate["state_dict"])
-        self.gate.eval()
+        self.gate, self.bundle, self.val_values = load_gate(run)  # this replica's own copy
+        self.pool = ThreadPoolExecutor(settings.router_threads, thread_name_prefix="router")
+        self.lock = threading.Lock()  # controllers and counters: the pool's threads update them
         self.target = float(target)
         self.controllers: dict[float, BudgetController] = {self.target: self._calibrate(self.target)}
         self.started = time.time()
@@ -73,7 +82,12 @@ class Router:
         self.bytes = Counter()  # data_cost, full_data_cost, wire_sent, full_wire
 
     def _calibrate(self, target: float) -> BudgetController:
-        return BudgetController.calibrated(self.d, target, self.models.val_values, window=self.settings.window)
+        return BudgetController.calibrated(self.d, target, self.val_values, window=self.settings.window)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: answered at once, the loop never computes."""
+        if self.pool._shutdown:  # noqa: SLF001 - a pool that cannot run work is a dead replica
+            raise RuntimeError("the router's thread pool is shut down")
 
     # -- HTTP -------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:
@@ -82,7 +96,7 @@ class Router:
         if prefix and path.startswith(prefix):
             path = path[len(prefix):]
         path = "/" + path.strip("/")
-        base = f"/{self.models.task}"
+        base = f"/{self.run.task}"
         if not path.startswith(base + "/") and path != "/-/healthz":  # app mounted at /<task>
             path = base + ("" if path == "/" else path)
         try:
@@ -91,48 +105,52 @@ class Router:
                     raise HTTPError(405, f"{path} takes POST with the raw bytes of an input file")
                 return JSONResponse(await self.predict(request))
             if path == f"{base}/stats" and request.method == "GET":
-                return JSONResponse(self.stats())
+                return JSONResponse(await self.stats())
             if path in (f"{base}/healthz", "/-/healthz") and request.method == "GET":
-                return JSONResponse({"status": "ok", "task": self.models.task, "experts": self.names})
+                return JSONResponse({"status": "ok", "task": self.run.task, "experts": self.names})
             raise HTTPError(404, f"no route {request.method} {path}; try POST {base}/predict, GET {base}/stats")
         except HTTPError as err:
-            self.errors[err.status] += 1
+            with self.lock:
+                self.errors[err.status] += 1
             return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
 
     async def predict(self, request: Request) -> dict:
-        from tasks.base import BadInput, InputTooSmall
-
         started = time.perf_counter()
         target = self._target_of(request)
         body = await self._read_body(request)
-        try:
-            served = self.task.decode_request(body)
-        except InputTooSmall as err:
-            raise HTTPError(422, str(err)) from None
-        except BadInput as err:
-            raise HTTPError(400, str(err)) from None
-        values = gate_values(self.gate, self.models.gate, self.task.gate_tensor(served.gate))  # (U, N)
-        assignment = self._controller(target).route(values)  # (U,)
-        chosen = [int(n) for n in np.unique(assignment)]
-        frames = {n: wire.encode([self.task.request_inputs(served, n, np.flatnonzero(assignment == n))])
-                  for n in chosen}  # only P_n of the units routed to n crosses
-        replies = await asyncio.gather(*(self._call_expert(n, frames[n]) for n in chosen))
-        outputs: list = [None] * len(assignment)
-        for n, reply in zip(chosen, replies):
-            for unit, out in zip(np.flatnonzero(assignment == n), wire.decode(reply)):
-                outputs[unit] = out
-        prediction = self.task.response(served, outputs, assignment)
+        served = await self._off(self._decode, body)
+        count = len(served.gate)
+        if count > self.settings.max_units:
+            raise HTTPError(413, f"the input makes {count} routing units, over the limit of "
+                                 f"{self.settings.max_units} per request")
+        assignment = np.empty(count, dtype=np.int64)
+        outputs: list = [None] * count
+        sent = 0
+        chosen_any: set[int] = set()
+        step = self.settings.chunk_units
+        for start in range(0, count, step):  # one chunk in memory at a time
+            units = np.arange(start, min(start + step, count))
+            routed, frames = await self._off(self._route_chunk, served, units, target)
+            assignment[units] = routed
+            chosen = sorted(frames)
+            replies = await asyncio.gather(*(self._call_expert(n, frames[n]) for n in chosen))
+            for n, reply in zip(chosen, replies):
+                for unit, out in zip(units[routed == n], wire.decode(reply)):
+                    outputs[unit] = out
+            sent += sum(len(f) for f in frames.values())
+            chosen_any.update(chosen)
+        prediction = await self._off(self.task.response, served, outputs, assignment)
 
         data_cost = float(self.d[assignment].sum())
-        sent = sum(len(f) for f in frames.values())
-        self.requests += 1
-        np.add.at(self.units, assignment, 1)
-        self.expert_requests[chosen] += 1
-        self.bytes.update({"data_cost": data_cost, "full_data_cost": served.full_data_cost, "wire_sent": sent,
-                           "full_wire": served.full_wire_bytes})
+        with self.lock:
+            self.requests += 1
+            np.add.at(self.units, assignment, 1)
+            self.expert_requests[sorted(chosen_any)] += 1
+            self.bytes.update({"data_cost": data_cost, "full_data_cost": served.full_data_cost, "wire_sent": sent,
+                               "full_wire": served.full_wire_bytes})
         counts = np.bincount(assignment, minlength=len(self.d))
         return {
-            "task": self.models.task,
+            "task": self.run.task,
             "prediction": prediction,
             "expert": self.names[int(np.argmax(counts))],  # the one most units went to
             "experts": [self.names[n] for n in assignment],  # per routing unit
@@ -143,28 +161,59 @@ class Router:
             "latency_ms": (time.perf_counter() - started) * 1000.0,
         }
 
-    def stats(self) -> dict:
-        total = int(self.units.sum())
-        default = self.controllers[self.target]
-        return {
-            "task": self.models.task,
-            "uptime_s": time.time() - self.started,
-            "requests": self.requests,
-            "units": total,
-            "errors": {str(k): v for k, v in sorted(self.errors.items())},
-            "retried_expert_calls": self.retried,
-            "experts": {name: {"data_cost_bytes": float(self.d[n]), "units": int(self.units[n]),
-                               "utilisation": self.units[n] / total if total else 0.0,
-                               "requests": int(self.expert_requests[n]), "in_flight": int(self.in_flight[n])}
-                        for n, name in enumerate(self.names)},
-            "budget": default.summary(),
-            "overrides": {f"{t:g}": c.summary() for t, c in self.controllers.items() if t != self.target},
-            "bytes": {**{k: float(v) for k, v in self.bytes.items()},
-                      "data_cost_vs_full": _ratio(self.bytes["data_cost"], self.bytes["full_data_cost"]),
-                      "wire_vs_full": _ratio(self.bytes["wire_sent"], self.bytes["full_wire"])},
-            "gate": {"file": self.models.gate_file, "method": self.models.gate["method"]},
-            "replicas": _running_replicas(),
+    def snapshot(self) -> dict:
+        """This replica's counters and budget streams (what /stats sums over replicas)."""
+        with self.lock:
+            return {
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "uptime_s": time.time() - self.started,
+                "requests": self.requests,
+                "errors": {str(k): v for k, v in self.errors.items()},
+                "retried_expert_calls": self.retried,
+                "units": self.units.tolist(),
+                "expert_requests": self.expert_requests.tolist(),
+                "in_flight": self.in_flight.tolist(),
+                "bytes": {k: float(v) for k, v in self.bytes.items()},
+                "budget": self.controllers[self.target].summary(),
+                "overrides": {f"{t:g}": c.summary() for t, c in self.controllers.items() if t != self.target},
+            }
+
+    async def stats(self) -> dict:
+        """The whole application: every router replica's counters summed, and each replica's."""
+        context = serve.get_replica_context()
+        me = context.replica_id.deployment_id
+        try:
+            handle = serve.get_deployment_handle(me.name, me.app_name)
+            snapshots = await handle.broadcast("snapshot").results_async()
+        except Exception:  # noqa: BLE001 - stats still answer, from this replica alone
+            snapshots = [self.snapshot()]
+        return aggregate_stats(snapshots, self.run, self.d, self.names) | {
+            "gate": {"file": self.run.gate_file, "method": self.run.gate_method},
+            "replicas": await self._off(_running_replicas),  # a controller call: off the loop
         }
+
+    # -- work off the event loop ----------------------------------------------------------------
+    async def _off(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _decode(self, body: bytes):
+        from tasks.base import BadInput, InputTooSmall
+
+        try:
+            return self.task.decode_request(body)
+        except InputTooSmall as err:
+            raise HTTPError(422, str(err)) from None
+        except BadInput as err:
+            raise HTTPError(400, str(err)) from None
+
+    def _route_chunk(self, served, units: np.ndarray, target: float) -> tuple[np.ndarray, dict[int, bytes]]:
+        """Gate, budget controller and P_n of one chunk of units: (expert per unit, frame per expert)."""
+        values = gate_values(self.gate, self.bundle, self.task.gate_tensor(served.gate[units]))  # (C, N)
+        with self.lock:  # the stream's order is the order chunks are routed in
+            routed = self._controller(target).route(values)
+        frames = {int(n): wire.encode([self.task.request_inputs(served, int(n), units[routed == n])])
+                  for n in np.unique(routed)}  # only P_n of the units routed to n crosses
+        return routed, frames
 
     # -- helpers ----------------------------------------------------------------------------
     def _target_of(self, request: Request) -> float:
@@ -207,7 +256,7 @@ class Router:
     async def _call_expert(self, n: int, frame: bytes) -> bytes:
         """Expert n on one frame; a replica that dies mid-call (crash, ray.kill, node loss) costs
         a retry on another or a restarted replica, not the request."""
-        self.in_flight[n] += 1
+        self.in_flight[n] += 1  # the event loop's thread alone touches in_flight
         try:
             for attempt in range(self.settings.retries + 1):
                 try:
@@ -216,10 +265,44 @@ class Router:
                     if attempt == self.settings.retries:
                         raise HTTPError(503, f"expert {self.names[n]} is unavailable after "
                                              f"{self.settings.retries} retries") from None
-                    self.retried += 1
+                    with self.lock:
+                        self.retried += 1
                     await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
         finally:
             self.in_flight[n] -= 1
+
+
+def aggregate_stats(snapshots: list[dict], run: ServedRun, d: np.ndarray, names: list[str]) -> dict:
+    """/stats of the application from its router replicas' snapshots."""
+    units = np.sum([s["units"] for s in snapshots], axis=0)
+    requests = np.sum([s["expert_requests"] for s in snapshots], axis=0)
+    in_flight = np.sum([s["in_flight"] for s in snapshots], axis=0)
+    errors, totals = Counter(), Counter()
+    for s in snapshots:
+        errors.update(s["errors"])
+        totals.update(s["bytes"])
+    total = int(units.sum())
+    targets = sorted({t for s in snapshots for t in s["overrides"]})
+    return {
+        "task": run.task,
+        "router_replicas": len(snapshots),
+        "uptime_s": max(s["uptime_s"] for s in snapshots),
+        "requests": sum(s["requests"] for s in snapshots),
+        "units": total,
+        "errors": dict(sorted(errors.items())),
+        "retried_expert_calls": sum(s["retried_expert_calls"] for s in snapshots),
+        "experts": {name: {"data_cost_bytes": float(d[n]), "units": int(units[n]),
+                           "utilisation": units[n] / total if total else 0.0,
+                           "requests": int(requests[n]), "in_flight": int(in_flight[n])}
+                    for n, name in enumerate(names)},
+        "budget": merge_summaries([s["budget"] for s in snapshots]),
+        "overrides": {t: merge_summaries([s["overrides"][t] for s in snapshots if t in s["overrides"]])
+                      for t in targets},
+        "bytes": {**{k: float(v) for k, v in totals.items()},
+                  "data_cost_vs_full": _ratio(totals["data_cost"], totals["full_data_cost"]),
+                  "wire_vs_full": _ratio(totals["wire_sent"], totals["full_wire"])},
+        "per_replica": {s["replica"]: {"requests": s["requests"], "budget": s["budget"]} for s in snapshots},
+    }
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -1,7 +1,8 @@
 """How a served mixture is deployed: frozen dataclasses, one per deployment kind.
 
 Defaults suit a laptop (fractional CPUs so several replicas fit on 2 cores); on a GPU cluster
-set ExpertScaling.num_gpus (e.g. 0.25: four expert replicas per GPU) and raise max_replicas.
+set the experts' Scaling.num_gpus (e.g. 0.25: four expert replicas per GPU) and raise
+max_replicas, for the router as for the experts.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
-class ExpertScaling:
-    """Replicas, resources and batching of one expert deployment."""
+class Scaling:
+    """Replicas, resources and batching of one deployment (the router or an expert)."""
 
     min_replicas: int = 1
     max_replicas: int = 4
@@ -23,8 +24,8 @@ class ExpertScaling:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     max_ongoing_requests: int = 16
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
+    max_batch_size: int = 16  # experts: requests run in one forward pass (the router ignores it)
+    batch_wait_timeout_s: float = 0.0  # experts: 0 batches what is queued and never waits for more
     health_check_period_s: float = 2.0
 
     def autoscaling_config(self) -> dict:
@@ -39,6 +40,16 @@ class ExpertScaling:
             options["num_gpus"] = self.num_gpus
         return options
 
+    def deployment_options(self, name: str) -> dict:
+        """Serve's .options() for a deployment scaled by this."""
+        return {"name": name, "autoscaling_config": self.autoscaling_config(),
+                "ray_actor_options": self.ray_actor_options(), "max_ongoing_requests": self.max_ongoing_requests,
+                "health_check_period_s": self.health_check_period_s}
+
+
+# The router awaits the experts most of the time: many requests per replica, few replicas.
+ROUTER_SCALING = Scaling(max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=64)
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -52,29 +63,32 @@ class ServeSettings:
     expert_uris: tuple[str, ...] | None = None  # MLflow model URIs instead of the root's checkpoints
     tracking_uri: str | None = None  # for expert_uris; None: sqlite:///<root>/mlflow.db
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get HTTP 413
+    max_units: int = 16384  # routing units per request (superres: 64x64 patches); more get HTTP 413
+    chunk_units: int = 256  # units the gate and an expert see per call: memory per request stays bounded
+    router_threads: int = 2  # per router replica: decoding, gate, P_n and encoding run there, off the event loop
     window: int = 200  # units in the running budget window reported by /stats
     retries: int = 5  # calls to an expert that died mid-request are retried this often
     retry_backoff_s: float = 0.2
-    router_cpus: float = 0.25
-    router_max_ongoing_requests: int = 64
-    expert: ExpertScaling = field(default_factory=ExpertScaling)
-    experts: tuple[ExpertScaling, ...] = ()  # per expert, overriding `expert`; empty: all use `expert`
+    router: Scaling = field(default_factory=lambda: ROUTER_SCALING)
+    expert: Scaling = field(default_factory=Scaling)
+    experts: tuple[Scaling, ...] = ()  # per expert, overriding `expert`; empty: all use `expert`
 
-    def scaling(self, n: int) -> ExpertScaling:
+    def scaling(self, n: int) -> Scaling:
         return self.experts[n] if n < len(self.experts) else self.expert
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeSettings":
         """From `serve run serving.app:build_app key=value ...` or a config file's `args:`
-        (strings or YAML values); expert scaling keys go under `expert` (a dict)."""
+        (strings or YAML values); scaling keys go under `router` and `expert` (dicts)."""
         args = dict(args)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown serve argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        expert = _expert(args.pop("expert", None) or {})
-        experts = tuple(_expert(e) for e in args.pop("experts", None) or ())
-        out = cls(expert=expert, experts=experts)
+        router = _scaling(args.pop("router", None) or {}, ROUTER_SCALING, "router")
+        expert = _scaling(args.pop("expert", None) or {}, Scaling(), "expert")
+        experts = tuple(_scaling(e, Scaling(), "expert") for e in args.pop("experts", None) or ())
+        out = cls(router=router, expert=expert, experts=experts)
         typed = {}
         for key, value in args.items():
             if value is None or value == "":
@@ -83,10 +97,12 @@ class ServeSettings:
                 typed[key] = tuple(float(x) for x in (value.split(",") if isinstance(value, str) else value))
             elif key == "expert_uris":
                 typed[key] = tuple(str(x) for x in (value.split(",") if isinstance(value, str) else value))
-            elif key in ("target_cost", "retry_backoff_s", "router_cpus"):
+            elif key in ("target_cost", "retry_backoff_s"):
                 typed[key] = float(value)
-            elif key in ("max_body_bytes", "window", "retries", "router_max_ongoing_requests"):
+            elif key in ("max_body_bytes", "max_units", "chunk_units", "router_threads", "window", "retries"):
                 typed[key] = int(value)
+                if typed[key] < 1:
+                    raise ValueError(f"{key} must be at least 1, got {value}")
             else:
                 typed[key] = str(value)
         return replace(out, **typed)
@@ -95,10 +111,9 @@ class ServeSettings:
         return asdict(self)
 
 
-def _expert(values: dict) -> ExpertScaling:
-    base = ExpertScaling()
-    known = {f.name for f in fields(ExpertScaling)}
+def _scaling(values: dict, base: Scaling, kind: str) -> Scaling:
+    known = {f.name for f in fields(Scaling)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown expert scaling key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown {kind} scaling key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})

@@ -288,7 +288,7 @@ def test_serve_answers_from_the_buckets_run(runs, cluster):
     gate and experts loaded from the registry on the tracking server by alias and version."""
     import tempfile
 
-    from test_serving_app import png
+    from serving_http import png
 
     port, temp = free_ports(1)[0], tempfile.mkdtemp(prefix="bmoe-sv-", dir="/tmp")  # short socket paths
     env = {**os.environ, **cluster["s3"].env, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}

@@ -1,23 +1,15 @@
 """The superres mixture served by Ray Serve, through real HTTP on 127.0.0.1: predict, stats,
-bad inputs, the streaming budget over 200 requests, a bounded load run with a replica killed
-mid-run, and autoscaling of the busiest expert up and back down (seen in serve.status()).
-
-The run root is made the fast way: real `prepare` (the validation gate inputs the controller
-calibrates on), experts at their initialisation (the residual ESPCN starts as a bicubic
-upscaler) and an untrained lagrange gate, both in the files the pipeline writes. Training them
-takes minutes here and is tested in test_pipeline_superres.py; serving does not depend on how
-good they are. The full 2,000-request load run is bench/serve.py.
+bad inputs, the streaming budget over 200 requests, a heavy request that neither blocks the
+router's health check nor a small request, the cap on units per request, what .bind() carries,
+and models from the registry. Load, replica kills and autoscaling of every task:
+test_serving_http.py. The run root is made as tests/serving_http.py says.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import socket
-import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,107 +19,39 @@ import torch
 from PIL import Image
 
 from pipelines.runtime import RunConfig
+from serving_http import call, free_port, make_run, png
 
 pytestmark = pytest.mark.slow
 
 D = np.array([3072.0, 64 * 64 / 9 * 12, 12288.0])
-BUSY = 0  # the expert every unit goes to at target d_min: made the busiest on purpose
-
-
-def make_run(root) -> str:
-    """A smoke run root holding prepared data, expert checkpoints and a saved gate; returns the gate file."""
-    from bmoe.gating import build_gate
-    from pipelines.gate_trial import gate_bundle, save_gate
-    from pipelines.prepare import prepare
-    from storage import save_torch
-
-    data = root / "images"  # a tiny folder of real PNGs in the split-folder layout
-    for k, split in enumerate(("train", "val", "test")):
-        (data / split).mkdir(parents=True)
-        for i in range(3):
-            (data / split / f"{split}{i}.png").write_bytes(png(128, 192, seed=100 * k + i))
-    cfg = RunConfig(task="superres", root=str(root), profile="smoke", data_root=str(data))
-    prepare(cfg)
-    task = cfg.task_obj()
-    torch.manual_seed(0)
-    for n in range(len(task.expert_names())):
-        save_torch(task.build_expert(n).state_dict(), cfg.layout.weights(n))
-    gate = build_gate(task.gate_spec(), 0.25)
-    config = {"task": "superres", "profile": "smoke", "options": {}, "method": "lagrange", "width": 0.25}
-    path = cfg.layout.gate("test", "lagrange")
-    return str(save_gate(gate_bundle(gate, config, score_mean=-0.01, score_std=0.01), path))
+MAX_UNITS = 2500  # a 3072x3072 image (2,304 patches) is served, a 4096x4096 one (4,096) refused
 
 
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("serve-run")
-    return root, make_run(root)
+    return root, make_run(root, "superres")
 
 
 @pytest.fixture(scope="module")
-def server(run_root):
+def settings(run_root):
+    from serving.settings import ServeSettings
+
+    root, gate_file = run_root
+    return ServeSettings(task="superres", root=str(root), gate_file=gate_file, target_cost=D.max() / 3,
+                         max_body_bytes=200_000, max_units=MAX_UNITS, chunk_units=128)
+
+
+@pytest.fixture(scope="module")
+def server(settings):
     from ray import serve
 
     from serving.app import run
-    from serving.settings import ExpertScaling, ServeSettings
 
-    root, gate_file = run_root
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Fast autoscaling for the test; fractional CPUs so up to 5 replicas fit on 2 cores.
-    fast = ExpertScaling(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1,
-                         downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2, num_cpus=0.2,
-                         max_ongoing_requests=4, health_check_period_s=1)
-    settings = ServeSettings(task="superres", root=str(root), gate_file=gate_file, target_cost=D.max() / 3,
-                             max_body_bytes=200_000, retry_backoff_s=0.5, retries=6, router_cpus=0.2, expert=fast)
+    port = free_port()
     run(settings, host="127.0.0.1", port=port, access_log=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-
-
-def png(height: int, width: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    image = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]  # blocky: some smooth, some edges
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def call(url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-    method = "POST" if body is not None else "GET"
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def load(url: str, bodies: list[bytes], concurrency: int, headers: dict | None = None, on_done=None) -> list[int]:
-    """POST every body with `concurrency` threads; returns the status codes."""
-    done = [0]
-    lock = threading.Lock()
-
-    def one(body: bytes) -> int:
-        status, _ = call(f"{url}/superres/predict", body, headers)
-        with lock:
-            done[0] += 1
-            if on_done:
-                on_done(done[0])
-        return status
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, bodies))
-
-
-def running_replicas(n: int) -> int:
-    from ray import serve
-
-    app = serve.status().applications["superres"]
-    name = next(k for k in app.deployments if k.startswith(f"superres-expert-{n}-"))
-    return int(app.deployments[name].replica_states.get("RUNNING", 0))
 
 
 def test_predict_returns_the_super_resolved_image_and_byte_accounting(server):
@@ -194,46 +118,70 @@ def test_streaming_budget_holds_over_200_requests_and_stats_report_it(server):
     assert stats["overrides"][f"{high:g}"]["units"] == 200 and stats["budget"]["units"] == budget["units"]
 
 
-def test_load_with_an_expert_replica_killed_mid_run_loses_no_request(server):
-    import ray
+def test_a_heavy_request_blocks_neither_health_checks_nor_a_small_request(server):
+    """A flat 3072x3072 PNG (2,304 patches, 18 chunks) computes for seconds; meanwhile the
+    router's health route and a small request are answered, since the work runs off the event loop."""
+    small = png(64, 128, seed=7)
+    idle = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert call(f"{server}/superres/predict", small)[0] == 200
+        idle.append(time.perf_counter() - started)
+    heavy_body = png(3072, 3072, flat=True)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        heavy = pool.submit(call, f"{server}/superres/predict", heavy_body)
+        time.sleep(0.5)  # the heavy request is decoding or in its chunks by now
+        during = []
+        while not heavy.done() and len(during) < 20:
+            t0 = time.perf_counter()
+            status, health = call(f"{server}/superres/healthz")
+            assert status == 200 and health["status"] == "ok"
+            t1 = time.perf_counter()
+            assert call(f"{server}/superres/predict", small)[0] == 200
+            during.append((t1 - t0, time.perf_counter() - t1))
+        status, out = heavy.result()
+        heavy_s = time.perf_counter() - started
+    assert status == 200 and len(out["experts"]) == 48 * 48, out.get("error")
+    assert during, f"the heavy request took only {heavy_s:.2f} s: nothing ran beside it"
+    health_s = max(h for h, _ in during)
+    small_s = float(np.median([p for _, p in during]))
+    print(f"heavy {heavy_s:.1f} s; beside it: health at most {1000 * health_s:.0f} ms, small request median "
+          f"{1000 * small_s:.0f} ms (idle {1000 * np.median(idle):.0f} ms)")
+    assert health_s < min(1.0, heavy_s / 2), (health_s, heavy_s)
+    assert small_s < heavy_s / 2, (small_s, heavy_s)
 
-    bodies = [png(64, 128, seed=i) for i in range(240)]
-    killed = []
 
-    def kill_once(done: int) -> None:
-        if done == 60 and not killed:
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if f"superres-expert-{BUSY}-" in a["name"] and "SERVE_REPLICA" in a["name"]]
-            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-            killed.append(names[0])
-
-    statuses = load(server, bodies, concurrency=16, headers={"X-BMoE-Target-Cost": str(D.min())}, on_done=kill_once)
-    assert killed, "no replica was killed"
-    assert statuses.count(200) == len(bodies), {s: statuses.count(s) for s in set(statuses)}
-    status, stats = call(f"{server}/superres/stats")
-    assert status == 200 and stats["errors"].get("503", 0) == 0
-    print(f"killed {killed[0]}; expert calls retried: {stats['retried_expert_calls']}")
+def test_units_over_the_cap_are_refused_in_one_line(server):
+    status, out = call(f"{server}/superres/predict", png(4096, 4096, flat=True))
+    assert status == 413 and f"over the limit of {MAX_UNITS}" in out["error"] and "\n" not in out["error"], out
+    assert call(f"{server}/superres/predict", png(64, 64))[0] == 200
 
 
-def test_busiest_expert_scales_up_under_load_and_back_down_when_idle(server):
-    bodies = [png(64, 128, seed=i) for i in range(48)]
-    deadline = time.monotonic() + 60
-    while running_replicas(BUSY) != 1 and time.monotonic() < deadline:  # idle after the previous test
-        time.sleep(1)
-    peak = running_replicas(BUSY)
-    assert peak == 1
-    while peak < 2 and time.monotonic() < deadline:  # bounded: rounds of 48 requests, 60 s at most
-        statuses = load(server, bodies, concurrency=16, headers={"X-BMoE-Target-Cost": str(D.min())})
-        assert all(s == 200 for s in statuses)
-        peak = max(peak, running_replicas(BUSY))
-    assert peak == 2, "the busiest expert never scaled up"
-    assert running_replicas(2) == 1  # the idle expert stayed at its minimum
-    deadline = time.monotonic() + 60
-    while running_replicas(BUSY) > 1 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert running_replicas(BUSY) == 1, "the expert did not scale back down when idle"
-    status, out = call(f"{server}/superres/predict", png(64, 64))
-    assert status == 200
+def test_bind_carries_references_not_weights(settings):
+    """Replicas load their own weights: every argument bound to every deployment of the app
+    pickles to a few kilobytes at most (the experts' handles aside), where the experts' weights
+    travelled before (the paper's SSD300 alone is 100 MB)."""
+    import ray.cloudpickle as cloudpickle
+    from ray.serve import Application
+
+    from serving.app import build, resolve
+    from serving.loading import load_expert
+
+    served = resolve(settings)
+    app = build(settings, served)
+    bound, pending = {}, [app]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        for k, arg in enumerate(deployment.init_args):
+            children = [a for a in (arg if isinstance(arg, list) else [arg]) if isinstance(a, Application)]
+            pending += children
+            if not children:
+                bound[f"{deployment.name}[{k}]"] = len(cloudpickle.dumps(arg))
+    assert len(bound) == 3 + 3 * 4, bound  # the router's run, settings, target; each expert's 4 arguments
+    weights = sum(len(cloudpickle.dumps(load_expert(served, n))) for n in range(len(served.expert_names)))
+    assert max(bound.values()) < 4096 < weights, (bound, weights)
+    print(f"largest bound argument {max(bound.values())} bytes; the experts' weights {weights} bytes")
 
 
 def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_root, tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from serving import wire
-from serving.budget import BudgetController, window_bound
+from serving.budget import BudgetController, merge_summaries, window_bound
 from serving.settings import ServeSettings
 
 D = np.array([3072.0, 64 * 64 / 9 * 12, 12288.0])  # the superres experts' data costs (x4, x3, x2)
@@ -91,6 +91,37 @@ def test_settings_from_serve_args_and_errors():
         ServeSettings.from_args({"taks": "superres"})
     with pytest.raises(ValueError, match="unknown expert scaling key"):
         ServeSettings.from_args({"expert": {"replicas": 2}})
+    routed = ServeSettings.from_args({"router": {"max_replicas": "3"}, "max_units": "100", "chunk_units": 8})
+    assert routed.router.max_replicas == 3 and routed.router.max_ongoing_requests == 64  # router defaults kept
+    assert routed.max_units == 100 and routed.chunk_units == 8 and routed.expert.max_replicas == 4
+    assert routed.router.deployment_options("r")["autoscaling_config"]["max_replicas"] == 3
+    with pytest.raises(ValueError, match="unknown router scaling key"):
+        ServeSettings.from_args({"router": {"threads": 2}})
+    with pytest.raises(ValueError, match="chunk_units must be at least 1"):
+        ServeSettings.from_args({"chunk_units": "0"})
+
+
+def test_router_replicas_streams_merge_into_one_within_the_bounds():
+    """R router replicas each hold their own stream; merged, the application's mean over all
+    units is within sum(B) / U of the target and the merged window within the window bound."""
+    rng = np.random.default_rng(3)
+    target = D.max() / 3
+    val = rng.normal(size=(400, 3)) + np.array([0.0, 0.5, 1.0])
+    controllers = [BudgetController.calibrated(D, target, val, window=200) for _ in range(3)]
+    spent = []
+    for k, controller in enumerate(controllers):  # unequal loads, each its own input drift
+        values = rng.normal(size=(300 + 250 * k, 3)) + np.array([0.0, 0.3 * k, 0.6 * k])
+        spent.append(_stream(controller, values))
+    merged = merge_summaries([c.summary() for c in controllers])
+    units = sum(len(s) for s in spent)
+    assert merged["replicas"] == 3 and merged["units"] == units and merged["window_units"] == 600
+    assert merged["mean_data_cost"] == pytest.approx(np.concatenate(spent).mean())
+    assert abs(merged["mean_data_cost"] - target) / target <= merged["guaranteed_mean_error"] < 0.05
+    windows = np.concatenate([s[-200:] for s in spent])
+    assert merged["window_mean_data_cost"] == pytest.approx(windows.mean())
+    assert abs(merged["window_error"]) <= merged["guaranteed_window_error"] <= 0.05
+    single = merge_summaries([controllers[0].summary()])
+    assert single["mean_data_cost"] == pytest.approx(spent[0].mean()) and single["replicas"] == 1
 
 
 def test_budget_target_from_cost_or_bias():
