@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test: setup
 		echo "pytest (no private network namespace on this machine: plain run)"; \
 		$(BIN)/python -m pytest $(PYTEST_ARGS); \
 	fi
+
+# The edit-test loop: everything not marked slow (no Ray, no Serve, no training), in about a minute.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/core.py

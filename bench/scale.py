@@ -223,6 +223,7 @@ def trial_in_process(root: str) -> dict:
     import torch
 
     from pipelines.gate_trial import load_split, run_trial
+    from pipelines.methods import TrialConfig
     from pipelines.prepare import require_manifest
     from pipelines.sweep import split_inputs, targets
 
@@ -241,7 +242,7 @@ def trial_in_process(root: str) -> dict:
         d = task.data_costs()
         config = {"task": "superres", "profile": "paper", "options": OPTIONS, **TRIAL,
                   "d_target": targets(d, 7)[3]}
-        result = run_trial(config, data, report=lambda metrics: None)
+        result = run_trial(TrialConfig.from_tune(config), data, report=lambda metrics: None)
     return {"gate_rows": len(data[GATE_SPLIT].cache), "seconds": round(time.perf_counter() - started, 2),
             "peak_rss_mb": memory.figures()["driver_rss_mb"], "rss_before_data_mb": baseline,
             "test_performance": result["points"][0]["performance"]}

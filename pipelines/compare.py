@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from bmoe.curves import routing_efficiency
+from pipelines.methods import BOUNDS, HYPERPARAMETERS, NAMES
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
-
-HYPERPARAMETERS = ("w_bias", "batch_size", "lr", "width")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[Target
         rho = {m: parent.data.metrics.get(f"rho_{m}") for m, _ in best}
         for (method, d_t), run in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             perf = run.data.metrics["test_performance"]
-            ref = {m: best[(m, d_t)].data.metrics["test_performance"] for m in ("random", "oracle") if (m, d_t) in best}
+            ref = {m: best[(m, d_t)].data.metrics["test_performance"] for m in BOUNDS if (m, d_t) in best}
             out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=perf,
                                    val_performance=run.data.metrics.get("val_performance"),
                                    d_mean=run.data.metrics["d_mean"],
@@ -197,7 +196,7 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _method_order(method: str) -> int:
-    order = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
+    order = NAMES
     return order.index(method) if method in order else len(order)
 
 

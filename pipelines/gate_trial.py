@@ -1,14 +1,5 @@
-"""One sweep trial: a selection method evaluated at one or more data-cost targets, from the
-expert cache only (no expert ever runs here).
-
-Methods:
-  experts    the LP mix of single experts (the paper's dotted line): b.p at b.d = d_t
-  random     random selection with exact quotas K_n = M b_n (the paper's lower bound)
-  heuristic  a hand-made difficulty per input (the task's), quotas as random
-  oracle     every expert's per-input score known: the upper bound no gate can beat
-  soft       gate trained with soft bias regularisation (eqs. 3-5), argmax at test time
-  enforce    gate trained with batchwise bias enforcement (Algorithm 1), enforced at test time
-  lagrange   gate regressing every expert's score; routes by score - lambda d (our extension)
+"""One sweep trial: a selection method (pipelines/methods.py lists them) evaluated at one or
+more data-cost targets, from the expert cache only (no expert ever runs here).
 """
 
 from __future__ import annotations
@@ -20,6 +11,7 @@ import pandas as pd
 import torch
 
 from pipelines.gate_inputs import GateInputs
+from pipelines.methods import STATIC, TrialConfig
 
 from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
@@ -28,9 +20,6 @@ from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignm
 from storage import AnyPath, read_table, save_torch
 from tasks import GATE_SPLIT, get_task
 
-STATIC_METHODS = ("experts", "random", "heuristic", "oracle")  # no training: all targets in one trial
-TRAINED_METHODS = ("soft", "enforce")  # one trial per target and hyperparameters
-METHODS = (*STATIC_METHODS, *TRAINED_METHODS, "lagrange")
 EVAL_BATCH = 1024  # gate inputs per forward pass when a split is routed
 SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whole split when smaller)
 BUDGET_TOLERANCE = 0.10  # a gate may spend up to this fraction over its target on validation
@@ -121,31 +110,23 @@ def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def run_trial(config: dict, data: dict[str, SplitData], report=None, device: torch.device | None = None) -> dict:
+def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, device: torch.device | None = None) -> dict:
     """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits,
-    training on `device` (default: the GPU Ray gave this trial, else the CPU); reports per-epoch metrics through `report` (Tune's, unless
-    given: a trial can run without Tune) and returns the final record:
-    {"points": [{d_target, d_mean, performance, ...}], ...}."""
+    training on `device` (default: the GPU Ray gave this trial, else the CPU); reports per-epoch
+    metrics through `report` (Tune's, unless given: a trial can run without Tune) and returns the
+    final record: {"points": [{d_target, d_mean, performance, ...}], ...}."""
     if report is None:
         from ray import tune
 
         report = tune.report
-    task = get_task(config["task"], config["profile"], config.get("options"))
-    method = config["method"]
+    task = get_task(config.task, config.profile, config.options)
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])
-    seed = int(config.get("seed", 0))
-
-    if method in STATIC_METHODS:
-        points = [_static_point(task, method, data, d, p_val, d_t, seed) for d_t in config["targets"]]
-        result = {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
-    elif method in TRAINED_METHODS:
-        result = _train_biased_gate(task, config, data, d, p_val, report, device or trial_device())
-    elif method == "lagrange":
-        result = _train_lagrange_gate(task, config, data, d, p_val, report, device or trial_device())
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    return result
+    if config.method in STATIC:
+        points = [_static_point(task, config.method, data, d, p_val, d_t, config.seed) for d_t in config.targets]
+        return {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
+    train = _train_biased_gate if config.spec.per_target else _train_lagrange_gate
+    return train(task, config, data, d, p_val, report, device or trial_device())
 
 
 def expert_performance(task, split: SplitData) -> np.ndarray:
@@ -248,22 +229,22 @@ def _batches(split: SplitData, batch: int, gen: torch.Generator):
     yield from split.gate.batches(batch, gen=gen, buffer_rows=buffer_rows, drop_last=True)
 
 
-def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report,
+def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
                        device: torch.device) -> dict:
-    method, d_t = config["method"], float(config["d_target"])
+    method, d_t = config.method, float(config.d_target)
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     if np.count_nonzero(b > 1e-9) == 1:
         return _single_expert_trial(task, data, d, d_t, b, p_val)
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
-    torch.manual_seed(int(config.get("seed", 0)))
-    gate = build_gate(task.gate_spec(), config["width"])
-    c_g = count_macs(gate, task.gate_spec().scaled(config["width"]).input_shape)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    gate = build_gate(task.gate_spec(), config.width)
+    c_g = count_macs(gate, task.gate_spec().scaled(config.width).input_shape)
     gate = gate.to(device)
-    optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
+    optimizer = torch.optim.Adam(gate.parameters(), lr=config.lr)
     train = data[GATE_SPLIT]  # inputs the experts never trained on
     # Scaling the losses by one constant leaves the optimum unchanged and keeps lr meaningful.
     losses = torch.as_tensor(train.losses / max(train.losses.mean(), 1e-12), dtype=torch.float32, device=device)
-    batch = min(int(config["batch_size"]), len(losses))
+    batch = min(config.batch_size, len(losses))
 
     def route(split: SplitData) -> np.ndarray:
         logits = gate_logits(task, gate, split, device)
@@ -272,11 +253,11 @@ def _train_biased_gate(task, config: dict, data: dict[str, SplitData], d, p_val,
         return logits.argmax(dim=1).numpy()
 
     best, best_state, best_val = -np.inf, None, {"performance": float("nan"), "d_mean": float("nan")}
-    for epoch in range(1, int(config["epochs"]) + 1):
+    for epoch in range(1, config.epochs + 1):
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):
             stats = gate_step(gate, optimizer, augment(task, to_device(task, x, device), gen),
-                              losses[torch.from_numpy(idx).to(device)], method, b, config.get("w_bias", 0.0))
+                              losses[torch.from_numpy(idx).to(device)], method, b, config.w_bias)
             total, steps = total + stats["loss"], steps + 1
         val = _routing_figures(task, data["val"], route(data["val"]), d)
         objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val, two_sided=method == "soft")
@@ -309,24 +290,24 @@ def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_v
             "test_assignment": test_assignment}
 
 
-def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_val, report,
+def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
                          device: torch.device) -> dict:
-    torch.manual_seed(int(config.get("seed", 0)))
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
     spec = task.gate_spec()
-    gate = build_gate(spec, config["width"])  # N outputs: one predicted score per expert
-    c_g = count_macs(gate, spec.scaled(config["width"]).input_shape)
+    gate = build_gate(spec, config.width)  # N outputs: one predicted score per expert
+    c_g = count_macs(gate, spec.scaled(config.width).input_shape)
     gate = gate.to(device)
-    optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
+    optimizer = torch.optim.Adam(gate.parameters(), lr=config.lr)
     train = data[GATE_SPLIT]  # inputs the experts never trained on
     mean, std = train.scores.mean(), max(train.scores.std(), 1e-12)  # one scale for all experts
     y_train = torch.as_tensor((train.scores - mean) / std, dtype=torch.float32, device=device)
-    batch = min(int(config["batch_size"]), len(y_train))
+    batch = min(config.batch_size, len(y_train))
 
     def predict(split: SplitData) -> np.ndarray:
         return gate_logits(task, gate, split, device).numpy() * std + mean
 
-    for epoch in range(1, int(config["epochs"]) + 1):
+    for epoch in range(1, config.epochs + 1):
         gate.train()
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):
@@ -341,7 +322,7 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_va
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_score_mse": val_err})
     val_pred, test_pred = predict(data["val"]), predict(data["test"])
     points = []
-    for d_t in config["targets"]:
+    for d_t in config.targets:
         # The budget's price of data, set on the inputs being routed from the gate's predictions
         # alone (no labels), as enforce sets its quotas on them: a price carried over from
         # validation overspent the test budget by up to 13 % (detection demo).
@@ -354,12 +335,12 @@ def _train_lagrange_gate(task, config: dict, data: dict[str, SplitData], d, p_va
             "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std))}
 
 
-def gate_bundle(gate: Gate, config: dict, **extra) -> dict:
+def gate_bundle(gate: Gate, config: TrialConfig, **extra) -> dict:
     """A trained gate as plain values and tensors (torch.load(weights_only=True) reads it back):
     what serving needs to rebuild it and its task. extra: score_mean/score_std (lagrange: the
     gate predicts standardised scores), d_target and bias (soft/enforce)."""
-    return {"task": config["task"], "profile": config["profile"], "options": dict(config.get("options") or {}),
-            "method": config["method"], "width": float(config["width"]),
+    return {"task": config.task, "profile": config.profile, "options": dict(config.options),
+            "method": config.method, "width": float(config.width),
             "state_dict": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}, **extra}
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from bmoe.curves import rho, routing_efficiency
-from pipelines.gate_trial import TRAINED_METHODS, expert_performance
+from pipelines.gate_trial import expert_performance
+from pipelines.methods import ALL_TARGET_GATES, BOUNDS, NAMES, PER_TARGET_GATES
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.sweep import load_array, load_split
 from storage import AnyPath, as_path, read_json, upload_tree
 
-ORDER = ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")
+ORDER = NAMES
 
 
 def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
@@ -70,7 +71,7 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         points = sorted(curves[method], key=lambda p: p["d_target"])
         methods[method] = {"rho": curve_rho(points, cheapest, d_max), "points": points}
-    bounds = [methods.get(m, {}).get("rho") for m in ("random", "oracle")]
+    bounds = [methods.get(m, {}).get("rho") for m in BOUNDS]
     for info in methods.values():  # how much of the oracle's gain over random selection each method gets
         info["efficiency"] = routing_efficiency(info["rho"], *bounds)
     c_g = max((t.get("C_g") or 0) for t in sweep["trials"])
@@ -127,10 +128,10 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
     _, chosen = _curves(sweep["trials"])
     candidates = [(method, d_t, trial, validation_figure(trial)) for method, by_target in chosen.items()
                   for d_t, trial in by_target.items()]
-    lagrange = best_on_validation([t for t in sweep["trials"] if t["config"]["method"] == "lagrange" and t["points"]],
-                                  key=lambda t: "lagrange", val=validation_figure).get("lagrange")
-    if lagrange is not None:
-        candidates += [("lagrange", p["d_target"], lagrange, validation_figure(p)) for p in lagrange["points"]]
+    every_target = best_on_validation([t for t in sweep["trials"] if t["config"]["method"] in ALL_TARGET_GATES
+                                       and t["points"]], key=lambda t: t["config"]["method"], val=validation_figure)
+    for method, trial in every_target.items():  # one gate for every target: a candidate at each
+        candidates += [(method, p["d_target"], trial, validation_figure(p)) for p in trial["points"]]
     ensure_mlflow(cfg)
     runs = {r.data.tags["bmoe.gate_file"]: r.info.run_id for r in mlflow.search_runs(
         [sweep["experiment_id"]], filter_string=f"tags.`bmoe.sweep` = '{sweep['name']}'", output_format="list")
@@ -140,9 +141,10 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
     client, name, registered = mlflow.MlflowClient(), gate_model(cfg.task), {}
     for candidate in candidates:
         method, d_t, trial, figure = candidate
-        aliases = [gate_alias(None if method == "lagrange" else d_t, method)]
+        for_all = method in ALL_TARGET_GATES
+        aliases = [gate_alias(None if for_all else d_t, method)]
         aliases += [gate_alias(d_t)] if best_at[d_t] is candidate else []
-        tags = {"method": method, "d_target": "all" if method == "lagrange" else f"{d_t:.6g}",
+        tags = {"method": method, "d_target": "all" if for_all else f"{d_t:.6g}",
                 "sweep": sweep["name"], "val_objective": f"{figure:.6g}" if figure is not None else ""}
         register(client, name, runs[trial["gate_file"]], GATE_ARTIFACT, tags, tuple(aliases))
         registered.update({alias: f"models:/{name}@{alias}" for alias in aliases})
@@ -184,17 +186,18 @@ def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[f
     """Points per method; for trained methods the best-on-validation trial per target."""
     curves: dict[str, list[dict]] = {}
     chosen: dict[str, dict[float, dict]] = {}
-    trained = [t for t in trials if t["config"]["method"] in TRAINED_METHODS and t["points"]]  # not stopped early
+    trained = [t for t in trials if t["config"]["method"] in PER_TARGET_GATES and t["points"]]  # not stopped early
     best = best_on_validation(trained, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
                               val=validation_figure)
     for (method, d_t), trial in best.items():
         chosen.setdefault(method, {})[d_t] = trial
-    others = [t for t in trials if t["config"]["method"] not in TRAINED_METHODS and t["points"]]
+    others = [t for t in trials if t["config"]["method"] not in PER_TARGET_GATES and t["points"]]
     for method, trial in best_on_validation(others, key=lambda t: t["config"]["method"], val=validation_figure).items():
         curves[method] = trial["points"]  # one trial per static method; lagrange's best when searched
     for method, by_target in chosen.items():
         curves[method] = [
-            {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")}}
+            {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")
+                                                   if k in t["config"]}}
             for t in by_target.values()
         ]
     return curves, chosen
@@ -249,7 +252,7 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         "",
     ]
     n_experts = len(summary["experts"])
-    for method in TRAINED_METHODS:
+    for method in PER_TARGET_GATES:
         info = summary["methods"].get(method)
         if not info:
             continue

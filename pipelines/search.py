@@ -20,11 +20,13 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler
 from ray.tune.search import Searcher
 
+from pipelines.methods import HYPERPARAMETERS, METHODS, TrialConfig
+
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
-HYPERPARAMETERS = ("lr", "batch_size", "width", "w_bias")
 METRIC, MODE = "val_objective", "max"  # per epoch and final: pipelines.gate_trial.budget_objective
-EARLY_STOPPED = ("soft", "enforce")  # lagrange trains one gate for every target: it runs to the end
+# ASHA stops per-target gates only: lagrange trains one gate for every target, it runs to the end
+EARLY_STOPPED = tuple(m.name for m in METHODS.values() if m.trains_gate and m.per_target)
 
 
 def point_key(trial: dict) -> Hashable:
@@ -34,11 +36,7 @@ def point_key(trial: dict) -> Hashable:
 
 def searched(method: str) -> tuple[str, ...]:
     """The hyperparameters a method has (soft alone weighs the bias term)."""
-    if method == "soft":
-        return HYPERPARAMETERS
-    if method in ("enforce", "lagrange"):
-        return HYPERPARAMETERS[:3]
-    return ()
+    return METHODS[method].searched
 
 
 def space(grid, method: str) -> dict:
@@ -92,10 +90,8 @@ class PointSearch(Searcher):
             return None
         self._issued[i] += 1
         self._owner[trial_id] = i
-        trial = {**self._points[i], **sampled}
-        if trial["method"] == "enforce":
-            trial["w_bias"] = 0.0  # the bias is enforced, not weighed: the same key as the grid's trials
-        return {"trial": trial}
+        # typed and checked, then Tune's dict: enforce gets w_bias 0, the same keys as the grid's trials
+        return {"trial": TrialConfig.from_tune({**self._points[i], **sampled}).as_tune()}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         inner = self._inner(trial_id)

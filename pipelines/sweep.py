@@ -28,12 +28,13 @@ import torch
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines import gate_trial
-from pipelines.gate_trial import METHODS, STATIC_METHODS, TRAINED_METHODS, SplitData, run_trial, save_gate
+from pipelines.gate_trial import SplitData, run_trial, save_gate
+from pipelines.methods import HYPERPARAMETERS, METHODS, NAMES, STATIC, TrialConfig
 from pipelines.layout import RunLayout, plain_name
 from pipelines.registry import GATE_ARTIFACT
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
-from pipelines.search import HYPERPARAMETERS, SCHEDULERS, SEARCHES, PerPointASHA, PointSearch
+from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch
 from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import GATE_SPLIT, SPLITS
 
@@ -44,7 +45,7 @@ MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this ma
 class SweepGrid:
     """The search space, as plain values beside the code that uses them."""
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = STATIC + tuple(n for n in NAMES if n not in STATIC)  # static first
     points: int = 7  # d_t grid over [d_min, d_max]; d_max/2 and d_max/3 are added for the tables
     epochs: int = 20
     batch_sizes: tuple[int, ...] = (128,)
@@ -96,39 +97,34 @@ def targets(d: np.ndarray, points: int) -> list[float]:
     return sorted(grid)
 
 
-def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[dict]:
-    """Every trial of the sweep as a plain dict (Tune's grid search runs through the list)."""
-    ts = targets(d, grid.points)
-    base = {"task": cfg.task, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
-            "epochs": grid.epochs}
+def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialConfig]:
+    """Every trial of the sweep: per method (pipelines/methods.py), one trial for every target or
+    one per target, times the grid of the hyperparameters the method has."""
+    ts = tuple(targets(d, grid.points))
     configs = []
-    for method in grid.methods:
-        if method in STATIC_METHODS:
-            configs.append({**base, "method": method, "targets": ts})
-        elif method == "lagrange":
-            for M in grid.batch_sizes:
-                for lr in grid.lrs:
-                    for width in grid.widths:
-                        configs.append({**base, "method": method, "targets": ts, "batch_size": M, "lr": lr,
-                                        "width": width})
-        elif method in TRAINED_METHODS:
-            for d_t in ts:
-                for M in grid.batch_sizes:
-                    for lr in grid.lrs:
-                        for width in grid.widths:
-                            for w in (grid.w_biases if method == "soft" else (0.0,)):
-                                configs.append({**base, "method": method, "d_target": d_t, "batch_size": M,
-                                                "lr": lr, "width": width, "w_bias": w})
-        else:
-            raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for name in grid.methods:
+        try:
+            spec = METHODS[name]
+        except KeyError:
+            raise UserError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
+        base = {"task": cfg.task, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
+                "epochs": grid.epochs, "method": name}
+        where = [{"d_target": d_t} for d_t in ts] if spec.per_target else [{"targets": ts}]
+        if not spec.trains_gate:
+            configs += [TrialConfig(**base, **at) for at in where]
+            continue
+        w_biases = grid.w_biases if "w_bias" in spec.searched else (0.0,)
+        configs += [TrialConfig(**base, **at, batch_size=M, lr=lr, width=width, w_bias=w)
+                    for at in where for M in grid.batch_sizes for lr in grid.lrs for width in grid.widths
+                    for w in w_biases]
     return configs
 
 
-def search_points(configs: list[dict]) -> list[dict]:
+def search_points(configs: list[TrialConfig]) -> list[dict]:
     """The grid points of a search: the trial configs without their hyperparameters, once each."""
     points, seen = [], set()
     for config in configs:
-        point = {k: v for k, v in config.items() if k not in HYPERPARAMETERS}
+        point = {k: v for k, v in config.as_tune().items() if k not in HYPERPARAMETERS}
         key = json.dumps(point, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -136,14 +132,14 @@ def search_points(configs: list[dict]) -> list[dict]:
     return points
 
 
-def _tune_config(grid: SweepGrid, configs: list[dict]):
+def _tune_config(grid: SweepGrid, configs: list[TrialConfig]):
     """(param_space, TuneConfig, number of trials) for the grid or the search."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     scheduler = PerPointASHA(grid.epochs, grid.grace_epochs, grid.reduction_factor) if grid.scheduler == "asha" else None
     if grid.search == "grid":
-        return ({"trial": tune.grid_search(configs)},
+        return ({"trial": tune.grid_search([c.as_tune() for c in configs])},
                 tune.TuneConfig(reuse_actors=True, max_concurrent_trials=grid.max_concurrent or None,
                                 scheduler=scheduler), len(configs))
     search = PointSearch(search_points(configs), grid, grid.search, grid.num_samples)
@@ -414,7 +410,7 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     import ray
     from ray import tune
 
-    trial = config["trial"]
+    trial = TrialConfig.from_tune(config["trial"])  # Tune's dict, typed at the edge
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # the CPUs Ray gave this trial
     data = {split: gate_trial.load_split(where["cache_file"], where["gate_files"], n_experts,
@@ -459,5 +455,5 @@ def with_methods(grid: SweepGrid, methods: str | None) -> SweepGrid:
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
     return replace(grid, methods=chosen)

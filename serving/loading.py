@@ -19,11 +19,11 @@ from pipelines import registry
 from pipelines.gate_inputs import GateInputs
 from pipelines.prepare import shard_files
 from pipelines.layout import RunLayout
+from pipelines.methods import ALL_TARGET_GATES, METHODS, SERVABLE
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
 
-SERVABLE_METHODS = ("lagrange", "enforce", "soft")  # gates that give every expert a value
 HOOKS = ("decode_request", "request_inputs", "serve_expert", "response")
 
 
@@ -75,21 +75,21 @@ class ServedModels:
 
 
 def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
-    """The gate to serve from the task's latest sweep: the lagrange gate (one gate for every
-    budget) if the sweep trained one, else the soft/enforce gate trained nearest the target
-    (best validation performance among equals)."""
+    """The gate to serve from the task's latest sweep: a gate for every budget (lagrange) if the
+    sweep trained one, else the per-target gate (soft, enforce) trained nearest the target (best
+    validation performance among equals)."""
     latest = read_json(layout.latest_sweep())
     sweep = read_json(layout.resolve(latest["file"])) if latest else None
     if sweep is None:
         raise UserError(f"no sweep for task {layout.task} under {layout.root}: "
                         f"run `bmoe sweep --task {layout.task}` first")
-    trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE_METHODS]
+    trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE]
     if not trials:
-        raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE_METHODS)}): "
+        raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE)}): "
                         "rerun `bmoe sweep` with one of them")
-    lagrange = [t for t in trials if t["config"]["method"] == "lagrange"]
-    if lagrange:  # the best of them on validation when the sweep searched its hyperparameters
-        return layout.resolve(max(lagrange, key=lambda t: validation_figure(t) or -np.inf)["gate_file"])
+    every_target = [t for t in trials if t["config"]["method"] in ALL_TARGET_GATES]
+    if every_target:  # the best of them on validation when the sweep searched its hyperparameters
+        return layout.resolve(max(every_target, key=lambda t: validation_figure(t) or -np.inf)["gate_file"])
     goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
     chosen = best_on_validation(trials, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
                                 val=validation_figure)  # as the report picks them
@@ -98,13 +98,13 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
 
 
 def gate_values(gate, bundle: dict, x) -> np.ndarray:
-    """(M, N) per-expert values the router trades against data cost: predicted scores for the
-    lagrange gate, log-probabilities for a soft/enforce gate."""
+    """(M, N) per-expert values the router trades against data cost: the scores a gate that
+    predicts them gives (lagrange), log-probabilities of a gate that chooses (soft, enforce)."""
     import torch
 
     with torch.no_grad():
         out = gate(x)
-    if bundle["method"] == "lagrange":
+    if METHODS[bundle["method"]].gate_output == "scores":
         return out.double().numpy() * bundle["score_std"] + bundle["score_mean"]
     return torch.log_softmax(out.double(), dim=1).numpy()
 
@@ -133,9 +133,9 @@ def resolve_run(root: str, task: str, gate_file: str | None = None, target: floa
     bundle = _read_gate(location, tracking)[1]
     if bundle["task"] != task:
         raise UserError(f"gate file {location} is for task {bundle['task']}, not {task}")
-    if bundle["method"] not in SERVABLE_METHODS:
+    if bundle["method"] not in SERVABLE:
         raise UserError(f"gate file {location} holds a {bundle['method']} gate; "
-                        f"servable: {', '.join(SERVABLE_METHODS)}")
+                        f"servable: {', '.join(SERVABLE)}")
     task_obj = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"]).task_obj()
     missing = [h for h in HOOKS if not callable(getattr(task_obj, h, None))]
     if missing:

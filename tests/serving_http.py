@@ -71,6 +71,7 @@ def make_run(root: Path, task: str) -> str:
     returns the gate file."""
     from bmoe.gating import build_gate
     from pipelines.gate_trial import gate_bundle, save_gate
+    from pipelines.methods import TrialConfig
     from pipelines.prepare import prepare
     from storage import save_torch
 
@@ -88,7 +89,8 @@ def make_run(root: Path, task: str) -> str:
     for n in range(len(task_obj.expert_names())):
         save_torch(task_obj.build_expert(n).state_dict(), cfg.layout.weights(n))
     gate = build_gate(task_obj.gate_spec(), 0.25)
-    config = {"task": task, "profile": "smoke", "options": {}, "method": "lagrange", "width": 0.25}
+    config = TrialConfig(task=task, profile="smoke", method="lagrange", targets=tuple(task_obj.data_costs()),
+                         batch_size=16, lr=1e-3, width=0.25)
     return str(save_gate(gate_bundle(gate, config, score_mean=-0.01, score_std=0.01), cfg.layout.gate("test", "lagrange")))
 
 

@@ -324,7 +324,7 @@ def test_ucf101_tree_in_s3_gives_the_same_samples_and_an_unreadable_object_is_na
 def test_a_data_roots_label_set_comes_from_its_class_index(tmp_path):
     """-o classes is not needed for real data: classInd.txt's classes, unless -o says otherwise;
     later stages (no --data-root) take the label set the prepare recorded."""
-    from pipelines.cli import _config
+    from cli.main import _config
     from pipelines.runtime import label_options
     from storage import write_json
 

@@ -9,7 +9,7 @@ import pytest
 
 
 def bmoe(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 
 
@@ -56,7 +56,7 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     test_help_lists_every_stage runs the real console entry point."""
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from cli.main import app
 
     (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # for --gate: not a gate file
     out = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])

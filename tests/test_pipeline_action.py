@@ -162,7 +162,7 @@ def test_sweep_and_report(run):
     # bmoe compare --format csv: every method at every target, with the gap to the oracle
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from cli.main import app
 
     out = CliRunner().invoke(app, ["compare", "--task", "action", "--root", cfg.root, "--format", "csv"])
     assert out.exit_code == 0, out.output

@@ -180,7 +180,7 @@ def test_superres_request_hooks_decode_route_units_and_reject_bad_bytes():
 def test_serve_cli_without_a_run_is_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from cli.main import app
 
     out = CliRunner().invoke(app, ["serve", "--root", str(tmp_path)])
     assert out.exit_code == 1

@@ -13,6 +13,7 @@ import pytest
 
 from pipelines import gate_trial
 from pipelines.gate_trial import BUDGET_TOLERANCE, budget_objective, run_trial
+from pipelines.methods import TrialConfig
 from pipelines.shard_writer import rows_to_block
 from tasks import get_task
 
@@ -50,11 +51,11 @@ def data(tmp_path_factory):
             for split, rows, seed in (("gate", 256, 0), ("val", 128, 1), ("test", 128, 2))}
 
 
-def _config(method: str, **extra) -> dict:
+def _config(method: str, **extra) -> TrialConfig:
     base = {"task": "superres", "profile": "smoke", "options": {}, "seed": 0, "epochs": 3, "method": method}
     if method in ("soft", "enforce", "lagrange"):
         base.update(batch_size=32, lr=3e-3, width=0.25, w_bias=1.0 if method == "soft" else 0.0)
-    return {**base, **extra}
+    return TrialConfig.from_tune({**base, **extra})
 
 
 def test_budget_objective_ranks_every_in_budget_gate_above_any_overspending_one():
@@ -142,8 +143,8 @@ def test_point_search_samples_every_point_alike_and_survives_a_restore(tmp_path)
 
 
 class _Trial:
-    def __init__(self, trial_id: str, config: dict):
-        self.trial_id, self.config = trial_id, {"trial": config}
+    def __init__(self, trial_id: str, config: TrialConfig):
+        self.trial_id, self.config = trial_id, {"trial": config.as_tune()}  # Tune's dict
 
 
 def test_asha_compares_trials_only_within_their_point():

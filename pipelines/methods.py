@@ -1,0 +1,110 @@
+"""The selection methods a sweep compares, and what each one is, in one table: sweep, search,
+gate_trial, report, compare and serving ask it instead of listing method names themselves.
+
+A trial is a TrialConfig: typed, checked when made, and turned into Tune's plain dict only at
+the edge (sweep's param_space, the search's suggestions, the sweep record's JSON).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Method:
+    """One selection method."""
+
+    name: str
+    trains_gate: bool  # a gate is trained from the cache (else the rule needs no training)
+    per_target: bool  # one trial per d_t; else one trial covers every target
+    servable: bool  # its gate gives every expert a value the serving router trades against cost
+    searched: tuple[str, ...]  # the hyperparameters a sweep varies for it
+    summary: str
+    gate_output: str = ""  # what its gate's outputs are: "logits" (a choice), "scores" (predicted)
+
+
+HYPERPARAMETERS = ("lr", "batch_size", "width", "w_bias")
+
+TABLE = (  # in the order reports list them
+    Method("experts", False, False, False, (), "the LP mix of single experts (the paper's dotted line): b.p at b.d = d_t"),
+    Method("random", False, False, False, (), "random selection with exact quotas K_n = M b_n (the paper's lower bound)"),
+    Method("heuristic", False, False, False, (), "a hand-made difficulty per input (the task's), quotas as random"),
+    Method("soft", True, True, True, HYPERPARAMETERS,
+           "gate trained with soft bias regularisation (eqs. 3-5), argmax at test time", "logits"),
+    Method("enforce", True, True, True, HYPERPARAMETERS[:3],
+           "gate trained with batchwise bias enforcement (Algorithm 1), enforced at test time", "logits"),
+    Method("lagrange", True, False, True, HYPERPARAMETERS[:3],
+           "gate regressing every expert's score; routes by score - lambda d (our extension)", "scores"),
+    Method("oracle", False, False, False, (), "every expert's per-input score known: the upper bound no gate can beat"),
+)
+METHODS = {m.name: m for m in TABLE}
+NAMES = tuple(METHODS)
+STATIC = tuple(m.name for m in TABLE if not m.trains_gate)  # no training: every target in one trial
+PER_TARGET_GATES = tuple(m.name for m in TABLE if m.trains_gate and m.per_target)  # a gate per d_t (soft, enforce)
+ALL_TARGET_GATES = tuple(m.name for m in TABLE if m.trains_gate and not m.per_target)  # one for every d_t (lagrange)
+SERVABLE = tuple(m.name for m in TABLE if m.servable)
+BOUNDS = ("random", "oracle")  # routing efficiency is measured between them
+
+
+def method(name: str) -> Method:
+    """The table's entry; ValueError naming the known methods otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One sweep trial. d_target for a per-target method, targets for one that covers them all;
+    batch_size, lr, width (and w_bias, soft's alone) for a method that trains a gate."""
+
+    task: str
+    profile: str
+    method: str
+    options: dict = field(default_factory=dict)
+    seed: int = 0
+    epochs: int = 1
+    d_target: float | None = None
+    targets: tuple[float, ...] | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    width: float | None = None
+    w_bias: float = 0.0
+
+    def __post_init__(self):
+        m = method(self.method)
+        if (self.d_target is None, self.targets is None) != (not m.per_target, m.per_target):
+            raise ValueError(f"a {self.method} trial takes {'a d_target' if m.per_target else 'targets'}")
+        if m.trains_gate and None in (self.batch_size, self.lr, self.width):
+            raise ValueError(f"a {self.method} trial needs batch_size, lr and width")
+        if self.w_bias and "w_bias" not in m.searched:
+            raise ValueError(f"{self.method} has no w_bias (the bias term is soft regularisation's)")
+
+    @property
+    def spec(self) -> Method:
+        return method(self.method)
+
+    def as_tune(self) -> dict:
+        """Tune's plain dict (JSON-able): the fields a trial has, none that are unset; w_bias for
+        the per-target gates (0 for enforce: both carry the same keys in records and MLflow)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if not (self.spec.trains_gate and self.spec.per_target):
+            out.pop("w_bias")
+        if "targets" in out:
+            out["targets"] = list(out["targets"])
+        return out
+
+    @classmethod
+    def from_tune(cls, config: dict) -> "TrialConfig":
+        """From Tune's dict, or a sweep record's; keys that are not fields (Tune's own) are dropped."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in known}
+        if values.get("targets") is not None:
+            values["targets"] = tuple(float(t) for t in values["targets"])
+        values["options"] = dict(values.get("options") or {})
+        for key, kind in (("seed", int), ("epochs", int), ("batch_size", int), ("lr", float), ("width", float),
+                          ("w_bias", float), ("d_target", float)):
+            if values.get(key) is not None:
+                values[key] = kind(values[key])
+        return cls(**values)

@@ -1,0 +1,68 @@
+"""The method table and typed trial configs (pipelines/methods.py): what each stage asks of a
+method, and a trial that is wrong for its method refused when it is made, not mid-sweep."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines.methods import (ALL_TARGET_GATES, METHODS, NAMES, PER_TARGET_GATES, SERVABLE, STATIC, TrialConfig,
+                               method)
+from pipelines.runtime import RunConfig
+
+
+def test_the_table_says_what_each_method_is():
+    assert NAMES == ("experts", "random", "heuristic", "soft", "enforce", "lagrange", "oracle")  # report order
+    assert STATIC == ("experts", "random", "heuristic", "oracle")
+    assert PER_TARGET_GATES == ("soft", "enforce") and ALL_TARGET_GATES == ("lagrange",)
+    assert set(SERVABLE) == set(PER_TARGET_GATES + ALL_TARGET_GATES)
+    assert "w_bias" in METHODS["soft"].searched and "w_bias" not in METHODS["enforce"].searched
+    assert {m.gate_output for m in METHODS.values() if m.servable} == {"logits", "scores"}
+    with pytest.raises(ValueError, match="unknown method 'hard'; choose from experts, random"):
+        method("hard")
+
+
+def test_trial_configs_round_trip_through_tunes_dict():
+    base = dict(task="superres", profile="smoke", seed=3, epochs=2)
+    soft = TrialConfig(**base, method="soft", d_target=4096.0, batch_size=16, lr=1e-3, width=0.5, w_bias=10.0)
+    enforce = TrialConfig(**base, method="enforce", d_target=4096.0, batch_size=16, lr=1e-3, width=0.5)
+    lagrange = TrialConfig(**base, method="lagrange", targets=(3072.0, 4096.0), batch_size=16, lr=1e-3, width=0.5)
+    static = TrialConfig(**base, method="oracle", targets=(3072.0,))
+    for config in (soft, enforce, lagrange, static):
+        plain = config.as_tune()
+        assert json.loads(json.dumps(plain)) == plain  # JSON-able: sweep records, MLflow params
+        assert TrialConfig.from_tune({**plain, "tune_extra": 1}) == config
+    assert enforce.as_tune()["w_bias"] == 0.0  # both per-target gates carry the same keys
+    assert "w_bias" not in lagrange.as_tune() and "batch_size" not in static.as_tune()
+    tuned = TrialConfig.from_tune({**soft.as_tune(), "batch_size": np.int64(32), "lr": "0.01"})  # what searchers give
+    assert tuned.batch_size == 32 and type(tuned.batch_size) is int and tuned.lr == 0.01
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(method="soft", targets=(1.0,), batch_size=16, lr=1e-3, width=1.0), "takes a d_target"),
+    (dict(method="lagrange", d_target=1.0, batch_size=16, lr=1e-3, width=1.0), "takes targets"),
+    (dict(method="enforce", d_target=1.0), "needs batch_size, lr and width"),
+    (dict(method="enforce", d_target=1.0, batch_size=16, lr=1e-3, width=1.0, w_bias=1.0), "has no w_bias"),
+    (dict(method="random"), "takes targets"),
+    (dict(method="hard", d_target=1.0), "unknown method"),
+])
+def test_a_trial_wrong_for_its_method_is_refused_when_made(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrialConfig(task="superres", profile="smoke", **bad)
+
+
+def test_the_sweeps_trials_follow_the_table():
+    from pipelines.sweep import GRIDS, trial_configs
+
+    cfg = RunConfig(task="superres", root="/unused", profile="demo")
+    d = cfg.task_obj().data_costs()
+    grid = GRIDS["demo"]
+    configs = trial_configs(cfg, grid, d)
+    by_method = {name: [c for c in configs if c.method == name] for name in grid.methods}
+    points = len({c.d_target for c in by_method["enforce"]})
+    assert points == grid.points + 2  # the grid's targets and d_max/2, d_max/3
+    assert all(len(by_method[m]) == 1 for m in STATIC + ALL_TARGET_GATES)
+    assert len(by_method["enforce"]) == points and len(by_method["soft"]) == points * len(grid.w_biases)
+    assert [c.method for c in configs][:4] == list(STATIC)  # static first, as sweeps always ran them
