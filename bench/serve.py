@@ -162,7 +162,7 @@ class InProcess:
                                             self.device)
                 for unit, out in zip(chosen, results):
                     outputs[unit] = out
-        return task.response(served, outputs, assignment)
+        return task.response(served, outputs)
 
     def load(self, bodies: list[bytes], workers: int) -> dict:
         times = []

@@ -213,14 +213,12 @@ def sample_weights(task, split: SplitData) -> np.ndarray:
     it makes the oracle's additive scores track a metric that pools before a nonlinearity.
     (Weighting the gate's training losses the same way was measured worse on superres:
     -0.3 to -1.1 dB at d_max/2 and 0.6 d_max, so the gate trains on the cached losses.)"""
-    fn = getattr(task, "sample_weights", None)
-    return fn(split.cache) if fn is not None else np.ones(len(split.cache))
+    return task.sample_weights(split.cache)
 
 
 def augment(task, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The task's label-preserving augmentation of a batch of gate inputs, if it has one."""
-    fn = getattr(task, "augment_gate", None)
-    return fn(x, gen) if fn is not None else x
+    return task.augment_gate(x, gen)
 
 
 def _batches(split: SplitData, batch: int, gen: torch.Generator):

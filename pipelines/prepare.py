@@ -21,7 +21,7 @@ from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
 from tasks import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, UnreadableInput
-from tasks.base import Task, carve_gate_split
+from tasks.base import TaskBase, carve_gate_split
 
 EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
 BLOCK_BYTES = 32 << 20  # Ray Data blocks from the loaders to the writers (Ray's default: 128 MiB)
@@ -102,7 +102,7 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     return manifest
 
 
-def list_splits(task: Task, data_root: AnyPath) -> dict:
+def list_splits(task: TaskBase, data_root: AnyPath) -> dict:
     """The sources of every split: the data set's own (task.list_sources), with the gate split
     carved out of train (tasks.base.carve_gate_split)."""
     listings = {split: task.list_sources(data_root, split) for split in SOURCE_SPLITS}
@@ -128,7 +128,7 @@ def shard_files(layout, manifest: dict, split: str, part: str) -> list[AnyPath]:
     return [folder / f["name"] for f in manifest["splits"][split]["shards"][part]["files"]]
 
 
-def _prepare_split(cfg: RunConfig, task: Task, split: str, listing, log, sizes: ShardSizes) -> dict:
+def _prepare_split(cfg: RunConfig, task: TaskBase, split: str, listing, log, sizes: ShardSizes) -> dict:
     """One streaming pass: Ray Data reads and decodes each source once on a worker (one block
     per source), and the same task writes its rows to every shard set (pipelines/shard_writer.py). Nothing of the
     split is materialised, and the driver only sees the writers' small records."""
@@ -206,7 +206,7 @@ class _Loader:
     content is bad, yields nothing and is told to the problem log (a worker's view, not the
     driver's: the driver may see files that a worker node cannot)."""
 
-    def __init__(self, task: Task, log):
+    def __init__(self, task: TaskBase, log):
         self.task, self.log = task, log
 
     def __call__(self, sources):
@@ -227,7 +227,7 @@ class _Loader:
                 yield rows_to_block(samples)
 
 
-def _data_root(cfg: RunConfig, task: Task) -> AnyPath:
+def _data_root(cfg: RunConfig, task: TaskBase) -> AnyPath:
     if cfg.data_root is None:
         return _embedded_data(cfg, task)
     try:
@@ -240,7 +240,7 @@ def _data_root(cfg: RunConfig, task: Task) -> AnyPath:
     return root
 
 
-def _embedded_data(cfg: RunConfig, task: Task) -> AnyPath:
+def _embedded_data(cfg: RunConfig, task: TaskBase) -> AnyPath:
     """The task's embedded data set under <root>/raw/<task>. For an object-store root it is
     generated in a temporary folder on this machine and uploaded once (workers read it from
     the store); an upload whose settings stamp is unchanged is kept."""
@@ -260,10 +260,10 @@ def _embedded_data(cfg: RunConfig, task: Task) -> AnyPath:
     return raw
 
 
-def _fingerprint(task: Task, listings: dict) -> str:
+def _fingerprint(task: TaskBase, listings: dict) -> str:
     """Hash of the task settings and every source (with file size and mtime): changes -> redo."""
     digest = hashlib.sha256()
-    settings = getattr(task, "settings", None)
+    settings = task.settings
     digest.update(json.dumps(asdict(settings) if is_dataclass(settings) else repr(settings), sort_keys=True,
                              default=str).encode())
     for split in SPLITS:

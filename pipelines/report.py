@@ -89,15 +89,15 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
         "methods": methods,
     }
     figures = [_plot_curves(summary, out / "performance_vs_cost.png")]
-    draw = getattr(task, "draw_assignment", None)
     enforce = chosen.get("enforce", {})
-    if draw is not None and enforce:
+    if enforce:
         # the picture at d_max/2 (or the nearest target), where the gate's choice is most mixed
         d_t = min(enforce, key=lambda t: abs(t - d_max / 2))
         assignment_file = enforce[d_t].get("assignment_file")
         assignment = cfg.layout.resolve(assignment_file) if assignment_file else None
         if assignment is not None and assignment.exists():
-            figures.append(draw(test, load_array(assignment), out / "assignment.png"))
+            drawn = task.draw_assignment(test, load_array(assignment), out / "assignment.png")
+            figures += [drawn] if drawn is not None else []
     (out / "report.md").write_text(_markdown(summary, figures))
     return summary
 

@@ -93,9 +93,8 @@ def label_options(task: str, profile: str, data_root: str | None, root: str | No
     from tasks import BadInput, get_task
 
     if data_root:
-        hook = getattr(get_task(task, profile), "label_options", None)
         try:
-            return hook(as_path(data_root)) if hook else {}
+            return get_task(task, profile).label_options(as_path(data_root))
         except (BadInput, ValueError, OSError):
             return {}
     if root is None:

@@ -20,7 +20,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler
 from ray.tune.search import Searcher
 
-from pipelines.methods import HYPERPARAMETERS, METHODS, TrialConfig
+from pipelines.methods import METHODS, TrialConfig
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")

@@ -115,7 +115,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
 
     def read(split: str):  # the manifest's files: a prepare that failed half-way left others beside them
         return ray.data.read_parquet([str(f) for f in shard_files(cfg.layout, manifest, split, f"p{n}")],
-                                     columns=["x", *getattr(task, "train_columns", task.target_columns)])
+                                     columns=["x", *(task.train_columns or task.target_columns)])
 
     # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.
     trainer = TorchTrainer(
@@ -260,5 +260,5 @@ def _train_loop(config: dict) -> None:
 def _fingerprint(manifest: dict, task, n: int, cfg: RunConfig) -> str:
     payload = {"data": manifest["fingerprint"], "training": asdict(task.expert_training(n)),
                "expert": task.expert_names()[n], "seed": cfg.seed,
-               "settings": repr(getattr(task, "settings", None))}
+               "settings": repr(task.settings)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -24,7 +24,6 @@ from pipelines.selection import best_on_validation, validation_figure
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
 
-HOOKS = ("decode_request", "request_inputs", "serve_expert", "response")
 
 
 @dataclass(frozen=True)
@@ -137,9 +136,6 @@ def resolve_run(root: str, task: str, gate_file: str | None = None, target: floa
         raise UserError(f"gate file {location} holds a {bundle['method']} gate; "
                         f"servable: {', '.join(SERVABLE)}")
     task_obj = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"]).task_obj()
-    missing = [h for h in HOOKS if not callable(getattr(task_obj, h, None))]
-    if missing:
-        raise UserError(f"task {task} cannot be served yet: it lacks {', '.join(missing)} (see tasks/base.py)")
     names = task_obj.expert_names()
     if expert_uris:
         if len(expert_uris) != len(names):

@@ -139,7 +139,7 @@ class Router:
                     outputs[unit] = out
             sent += sum(len(f) for f in frames.values())
             chosen_any.update(chosen)
-        prediction = await self._off(self.task.response, served, outputs, assignment)
+        prediction = await self._off(self.task.response, served, outputs)
 
         data_cost = float(self.d[assignment].sum())
         with self.lock:

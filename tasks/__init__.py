@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from tasks.base import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, Task, UnreadableInput
+from tasks.base import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, TaskBase, UnreadableInput
 
-__all__ = ["SPLITS", "SOURCE_SPLITS", "GATE_SPLIT", "BadInput", "UnreadableInput", "Task", "TASKS", "get_task"]
+__all__ = ["SPLITS", "SOURCE_SPLITS", "GATE_SPLIT", "BadInput", "UnreadableInput", "TaskBase", "TASKS", "get_task"]
 
 
-def _detection(profile: str, options: dict) -> Task:
+def _detection(profile: str, options: dict) -> TaskBase:
     from tasks.detection import DetectionTask
 
     return DetectionTask.for_profile(profile, **options)
 
 
-def _superres(profile: str, options: dict) -> Task:
+def _superres(profile: str, options: dict) -> TaskBase:
     from tasks.superres import SuperResTask
 
     return SuperResTask.for_profile(profile, **options)
 
 
-def _action(profile: str, options: dict) -> Task:
+def _action(profile: str, options: dict) -> TaskBase:
     from tasks.action import ActionTask
 
     return ActionTask.for_profile(profile, **options)
@@ -28,7 +28,7 @@ def _action(profile: str, options: dict) -> Task:
 TASKS = {"detection": _detection, "superres": _superres, "action": _action}
 
 
-def get_task(name: str, profile: str, options: dict | None = None) -> Task:
+def get_task(name: str, profile: str, options: dict | None = None) -> TaskBase:
     """The task `name` configured for `profile`, with `options` overriding its settings
     (e.g. {"model": "fsrcnn"}); a clear error for an unknown name or option."""
     try:

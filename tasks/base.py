@@ -1,15 +1,18 @@
-"""The task protocol: everything the generic pipeline stages need from a task.
+"""The task base class: everything the generic pipeline stages and serving need from a task.
 
-The stages (pipelines/) never branch on a task's name; they call these methods. A task is
-built from its frozen settings for a profile, and is pickled to Ray workers as it is.
+The stages (pipelines/) and serving never branch on a task's name; they call TaskBase's methods.
+A task is built from its frozen settings for a profile, and is pickled to Ray workers as it is.
+tasks/README.md says how to add one.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -19,7 +22,7 @@ from torch import nn
 from bmoe.gating import GateSpec
 
 if TYPE_CHECKING:
-    from storage import StoragePath
+    from storage import AnyPath
 
 SOURCE_SPLITS = ("train", "val", "test")  # the splits a data set defines (task.list_sources)
 GATE_SPLIT = "gate"  # carved out of train: inputs the experts never train on, for training gates
@@ -97,82 +100,171 @@ class ExpertTraining:
     lr: float
 
 
-class Task(Protocol):
-    """What a task module provides (see DESIGN.md section 2)."""
+class BadDataRoot(ValueError):
+    """A data root a task cannot read as its data set (missing, empty, not its layout); the message
+    says what was expected. TaskBase turns it into BadInput for the pipelines."""
 
-    name: str
-    metric_name: str  # e.g. "PSNR (dB, Y channel)"
-    target_columns: tuple[str, ...]  # travel with every P_n shard (the expert's targets)
-    meta_columns: tuple[str, ...]  # scalar columns that travel with the gate shard into the cache
-    settings: Any  # the profile's frozen settings (logged to MLflow); gate_share: see carve_gate_split
 
-    # -- data ---------------------------------------------------------------------------
-    def expert_names(self) -> list[str]: ...
+class TaskBase(abc.ABC):
+    """What every task implements: subclass it, fill in the abstract methods, and register a
+    factory in tasks/__init__.py (tasks/README.md walks through it). The hooks are grouped by who
+    calls them; the ones with a body are defaults a task may override.
 
+    Shapes: M samples, N experts, U routing units of a served request. A sample row (load) holds
+    "sample_id", "group", "gate" (the gate's input as stored), "x<n>" (P_n(x), what expert n
+    sees), "enc<n>" (P_n encoded as it would cross a network), the target_columns and the
+    meta_columns.
+
+    The cache's column contract: evaluate(n, ...) returns per-sample columns, at least "loss" (the
+    gate's training signal) and "score" (additive under the metric: what the oracle maximises);
+    the cache stores each column c as "c_<n>" (loss_0, score_2, ...) beside the meta_columns, and
+    metric(cache, assignment) reads "c_<n>" of the expert each sample was given.
+    """
+
+    name: ClassVar[str]  # the registry's key: --task NAME
+    metric_name: ClassVar[str]  # e.g. "PSNR (dB, Y channel)"
+    target_columns: ClassVar[tuple[str, ...]]  # travel with every P_n shard: the experts' targets
+    meta_columns: ClassVar[tuple[str, ...]]  # scalar columns that travel with the gate shard into the cache
+    train_columns: ClassVar[tuple[str, ...] | None] = None  # what experts train on; None: target_columns
+    profiles: ClassVar[dict[str, Any]]  # smoke | demo | paper -> the task's frozen settings dataclass
+
+    def __init__(self, settings):
+        self.settings = settings  # logged to MLflow, hashed into the prepare's fingerprint
+        self.check_settings()
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> "TaskBase":
+        """The task with a profile's settings, `overrides` (-o KEY=VALUE) applied and checked."""
+        return cls(with_options(cls.profiles[profile], overrides, cls.name))
+
+    def check_settings(self) -> None:
+        """Raise ValueError for settings the task cannot run with (beyond with_options' checks)."""
+
+    # -- data: prepare ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def expert_names(self) -> list[str]:
+        """N names, cheapest expert first."""
+
+    @abc.abstractmethod
     def data_costs(self) -> np.ndarray:
         """(N,) bytes of P_n(x) per input, K bytes per value."""
 
     def embedded_data(self, folder: Path, seed: int = 0) -> Path:
-        """Write the embedded default data set in the task's real format (drawn with `seed`;
-        a rerun with the same settings and seed keeps it); return its root."""
+        """The embedded default data set under `folder`, written once per embedded_key: a rerun
+        with the same settings and seed keeps it. Returns the data root."""
+        stamp = folder / "embedded.json"
+        key = self.embedded_key(seed)
+        if stamp.exists() and json.loads(stamp.read_text()) == key:
+            return folder
+        self.write_embedded(folder, seed)
+        stamp.write_text(json.dumps(key))
+        return folder
 
-    def list_sources(self, data_root: Path | StoragePath, split: str) -> Listing:
+    @abc.abstractmethod
+    def embedded_key(self, seed: int) -> dict:
+        """What the embedded data depends on (settings, seed, a version): a change rewrites it."""
+
+    @abc.abstractmethod
+    def write_embedded(self, folder: Path, seed: int) -> None:
+        """Write the embedded data set, drawn with `seed`, in the task's real format under `folder`."""
+
+    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
         """One of SOURCE_SPLITS (prepare carves the gate split out of train: settings.gate_share).
-        Each source: "source_id", "path" (str of the file: a URI for a remote one),
-        "stamp" ([st_size, st_mtime_ns] from the listing) and the task's own keys."""
+        Each source: "source_id", "path" (str of the file: a URI for a remote one), "stamp"
+        ([st_size, st_mtime_ns] from the listing) and the task's own keys ("group": sources that
+        must stay on one side of the gate split). BadInput names a data root that is not the task's."""
+        try:
+            return self.find_sources(data_root, split)
+        except BadDataRoot as err:
+            raise BadInput(str(err)) from None
 
-    # optional: label_options(data_root) -> dict[str, str], the label set a real data root
-    # defines as task options (action: classes from classInd.txt; detection: the JSON's
-    # categories); pipelines.runtime.label_options applies it whenever a data root is given.
+    @abc.abstractmethod
+    def find_sources(self, data_root: AnyPath, split: str) -> Listing:
+        """list_sources' work; raise BadDataRoot for a root that is not the task's layout."""
 
+    def label_options(self, data_root: AnyPath) -> dict[str, str]:
+        """The label set a real data root defines, as task options (action: classes from
+        classInd.txt; detection: the JSON's categories); none by default."""
+        try:
+            return self.read_labels(data_root)
+        except BadDataRoot as err:
+            raise BadInput(str(err)) from None
+
+    def read_labels(self, data_root: AnyPath) -> dict[str, str]:
+        return {}
+
+    @abc.abstractmethod
     def load(self, source: dict) -> list[dict]:
-        """Decode one source into sample rows: sample_id, group, gate, x<n>, enc<n>, targets, meta.
+        """Decode one source into sample rows (see the class docstring). Raises UnreadableInput
+        for a file this node cannot read, BadInput for bad content."""
 
-        Raises UnreadableInput for a file this node cannot read, BadInput for bad content.
-        """
+    # -- experts: train-experts, cache ---------------------------------------------------------
+    @abc.abstractmethod
+    def build_expert(self, n: int) -> nn.Module:
+        """Expert n at its initialisation."""
 
-    # -- experts ------------------------------------------------------------------------
-    def build_expert(self, n: int) -> nn.Module: ...
+    def expert_training(self, n: int) -> ExpertTraining:
+        """How expert n trains: by default every expert alike, from settings.epochs, batch_size, lr."""
+        s = self.settings
+        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
 
-    def expert_training(self, n: int) -> ExpertTraining: ...
+    @abc.abstractmethod
+    def train_loss(self, n: int, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Expert n's scalar training loss on a batch of "x" and the train columns."""
 
-    def train_loss(self, n: int, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
+    @abc.abstractmethod
     def evaluate(self, n: int, model: nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, np.ndarray]:
-        """Per-sample columns for the cache: at least 'loss' (training signal for the gate)
-        and 'score' (additive under the task metric: what the oracle maximises)."""
+        """Per-sample cache columns of expert n on a batch: at least "loss" and "score" (the
+        column contract in the class docstring)."""
 
-    # -- mixture ------------------------------------------------------------------------
+    # -- mixture: sweep, report ------------------------------------------------------------------
+    @abc.abstractmethod
     def metric(self, cache: pd.DataFrame, assignment: np.ndarray) -> dict[str, float]:
-        """The task metric of a mixture whose sample i went to expert assignment[i].
+        """The task metric of a mixture whose sample i went to expert assignment[i] (M,):
+        {"performance": the main metric, ...secondary metrics}."""
 
-        Returns {"performance": main metric, ...secondary metrics}.
-        """
+    @abc.abstractmethod
+    def gate_spec(self) -> GateSpec:
+        """The gate network's layout (the paper's Tables IV, VII, X)."""
 
-    def gate_spec(self) -> GateSpec: ...
-
+    @abc.abstractmethod
     def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(M, C, H, W) float gate inputs from a batch of the stored gate column (numpy, or a
         tensor already on the trial's device: the result stays on that device)."""
 
     def heuristic(self, gate: np.ndarray) -> np.ndarray | None:
-        """(M,) hand-made difficulty per input (higher: needs more data), or None."""
+        """(M,) hand-made difficulty per input (higher: needs more data); None: the task has none."""
+        return None
 
-    # -- serving (optional: a task is servable by serving/ when it has all four) ----------
+    def sample_weights(self, cache: pd.DataFrame) -> np.ndarray:
+        """(M,) how much each sample's score counts in the metric (the oracle weighs by it)."""
+        return np.ones(len(cache))
+
+    def augment_gate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A label-preserving augmentation of a training batch of gate inputs; none by default."""
+        return x
+
+    def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path | None:
+        """The report's picture of which inputs went to which expert (test split), or None."""
+        return None
+
+    # -- serving: serving/router.py and serving/experts.py -------------------------------------------
+    @abc.abstractmethod
     def decode_request(self, body: bytes) -> ServedInput:
-        """Raw request bytes (image or video file) -> the request's routing units.
+        """Raw request bytes (image or video file) -> the request's routing units. Raises
+        BadInput (HTTP 400: not decodable, truncated) or InputTooSmall (HTTP 422)."""
 
-        Raises BadInput (HTTP 400: not decodable, truncated) or InputTooSmall (HTTP 422).
-        """
-
+    @abc.abstractmethod
     def request_inputs(self, request: ServedInput, n: int, units: np.ndarray) -> np.ndarray:
         """(len(units), ...) numeric P_n of the given units: exactly what crosses to expert n."""
 
+    @abc.abstractmethod
     def serve_expert(self, n: int, model: nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
         """Expert n on a batch of P_n inputs (B, ...): one numeric output array per input."""
 
-    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
-        """The JSON prediction from every unit's expert output (outputs[u] came from expert assignment[u])."""
+    @abc.abstractmethod
+    def response(self, request: ServedInput, outputs: list[np.ndarray]) -> dict:
+        """The JSON prediction from every unit's expert output (outputs[u]: unit u's)."""
 
 
 def with_options(base, overrides: dict, task: str):

@@ -93,7 +93,7 @@ def test_untrained_experts_answer_and_the_response_names_the_class(tmp_path, one
             assert out.shape == (task.settings.classes,) and out.dtype == np.float32
             assert abs(float(out.sum()) - 1.0) < 1e-5
         assert wire.decode(wire.encode(outputs))  # numeric: they cross back in the wire format
-        body = task.response(requests[0], outputs[:1], np.array([n]))
+        body = task.response(requests[0], outputs[:1])
         body = json.loads(json.dumps(body))  # JSON-able as it is
         top = body["probabilities"]
         assert set(body) == {"label", "class_index", "probabilities"} and len(top) == 5

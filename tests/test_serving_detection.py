@@ -75,7 +75,7 @@ def test_untrained_expert_answers_through_the_wire(scene_file, one_thread):
             assert np.all(out[:, :4] >= -1e-6) and np.all(out[:, :2] + out[:, 2:4] <= 1 + 1e-6)  # normalised
             assert np.all(np.diff(out[:, 4]) <= 0)  # best first
             assert set(out[:, 5].astype(int)) <= set(synthetic.CATEGORY_IDS)
-        prediction = task.response(request, [back[0]], np.array([n]))
+        prediction = task.response(request, [back[0]])
         assert len(prediction["detections"]) == len(back[0])
         json.dumps(prediction)
 
@@ -91,7 +91,7 @@ def test_served_detections_are_the_ones_evaluate_cached(scene_file, one_thread):
         cached = task.evaluate(1, model, {**batch, "x": np.stack([row["x1"]]), "gt": [row["gt"]]}, torch.device("cpu"))
     request = task.decode_request(scene_file.read_bytes())
     served = task.serve_expert(1, model, task.request_inputs(request, 1, np.array([0])), torch.device("cpu"))
-    prediction = task.response(request, served, np.array([1]))
+    prediction = task.response(request, served)
     dets = metrics.unpack_dets(cached["dets"][0])  # (D, 6) xywh in image pixels, score, COCO id
     rows = np.array([[*d["bbox"], d["score"], d["category_id"]] for d in prediction["detections"]]).reshape(-1, 6)
     assert len(rows) == len(dets) > 0
@@ -102,13 +102,13 @@ def test_response_is_in_the_original_pixels_with_coco_ids():
     task = get_task("detection", "paper")
     request = task.decode_request(_encode(np.zeros((480, 640, 3), dtype=np.uint8), "PNG"))
     out = np.array([[0.5, 0.25, 0.25, 0.5, 0.9, 1.0], [0.0, 0.0, 1.0, 1.0, 0.3, 90.0]], dtype=np.float32)
-    prediction = task.response(request, [out], np.array([2]))
+    prediction = task.response(request, [out])
     assert prediction == {
         "detections": [{"bbox": [320.0, 120.0, 160.0, 240.0], "score": 0.9, "category_id": 1, "category": "person"},
                        {"bbox": [0.0, 0.0, 640.0, 480.0], "score": 0.3, "category_id": 90, "category": "toothbrush"}],
         "width": 640, "height": 480}
     assert json.loads(json.dumps(prediction)) == prediction
-    empty = task.response(request, [np.zeros((0, 6), dtype=np.float32)], np.array([0]))
+    empty = task.response(request, [np.zeros((0, 6), dtype=np.float32)])
     assert empty == {"detections": [], "width": 640, "height": 480}
 
 
@@ -128,7 +128,7 @@ def test_exif_orientation_is_applied_so_boxes_fit_the_image_the_client_sees():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     task = get_task("detection", "smoke")
     request = task.decode_request(_encode(image, "JPEG", exif=exif.tobytes()))
-    prediction = task.response(request, [np.zeros((0, 6), dtype=np.float32)], np.array([0]))
+    prediction = task.response(request, [np.zeros((0, 6), dtype=np.float32)])
     assert (prediction["width"], prediction["height"]) == (40, 60)
 
 

@@ -215,12 +215,3 @@ def test_the_served_gate_is_found_in_the_latest_sweep(tmp_path):
     lagrange = {"config": {"method": "lagrange"}, "gate_file": "/elsewhere/sweeps/superres/s1/gates/l.pt"}
     write([*enforce, lagrange])
     assert find_gate_file(layout, target=4500.0) == gates / "l.pt"
-
-
-@pytest.mark.parametrize("task_name", ["superres", "detection", "action"])
-def test_every_task_offers_the_serving_hooks(task_name):
-    from serving.loading import HOOKS
-    from tasks import get_task
-
-    task = get_task(task_name, "smoke")
-    assert all(callable(getattr(task, hook, None)) for hook in HOOKS)

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from storage import AnyPath, StoragePath
+from tasks.base import BadDataRoot
 from tasks.inputs import input_path, unreadable
 
 VIDEO_DIR = "UCF-101"
@@ -27,8 +28,6 @@ CLASS_INDEX = "classInd.txt"
 NAME = re.compile(r"^v_(?P<cls>[A-Za-z0-9]+)_g(?P<group>\d+)_c(?P<clip>\d+)\.avi$")
 
 
-class BadDataRoot(ValueError):
-    """A data root that is not in UCF-101's layout, or whose list files are malformed."""
 
 
 @dataclass(frozen=True)

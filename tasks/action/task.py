@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from bmoe.gating import ACTION_GATE, GateSpec
 from storage import AnyPath
-from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.base import BadInput, Listing, ServedInput, TaskBase
 from tasks.inputs import file_stamp, input_path, read_input
 from tasks.action import frames as rgb
 from tasks.action import models, readers, serving, synthetic
@@ -67,24 +66,22 @@ PROFILES = {
 }
 
 
-class ActionTask:
-    """Implements tasks.base.Task for action classification."""
+class ActionTask(TaskBase):
+    """Action classification from codec motion vectors and frames: one routing unit per clip."""
 
     name = "action"
     metric_name = "top-1 accuracy (%)"
     target_columns = ("label",)
     meta_columns = ("label",)
+    profiles = PROFILES
+    settings: ActionSettings
 
-    def __init__(self, settings: ActionSettings):
+    def check_settings(self) -> None:
+        settings = self.settings
         if settings.split not in (1, 2, 3):
             raise ValueError(f"UCF-101 has splits 1, 2 and 3, not {settings.split}")
         if min(settings.F_t, settings.F_s, settings.H_s, settings.W_s, settings.classes) < 1:
             raise ValueError("F_t, F_s, H_s, W_s and classes must be positive")
-        self.settings = settings
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "ActionTask":
-        return cls(with_options(PROFILES[profile], overrides, "action"))
 
     # -- data -----------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -97,39 +94,32 @@ class ActionTask:
         spatial = s.F_s * s.H_s * s.W_s * 3 * s.K
         return np.array([temporal, spatial, temporal + spatial], dtype=np.float64)
 
-    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+    def embedded_key(self, seed: int) -> dict:
+        s = self.settings
+        return {"clips_per_group": s.clips_per_group, "groups": s.groups, "frames": self.clip_frames(),
+                "height": s.clip_height, "width": s.clip_width, "classes": [c.name for c in synthetic.CLASSES],
+                "seed": seed, "version": 2}
+
+    def write_embedded(self, folder: Path, seed: int) -> None:
         """Synthetic clips (drawn with `seed`) encoded with MPEG-4 part 2 in UCF-101's layout (synthetic.py)."""
         s = self.settings
-        stamp = folder / "embedded.json"
-        key = {"clips_per_group": s.clips_per_group, "groups": s.groups, "frames": self.clip_frames(),
-               "height": s.clip_height, "width": s.clip_width, "classes": [c.name for c in synthetic.CLASSES],
-               "seed": seed, "version": 2}
-        if stamp.exists() and json.loads(stamp.read_text()) == key:
-            return folder
         shutil.rmtree(folder / readers.VIDEO_DIR, ignore_errors=True)  # our own tree: no stale clips
         synthetic.write_ucf101_tree(folder, s.clips_per_group, self.clip_frames(), s.clip_height, s.clip_width,
                                     groups=s.groups, seed=seed)
-        stamp.write_text(json.dumps(key))
-        return folder
 
     def clip_frames(self) -> int:
         """Frames per embedded clip: F_t frames with motion plus the intra frames (GOP 12)."""
         return self.settings.F_t + self.settings.F_t // 11 + 2
 
-    def label_options(self, data_root: AnyPath) -> dict[str, str]:
+    def read_labels(self, data_root: AnyPath) -> dict[str, str]:
         """A UCF-101 tree's label set: one class per line of its classInd.txt (101 for the real one)."""
-        try:
-            return {"classes": str(len(readers.read_class_index(data_root)))}
-        except readers.BadDataRoot as err:
-            raise BadInput(str(err)) from None
+        return {"classes": str(len(readers.read_class_index(data_root)))}
 
-    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+    def find_sources(self, data_root: AnyPath, split: str) -> Listing:
         """UCF-101's layout, local or in an object store; each source's "path" is the clip's text
-        (a URI for a remote clip) and "stamp" its [st_size, st_mtime_ns] from the listing."""
-        try:
-            listing = readers.list_split(data_root, split, self.settings.split, self.settings.val_every)
-        except readers.BadDataRoot as err:
-            raise BadInput(str(err)) from None
+        (a URI for a remote clip), "stamp" its [st_size, st_mtime_ns] from the listing, and its
+        "group" the class's gXX (clips of one group share actors and scene)."""
+        listing = readers.list_split(data_root, split, self.settings.split, self.settings.val_every)
         sources = [{"source_id": c.clip_id, "path": str(c.path), "stamp": file_stamp(c.path), "label": c.label,
                     "group": f"{c.class_name}_g{c.group:02d}"} for c in listing.clips]
         return Listing(sources=sources, problems=list(listing.problems))
@@ -163,10 +153,6 @@ class ActionTask:
     def build_expert(self, n: int) -> torch.nn.Module:
         s = self.settings
         return models.build_expert(models.EXPERT_KINDS[n], s.F_t, s.F_s, s.classes, s.expert_width, s.upsample)
-
-    def expert_training(self, n: int) -> ExpertTraining:
-        s = self.settings
-        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
 
     def logits(self, n: int, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits of expert n on its stored input x<n>."""
@@ -261,7 +247,7 @@ class ActionTask:
     def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
         return serving.serve_expert(self, n, model, x, device)
 
-    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+    def response(self, request: ServedInput, outputs: list[np.ndarray]) -> dict:
         return serving.response(self, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from storage import AnyPath
 from tasks.images import to_rgb
+from tasks.base import BadDataRoot
 from tasks.inputs import file_stamp, files_in, input_path, read_input, unreadable
 
 __all__ = ["BadDataRoot", "BadImage", "LIMIT", "declared_categories", "find_instances", "list_split", "load_image"]
@@ -41,8 +42,6 @@ TOLERANCE = 1.0  # pixels a box may reach outside its image before it is reporte
 _BYTES_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # Pillow names the buffer it read
 
 
-class BadDataRoot(ValueError):
-    """A data root without a usable COCO tree; the message says what was expected."""
 
 
 class BadImage(ValueError):

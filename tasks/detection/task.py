@@ -10,7 +10,6 @@ reported mAP all use them; only inside an expert are they labels 1..C.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -22,7 +21,7 @@ from PIL import Image
 
 from bmoe.gating import DETECTION_GATE, GateSpec
 from storage import AnyPath
-from tasks.base import BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.base import BadInput, Listing, ServedInput, TaskBase
 from tasks.inputs import input_path
 from tasks.detection import metrics, models, readers, serving, synthetic
 
@@ -68,21 +67,23 @@ PROFILES = {
 }
 
 
-class DetectionTask:
-    """Implements tasks.base.Task for single-shot detection."""
+class DetectionTask(TaskBase):
+    """Single-shot detection: one routing unit per image."""
 
     name = "detection"
     metric_name = "COCO mAP@[.5:.95] (pycocotools, bbox, pooled detections)"
     target_columns = ("boxes", "labels", "gt", "img_w", "img_h", "image_id")
     train_columns = ("boxes", "labels")  # what an expert trains on: fixed-size tensors
     meta_columns = ("gt", "img_w", "img_h", "image_id")
+    profiles = PROFILES
+    settings: DetectionSettings
 
-    def __init__(self, settings: DetectionSettings):
+    def check_settings(self) -> None:
+        settings = self.settings
         if settings.model not in models.MODELS:
             raise ValueError(f"unknown detection model {settings.model!r}; expected one of {', '.join(models.MODELS)}")
         if settings.gate_crop > settings.gate_source:
             raise ValueError(f"gate_crop {settings.gate_crop} is larger than gate_source {settings.gate_source}")
-        self.settings = settings
         lut = np.zeros(max(settings.categories) + 1, dtype=np.int64)
         lut[list(settings.categories)] = np.arange(1, len(settings.categories) + 1)
         self._label_of = torch.as_tensor(lut)  # COCO id -> label 1..C
@@ -93,7 +94,7 @@ class DetectionTask:
     def for_profile(cls, profile: str, **overrides) -> "DetectionTask":
         if str(overrides.get("categories")) in ("coco", "coco80"):  # all 80 COCO categories
             overrides = {**overrides, "categories": COCO80}
-        return cls(with_options(PROFILES[profile], overrides, "detection"))
+        return super().for_profile(profile, **overrides)
 
     # -- data -----------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -102,34 +103,26 @@ class DetectionTask:
     def data_costs(self) -> np.ndarray:
         return np.array([3.0 * r * r * self.settings.K for r in self.settings.resolutions])  # d_n = 3 R^2 K
 
-    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+    def embedded_key(self, seed: int) -> dict:
+        s = self.settings
+        return {"train": s.train_images, "val": s.val_images, "seed": seed, "version": 4}
+
+    def write_embedded(self, folder: Path, seed: int) -> None:
         """Synthetic scenes (drawn with `seed`) written as a real COCO tree (instances JSON + JPEG files)."""
         s = self.settings
-        stamp = folder / "embedded.json"
-        key = {"train": s.train_images, "val": s.val_images, "seed": seed, "version": 4}
-        if stamp.exists() and json.loads(stamp.read_text()) == key:
-            return folder
         if s.train_images <= 0 or s.val_images <= 0:
             raise BadInput(f"these settings have no embedded data (train_images={s.train_images}, val_images="
                            f"{s.val_images}): pass --data-root with a COCO tree, or -o train_images=N -o val_images=N")
         synthetic.write_coco_tree(folder, {"train2017": s.train_images, "val2017": s.val_images}, seed=seed)
-        stamp.write_text(json.dumps(key))
-        return folder
 
-    def label_options(self, data_root: AnyPath) -> dict[str, str]:
+    def read_labels(self, data_root: AnyPath) -> dict[str, str]:
         """A COCO tree's label set: the categories its instances JSON declares (COCO's 80 for the real one)."""
-        try:
-            return {"categories": ",".join(str(c) for c in readers.declared_categories(data_root))}
-        except readers.BadDataRoot as err:
-            raise BadInput(str(err)) from None
+        return {"categories": ",".join(str(c) for c in readers.declared_categories(data_root))}
 
-    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+    def find_sources(self, data_root: AnyPath, split: str) -> Listing:
         """A COCO tree, local or in an object store (readers.list_split: the split rules, the
         problems named and counted, each source's path, stamp, size and annotations)."""
-        try:
-            sources, problems = readers.list_split(data_root, split, self.settings.categories)
-        except readers.BadDataRoot as err:
-            raise BadInput(str(err)) from None
+        sources, problems = readers.list_split(data_root, split, self.settings.categories)
         return Listing(sources=sources, problems=problems)
 
     def load(self, source: dict) -> list[dict]:
@@ -169,10 +162,6 @@ class DetectionTask:
     def build_expert(self, n: int) -> torch.nn.Module:
         s = self.settings
         return models.build_detector(s.model, len(s.categories) + 1, s.resolutions[n], s.width, s.min_side)
-
-    def expert_training(self, n: int) -> ExpertTraining:
-        s = self.settings
-        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
 
     def train_loss(self, n: int, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """SSD's loss (box regression + classification with hard negatives); in eval mode the
@@ -271,7 +260,7 @@ class DetectionTask:
     def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
         return serving.serve_expert(model, x, device, self._coco_id)
 
-    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+    def response(self, request: ServedInput, outputs: list[np.ndarray]) -> dict:
         return serving.response(request, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:

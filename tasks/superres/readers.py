@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from storage import AnyPath
 from tasks.images import to_rgb
+from tasks.base import BadDataRoot
 from tasks.inputs import input_path, read_input
 
 __all__ = [
@@ -66,8 +67,6 @@ class BadImage(ValueError):
     """An image file that cannot be used; the one-line message names the file and the reason."""
 
 
-class BadDataRoot(ValueError):
-    """A data root that is missing or holds no usable images; the message says what was expected."""
 
 
 @dataclass

@@ -3,7 +3,6 @@ PSNR on Y per image reassembled from its patches (section IV-C, Tables V-VII).""
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from bmoe.gating import SUPERRES_GATE, GateSpec
 from storage import AnyPath
-from tasks.base import SOURCE_SPLITS, BadInput, ExpertTraining, Listing, ServedInput, with_options
+from tasks.base import SOURCE_SPLITS, BadInput, Listing, ServedInput, TaskBase
 from tasks.inputs import file_stamp, input_path
 from tasks.superres import metrics, models, patches, readers, serving, synthetic
 
@@ -49,23 +48,20 @@ PROFILES = {
 }
 
 
-class SuperResTask:
-    """Implements tasks.base.Task for super-resolution."""
+class SuperResTask(TaskBase):
+    """Super-resolution: one routing unit per 64x64 patch."""
 
     name = "superres"
     metric_name = "PSNR (dB, Y channel, border S cropped, per image)"
     target_columns = ("hr", "row", "col", "img_h", "img_w")
     meta_columns = ("row", "col", "img_h", "img_w")
+    profiles = PROFILES
+    settings: SuperResSettings
 
-    def __init__(self, settings: SuperResSettings):
-        if settings.model not in models.EXPERT_KINDS:
-            raise ValueError(f"unknown super-resolution model {settings.model!r}; "
+    def check_settings(self) -> None:
+        if self.settings.model not in models.EXPERT_KINDS:
+            raise ValueError(f"unknown super-resolution model {self.settings.model!r}; "
                              f"expected one of {', '.join(models.EXPERT_KINDS)}")
-        self.settings = settings
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "SuperResTask":
-        return cls(with_options(PROFILES[profile], overrides, "superres"))
 
     # -- data -----------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -74,30 +70,25 @@ class SuperResTask:
     def data_costs(self) -> np.ndarray:
         return np.array([patches.data_cost_bytes(s, self.settings.K) for s in self.settings.scales])
 
-    def embedded_data(self, folder: Path, seed: int = 0) -> Path:
+    def embedded_key(self, seed: int) -> dict:
+        s = self.settings
+        return {"max_side": s.max_side, "n_procedural": s.n_procedural, "train_multiplier": s.train_multiplier,
+                "seed": seed, "version": 2}
+
+    def write_embedded(self, folder: Path, seed: int) -> None:
         """scikit-image's photographs plus procedural textures (drawn with `seed`) as PNG files,
         one folder per split."""
-        stamp = folder / "embedded.json"
-        key = {"max_side": self.settings.max_side, "n_procedural": self.settings.n_procedural,
-               "train_multiplier": self.settings.train_multiplier, "seed": seed, "version": 2}
-        if stamp.exists() and json.loads(stamp.read_text()) == key:
-            return folder
         for split in SOURCE_SPLITS:
             count = self.settings.n_procedural * (self.settings.train_multiplier if split == "train" else 1)
             images = synthetic.embedded_images(split, n_procedural=count, max_side=self.settings.max_side,
                                                seed=SOURCE_SPLITS.index(split) + len(SOURCE_SPLITS) * seed)
             shutil.rmtree(folder / split, ignore_errors=True)  # our own tree: no images of other settings
             synthetic.write_png_folder(images, folder / split)
-        stamp.write_text(json.dumps(key))
-        return folder
 
-    def list_sources(self, data_root: AnyPath, split: str) -> Listing:
+    def find_sources(self, data_root: AnyPath, split: str) -> Listing:
         """DIV2K, split folders (the embedded layout), or any folder of PNG/JPEG images, local or
         in an object store; each source's "path" is the file's text (a URI for a remote file)."""
-        try:
-            listing = readers.find_images(data_root, split)
-        except readers.BadDataRoot as err:
-            raise BadInput(str(err)) from None
+        listing = readers.find_images(data_root, split)
         sources = [{"source_id": p.stem, "path": str(p), "stamp": file_stamp(p)} for p in listing.paths]
         return Listing(sources=sources, problems=list(listing.problems))
 
@@ -124,10 +115,6 @@ class SuperResTask:
     # -- experts --------------------------------------------------------------------------
     def build_expert(self, n: int) -> torch.nn.Module:
         return models.build_expert(self.settings.model, self.settings.scales[n], width=self.settings.expert_width)
-
-    def expert_training(self, n: int) -> ExpertTraining:
-        s = self.settings
-        return ExpertTraining(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
 
     def train_loss(self, n: int, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sr = model(_to_float(batch["x"]))  # (B, 3, 64, 64)
@@ -209,7 +196,7 @@ class SuperResTask:
     def serve_expert(self, n: int, model: torch.nn.Module, x: np.ndarray, device: torch.device) -> list[np.ndarray]:
         return serving.serve_expert(model, x, device)
 
-    def response(self, request: ServedInput, outputs: list[np.ndarray], assignment: np.ndarray) -> dict:
+    def response(self, request: ServedInput, outputs: list[np.ndarray]) -> dict:
         return serving.response(request, outputs)
 
     def draw_assignment(self, split, assignment: np.ndarray, path: Path) -> Path:
