@@ -110,7 +110,7 @@ def load_expert_inputs(cfg: RunConfig, task, split: str, sample_ids) -> dict:
     return out
 
 
-def expert_trial(task, config: dict, data: dict, inputs: dict, experts: list, d) -> dict:
+def expert_trial(task, config, data: dict, inputs: dict, experts: list, d) -> dict:
     """_train_biased_gate without the cache: the frozen experts run on every training batch (their
     per-sample losses feed the same gate_step), on the whole validation split for p_val (eqs. 6-8),
     and on the inputs each expert is routed in validation (per epoch) and test."""
@@ -153,23 +153,23 @@ def expert_trial(task, config: dict, data: dict, inputs: dict, experts: list, d)
         return SplitData(gate=data[split].gate, cache=pd.concat([cache, pd.DataFrame(cols, index=cache.index)], axis=1),
                          losses=losses, scores=None)
 
-    d_t = float(config["d_target"])
+    d_t = float(config.d_target)
     p_val = expert_performance(task, frame("val", None))
     b = select_bias(d, p_val, d_t)
-    gen = torch.Generator().manual_seed(int(config.get("seed", 0)))
-    torch.manual_seed(int(config.get("seed", 0)))
-    gate = build_gate(task.gate_spec(), config["width"])
-    optimizer = torch.optim.Adam(gate.parameters(), lr=config["lr"])
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    gate = build_gate(task.gate_spec(), config.width)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=config.lr)
     xs, hr_train = inputs[GATE_SPLIT]["x"], inputs[GATE_SPLIT]["hr"]
     M = len(data[GATE_SPLIT].gate)
-    batch = min(int(config["batch_size"]), M)
+    batch = min(config.batch_size, M)
 
     def route(split: str) -> np.ndarray:
         logits = gate_logits(task, gate, data[split], cpu)
         return enforce_bias(enforced_gates(logits, b), b).numpy()
 
     best, best_state, steps = -np.inf, None, 0
-    for _epoch in range(int(config["epochs"])):
+    for _epoch in range(config.epochs):
         for rows, x in _batches(data[GATE_SPLIT], batch, gen):
             idx = torch.from_numpy(rows)
             started = time.perf_counter()
@@ -181,7 +181,7 @@ def expert_trial(task, config: dict, data: dict, inputs: dict, experts: list, d)
             # the cached trial divides by the train-set mean loss (known from the cache); without a
             # cache that needs a full expert pass first, so the batch mean stands in (a scale only)
             losses = losses / losses.mean().clamp_min(1e-12)
-            gate_step(gate, optimizer, to_device(task, x, cpu), losses, "enforce", b, config.get("w_bias", 0.0))
+            gate_step(gate, optimizer, to_device(task, x, cpu), losses, "enforce", b, config.w_bias)
             steps += 1
         assignment = route("val")
         val = _point(task, frame("val", assignment), assignment, d, d_t, b)
@@ -198,6 +198,7 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     import torch
 
     from pipelines.gate_trial import _train_biased_gate, expert_performance
+    from pipelines.methods import TrialConfig
     from pipelines.sweep import GRIDS, TRIAL_SPLITS, load_split, targets
     from pipelines.train_experts import load_expert
 
@@ -206,9 +207,8 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     d = task.data_costs()
     grid_targets = targets(d, grid.points)
     d_t = grid_targets[len(grid_targets) // 2]
-    config = {"task": cfg.task, "profile": cfg.profile, "method": "enforce", "d_target": d_t,
-              "batch_size": grid.batch_sizes[0], "lr": grid.lrs[0], "width": grid.widths[0], "w_bias": 0.0,
-              "epochs": epochs, "seed": 0}
+    config = TrialConfig(task=cfg.task, profile=cfg.profile, method="enforce", d_target=d_t,
+                         batch_size=grid.batch_sizes[0], lr=grid.lrs[0], width=grid.widths[0], epochs=epochs)
     print(f"\n== part 2: one `enforce` trial, {epochs} epochs, from {cfg.root} (profile {cfg.profile}) ==")
     load = {}
     with _timed(load, "cache_load_s"):
@@ -242,10 +242,10 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     M = len(data[GATE_SPLIT].losses)
-    batch = min(config["batch_size"], M)
+    batch = min(config.batch_size, M)
     cached_s, expert_s = statistics.median(cached_times), statistics.median(expert_times)
     return {
-        "root": str(cfg.root), "profile": cfg.profile, "config": config,
+        "root": str(cfg.root), "profile": cfg.profile, "config": config.as_tune(),
         "samples": {s: len(data[s].losses) for s in TRIAL_SPLITS}, "batch": batch, "steps_per_epoch": M // batch,
         "steps": expert_result["steps"], "repeats": repeats, **load,
         "cached_s_per_trial": cached_s, "cached_s_all": cached_times,
@@ -277,7 +277,7 @@ def print_table(result: dict) -> None:
         c = s["config"]
         print(f"\nsweep trial, method enforce, d_t {c['d_target']:.0f} B, batch {s['batch']} (grid {c['batch_size']}), "
               f"lr {c['lr']}, width {c['width']}, {c['epochs']} epochs x {s['steps_per_epoch']} steps; "
-              f"train/val/test {s['samples']['train']}/{s['samples']['val']}/{s['samples']['test']}; "
+              f"gate/val/test {s['samples']['gate']}/{s['samples']['val']}/{s['samples']['test']}; "
               f"profile {s['profile']}; median of {s['repeats']}")
         print(f"   {'contender':<34} {'s/trial':>8} {'test PSNR':>10}")
         print(f"   {'from the cache (_train_biased_gate)':<34} {s['cached_s_per_trial']:>8.3f} "
