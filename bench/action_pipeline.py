@@ -73,8 +73,8 @@ def part1(folder: Path, repeats: int) -> dict:
 def part2(folder: Path) -> dict:
     from pipelines.prepare import prepare
 
-    cfg = RunConfig(task="action", root=str(folder / "run"), profile="demo")
-    task = cfg.task_obj()
+    cfg = RunConfig(task_name="action", root=str(folder / "run"), profile="demo")
+    task = cfg.task()
     start = time.perf_counter()
     data_root = task.embedded_data(cfg.layout.raw())
     write_s = time.perf_counter() - start

@@ -54,8 +54,8 @@ def expert_ladder(root: str, task_name: str, seed: int) -> dict[str, list[float]
     from pipelines.runtime import RunConfig
     from pipelines.sweep import load_split
 
-    cfg = RunConfig(task=task_name, root=root, profile="demo", seed=seed)
-    task = cfg.task_obj()
+    cfg = RunConfig(task_name=task_name, root=root, profile="demo", seed=seed)
+    task = cfg.task()
     return {split: [float(p) for p in expert_performance(task, load_split(cfg, task, split))]
             for split in ("val", "test")}
 
@@ -124,7 +124,7 @@ def main() -> None:
         seconds[seed] = round(run_seed(seed, root), 1)
         results[seed] = {}
         for task_name in ("detection", "superres", "action"):
-            summary = read_json(RunConfig(task=task_name, root=root, profile="demo").layout.reports() / "summary.json")
+            summary = read_json(RunConfig(task_name=task_name, root=root, profile="demo").layout.reports() / "summary.json")
             results[seed][task_name] = check_task(task_name, summary, expert_ladder(root, task_name, seed))
     print("\nrho (routing efficiency) per method, task and seed:\n")
     print(table(results))

@@ -54,14 +54,14 @@ def bench_prepare(work: Path, images: int) -> dict:
     tree = synthetic.write_coco_tree(work / "coco", {"train2017": int(images * 0.6),
                                                      "val2017": images - int(images * 0.6)})
     write_s = time.perf_counter() - started
-    cfg = RunConfig(task="detection", root=str(work / "prep"), profile="demo", data_root=str(tree))
+    cfg = RunConfig(task_name="detection", root=str(work / "prep"), profile="demo", data_root=str(tree))
     ensure_ray(cfg)
     started = time.perf_counter()
     manifest = prepare(cfg)
     ray_s = time.perf_counter() - started
     samples = sum(s["samples"] for s in manifest["splits"].values())
 
-    task = cfg.task_obj()
+    task = cfg.task()
     sources = [s for split in SOURCE_SPLITS for s in task.list_sources(tree, split).sources]
     started = time.perf_counter()
     for source in sources:
@@ -82,14 +82,14 @@ def bench_cache(work: Path, root: str | None) -> dict:
 
     setup = {}
     if root is None:
-        cfg = RunConfig(task="detection", root=str(work / "smoke"), profile="smoke")
+        cfg = RunConfig(task_name="detection", root=str(work / "smoke"), profile="smoke")
         started = time.perf_counter()
         prepare(cfg)
         train_experts(cfg)
         setup["prepare_and_train_s"] = round(time.perf_counter() - started, 1)
     else:
         manifest = json.loads((Path(root) / "data" / "detection" / "manifest.json").read_text())
-        cfg = RunConfig(task="detection", root=root, profile=manifest["profile"])
+        cfg = RunConfig(task_name="detection", root=root, profile=manifest["profile"])
     ensure_ray(cfg)
     stamp = cfg.layout.cache_stamp()
     if stamp.exists():
@@ -100,7 +100,7 @@ def bench_cache(work: Path, root: str | None) -> dict:
     import pandas as pd
 
     images = sum(len(pd.read_parquet(f, columns=["sample_id"])) for f in files.values())
-    experts = len(cfg.task_obj().expert_names())
+    experts = len(cfg.task().expert_names())
     return {"root": cfg.root, "profile": cfg.profile, "images": images, "experts": experts,
             "cache_s": round(seconds, 1), "image_expert_pairs_per_s": round(images * experts / seconds, 1),
             "images_per_s_all_experts": round(images / seconds, 2), **setup,

@@ -40,8 +40,8 @@ def export(root_template: str, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for name in TASKS:
-        cfg = RunConfig(task=name, root=root_template.format(task=name), profile="smoke")
-        task, manifest = cfg.task_obj(), require_manifest(cfg)
+        cfg = RunConfig(task_name=name, root=root_template.format(task=name), profile="smoke")
+        task, manifest = cfg.task(), require_manifest(cfg)
         arrays = {}
         for n in range(len(task.expert_names())):
             table = pd.concat([read_table(f).to_pandas() for f in shard_files(cfg.layout, manifest, "train", f"p{n}")])
@@ -49,7 +49,7 @@ def export(root_template: str, out: Path) -> None:
             for column in ("x", *task.target_columns):
                 arrays[f"e{n}/{column}"] = _stack(rows[column].to_numpy())
         gate = load_split(cfg, task, "gate")
-        arrays["gate"] = gate.gate.take(np.arange(min(len(gate.gate), GATE_BATCH)))
+        arrays["gate"] = gate.gate_inputs.take(np.arange(min(len(gate.gate_inputs), GATE_BATCH)))
         arrays["losses"], arrays["scores"] = gate.losses[:GATE_BATCH], gate.scores[:GATE_BATCH]
         np.savez(out / f"{name}.npz", **arrays)
         print(f"export: {name}: {len(task.expert_names())} experts x {BATCH} rows, {len(arrays['gate'])} gate inputs")

@@ -128,14 +128,14 @@ def _peak_rss_mb() -> float:
 
 
 def loop_in_process(data_root: str, out: str) -> dict:
-    cfg = RunConfig(task="superres", root=str(Path(out) / "unused"), profile="paper", data_root=data_root,
+    cfg = RunConfig(task_name="superres", root=str(Path(out) / "unused"), profile="paper", data_root=data_root,
                     task_options=OPTIONS)
     import ray.data.block  # noqa: F401  imports done before the clock starts, as Ray's warm workers have them
 
     import pipelines.prepare  # noqa: F401
     import pipelines.shard_writer  # noqa: F401
 
-    cfg.task_obj()
+    cfg.task()
     started = time.perf_counter()
     loop_prepare(cfg, Path(out))
     return {"seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": _peak_rss_mb()}
@@ -147,7 +147,7 @@ def loop_prepare(cfg: RunConfig, out: Path) -> dict:
     from pipelines.prepare import _data_root, list_splits
     from pipelines.shard_writer import ShardColumns, ShardSizes, ShardWriter, rows_to_block
 
-    task = cfg.task_obj()
+    task = cfg.task()
     columns = ShardColumns.of(task)
     counts = {}
     for split, listing in list_splits(task, _data_root(cfg, task)).items():
@@ -185,7 +185,7 @@ def bench_prepare(work: Path, n: int, loop: bool = True) -> dict:
     from pipelines.prepare import prepare
 
     data_root = write_images(work / f"div2k-{n}", n)
-    cfg = RunConfig(task="superres", root=str(work / f"run-{n}"), profile="paper", data_root=str(data_root),
+    cfg = RunConfig(task_name="superres", root=str(work / f"run-{n}"), profile="paper", data_root=str(data_root),
                     task_options=OPTIONS)
     result = {"images": {"train": n, "val": 2, "test": 2}}
     with MemorySampler() as ray_memory:
@@ -228,8 +228,8 @@ def trial_in_process(root: str) -> dict:
     from pipelines.sweep import split_inputs, targets
 
     torch.set_num_threads(1)  # a trial with --cpus-per-trial 1
-    cfg = RunConfig(task="superres", root=root, profile="paper", task_options=OPTIONS)
-    task = cfg.task_obj()
+    cfg = RunConfig(task_name="superres", root=root, profile="paper", task_options=OPTIONS)
+    task = cfg.task()
     inputs = split_inputs(cfg.layout, require_manifest(cfg))
     import psutil
 
@@ -253,10 +253,10 @@ def experts_and_cache(work: Path, sizes: list[int]) -> None:
     from pipelines.cache import cache
     from pipelines.train_experts import train_experts
 
-    first = RunConfig(task="superres", root=str(work / f"run-{sizes[0]}"), profile="paper", task_options=OPTIONS)
+    first = RunConfig(task_name="superres", root=str(work / f"run-{sizes[0]}"), profile="paper", task_options=OPTIONS)
     train_experts(first)
     for n in sizes:
-        cfg = RunConfig(task="superres", root=str(work / f"run-{n}"), profile="paper", task_options=OPTIONS)
+        cfg = RunConfig(task_name="superres", root=str(work / f"run-{n}"), profile="paper", task_options=OPTIONS)
         if n != sizes[0]:
             shutil.copytree(first.layout.expert(0).parent, cfg.layout.expert(0).parent, dirs_exist_ok=True)
         cache(cfg)

@@ -128,9 +128,9 @@ class InProcess:
 
         torch.set_num_threads(1)
         self.models = models
-        self.task = models.task_obj()
-        self.gate = build_gate(self.task.gate_spec(), models.gate["width"])
-        self.gate.load_state_dict(models.gate["state_dict"])
+        self.task = models.task()
+        self.gate = build_gate(self.task.gate_spec(), models.gate_bundle["width"])
+        self.gate.load_state_dict(models.gate_bundle["state_dict"])
         self.gate.eval()
         self.experts = []
         for n, state in enumerate(models.expert_states):
@@ -147,12 +147,12 @@ class InProcess:
 
         task = self.task
         served = task.decode_request(body)
-        count = len(served.gate)
+        count = len(served.gate_input)
         assignment = np.empty(count, dtype=np.int64)
         outputs: list = [None] * count
         for start in range(0, count, self.chunk_units):
             units = np.arange(start, min(start + self.chunk_units, count))
-            values = gate_values(self.gate, self.models.gate, task.gate_tensor(served.gate[units]))
+            values = gate_values(self.gate, self.models.gate_bundle, task.gate_tensor(served.gate_input[units]))
             with self.lock:
                 routed = self.controller.route(values)
             assignment[units] = routed
@@ -291,7 +291,7 @@ def bench_task(task: str, root: str, quick: bool) -> dict:
     target = float(models.d.max()) / 3 if task == "superres" else float(models.d.max()) / 2
     bodies = sample_bodies(task)
     n1, n16, n_load = (10, 48, 200) if quick else (40, 200, 2000)
-    out: dict = {"task": task, "gate": {"file": models.run.gate_file, "method": models.gate["method"]},
+    out: dict = {"task": task, "gate": {"file": models.run.gate_file, "method": models.gate_bundle["method"]},
                  "target_cost": target, "inputs": len(bodies), "serve": {}}
     url = None
     for routers in (1, 2):
@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a check, not a measurement)")
     args = parser.parse_args()
 
-    ensure_ray(RunConfig(task="superres", root=args.root))
+    ensure_ray(RunConfig(task_name="superres", root=args.root))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": args.quick, "python": platform.python_version(), "cpus": os.cpu_count(),
               "load_average_before": os.getloadavg(), "tasks": {}}

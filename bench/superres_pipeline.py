@@ -77,7 +77,7 @@ def setup_run(work: Path) -> tuple[RunConfig, dict]:
     from pipelines.prepare import prepare
     from pipelines.train_experts import train_experts
 
-    cfg = RunConfig(task="superres", root=str(work / "smoke"), profile="smoke")
+    cfg = RunConfig(task_name="superres", root=str(work / "smoke"), profile="smoke")
     print(f"\n== part 2 setup: smoke run (prepare, train-experts, cache) in {cfg.root} ==")
     times = {}
     for name, stage in (("prepare", prepare), ("train_experts", train_experts), ("cache", cache)):
@@ -150,7 +150,7 @@ def expert_trial(task, config, data: dict, inputs: dict, experts: list, d) -> di
                 for c, v in evaluate(split, n, idx).items():
                     cols[f"{c}_{n}"][idx] = v
                 losses[idx, n] = cols[f"loss_{n}"][idx]
-        return SplitData(gate=data[split].gate, cache=pd.concat([cache, pd.DataFrame(cols, index=cache.index)], axis=1),
+        return SplitData(gate_inputs=data[split].gate_inputs, cache=pd.concat([cache, pd.DataFrame(cols, index=cache.index)], axis=1),
                          losses=losses, scores=None)
 
     d_t = float(config.d_target)
@@ -161,7 +161,7 @@ def expert_trial(task, config, data: dict, inputs: dict, experts: list, d) -> di
     gate = build_gate(task.gate_spec(), config.width)
     optimizer = torch.optim.Adam(gate.parameters(), lr=config.lr)
     xs, hr_train = inputs[GATE_SPLIT]["x"], inputs[GATE_SPLIT]["hr"]
-    M = len(data[GATE_SPLIT].gate)
+    M = len(data[GATE_SPLIT].gate_inputs)
     batch = min(config.batch_size, M)
 
     def route(split: str) -> np.ndarray:
@@ -202,12 +202,12 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
     from pipelines.sweep import GRIDS, TRIAL_SPLITS, load_split, targets
     from pipelines.train_experts import load_expert
 
-    task = get_task(cfg.task, cfg.profile)
+    task = get_task(cfg.task_name, cfg.profile)
     grid = GRIDS["demo"]
     d = task.data_costs()
     grid_targets = targets(d, grid.points)
     d_t = grid_targets[len(grid_targets) // 2]
-    config = TrialConfig(task=cfg.task, profile=cfg.profile, method="enforce", d_target=d_t,
+    config = TrialConfig(task_name=cfg.task_name, profile=cfg.profile, method="enforce", d_target=d_t,
                          batch_size=grid.batch_sizes[0], lr=grid.lrs[0], width=grid.widths[0], epochs=epochs)
     print(f"\n== part 2: one `enforce` trial, {epochs} epochs, from {cfg.root} (profile {cfg.profile}) ==")
     load = {}
@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
             if not manifest.exists():
                 parser.error(f"--root {args.root}: no {manifest}; run `bmoe demo` (or prepare/train-experts/cache)")
             profile = json.loads(manifest.read_text())["profile"]
-        reuse = RunConfig(task="superres", root=args.root, profile=profile)
+        reuse = RunConfig(task_name="superres", root=args.root, profile=profile)
         if not reuse.layout.cache_stamp().exists():
             parser.error(f"--root {args.root}: no expert cache; run `bmoe cache --root {args.root}` first")
 

@@ -25,7 +25,7 @@ app = typer.Typer(
     "sweep gates with Ray Tune + MLflow, and report rho per method.",
 )
 
-Task = Annotated[str, typer.Option(help="Task: superres (DIV2K), detection (COCO) or action (UCF-101).")]
+Task = Annotated[str, typer.Option("--task", help="Task: superres (DIV2K), detection (COCO) or action (UCF-101).")]
 Root = Annotated[str, typer.Option(help="Run root: shards, checkpoints, caches, Tune state, reports, mlflow.db; "
                                         "a path, or an object-store URI (s3://, gs://, file://).")]
 Profile = Annotated[str, typer.Option(help=f"Sizes and epochs: {'|'.join(PROFILES)} (smoke: seconds, for tests).")]
@@ -46,14 +46,14 @@ def _group() -> None:
     """Biased Mixtures of Experts on Ray."""
 
 
-def _config(task: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None,
+def _config(task_name: str, root: str, profile: str, data_root: str | None, tracking_uri: str | None,
             options: list[str] | None = None, tracking: bool = False, **extra) -> RunConfig:
     """The stage's RunConfig; a bad root (or, for a stage that logs to MLflow, a URI root
     without a tracking server) stops here, before any work, in one line."""
     from tasks import TASKS
 
-    if task not in TASKS:
-        raise typer.BadParameter(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}",
+    if task_name not in TASKS:
+        raise typer.BadParameter(f"unknown task {task_name!r}; available: {', '.join(sorted(TASKS))}",
                                  param_hint="--task")
     parsed = {}
     for item in options or []:
@@ -62,9 +62,9 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--task-option")
         parsed[key.strip()] = value.strip()
     try:
-        cfg = RunConfig(task=task, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
+        cfg = RunConfig(task_name=task_name, root=root, profile=profile, data_root=data_root, tracking_uri=tracking_uri,
                         task_options=parsed, **extra)
-        cfg.task_obj()  # bad task options fail here, as one line
+        cfg.task()  # bad task options fail here, as one line
         if tracking:
             cfg.mlflow_uri  # noqa: B018  a URI root needs --tracking-uri
         root = cfg.layout.root
@@ -73,10 +73,10 @@ def _config(task: str, root: str, profile: str, data_root: str | None, tracking_
                 root.filesystem  # noqa: B018  unknown scheme, bad bucket, no credentials
             except ValueError as err:
                 raise UserError(f"--root {err}") from None
-        labels = label_options(task, profile, data_root, str(root))  # the data's label set; -o wins
+        labels = label_options(task_name, profile, data_root, str(root))  # the data's label set; -o wins
         if labels:
             cfg = replace(cfg, task_options={**labels, **parsed})
-            cfg.task_obj()
+            cfg.task()
         return cfg
     except ValueError as err:  # a bad flag value: one line, no traceback
         raise typer.BadParameter(str(err)) from None
@@ -98,7 +98,7 @@ def _run(stage: Callable, *args, **kwargs):
 
 
 @app.command()
-def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+def prepare(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
             data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
             strict: Annotated[bool, typer.Option(help="Fail on the first bad input file instead of counting it.")] = False,
             shard_file_mb: Annotated[float, typer.Option(help="Close a shard file once it holds this many MB "
@@ -113,11 +113,11 @@ def prepare(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile 
         sizes = ShardSizes(file_mb=shard_file_mb, row_group_mb=row_group_mb)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, strict=strict, seed=seed), sizes)
+    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, strict=strict, seed=seed), sizes)
 
 
 @app.command("train-experts")
-def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+def train_experts(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
                   data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
                   seed: Seed = 0, num_workers: Workers = 1, gpu: Gpu = False,
                   concurrent_fits: Annotated[int, typer.Option(
@@ -127,12 +127,12 @@ def train_experts(task: Task = "superres", root: Root = "bmoe-runs", profile: Pr
     """Stage 2: one Ray Train TorchTrainer run per expert; checkpoints and MLflow runs."""
     from pipelines.train_experts import train_experts as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True,
+    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, tracking=True,
                         num_workers=num_workers, use_gpu=gpu, concurrent_fits=concurrent_fits, seed=seed))
 
 
 @app.command()
-def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+def cache(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
           gpu: Gpu = False,
           actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: one per GPU with --gpu, "
@@ -140,11 +140,11 @@ def cache(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, use_gpu=gpu, seed=seed), actors=actors)
+    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, use_gpu=gpu, seed=seed), actors=actors)
 
 
 @app.command()
-def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+def sweep(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
           methods: Annotated[Optional[str], typer.Option(help="Comma-separated subset of methods.")] = None,
           name: Annotated[Optional[str], typer.Option(help="Sweep name (default: a hash of grid and cache).")] = None,
@@ -165,7 +165,7 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
     from pipelines.sweep import GRIDS, sweep as stage, with_methods
 
-    cfg = _config(task, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
+    cfg = _config(task_name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)
     overrides = {"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
                  "max_concurrent": max_concurrent_trials, "search": search, "num_samples": num_samples,
@@ -178,17 +178,17 @@ def sweep(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = 
 
 
 @app.command()
-def report(task: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
+def report(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
            data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
            sweep_file: Annotated[Optional[str], typer.Option(help="Sweep results JSON (default: latest).")] = None):
     """Stage 5: tables, plots and summary.json under <root>/reports/<task>/, logged to MLflow."""
     from pipelines.report import report as stage
 
-    _run(stage, _config(task, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed), sweep_file)
+    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed), sweep_file)
 
 
 @app.command()
-def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: TrackingUri = None,
+def compare(task_name: Task = "superres", root: Root = "bmoe-runs", tracking_uri: TrackingUri = None,
             sweep: Annotated[Optional[list[str]], typer.Option(help="Only these sweeps (repeatable).")] = None,
             d_target: Annotated[Optional[float], typer.Option(
                 help="Bytes: show each trained method only at its target nearest to this.")] = None,
@@ -205,7 +205,7 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
 
     if output not in ("table", "csv", "json"):
         raise typer.BadParameter(f"--format {output!r}: choose table, csv or json")
-    cfg = _config(task, root, "demo", None, tracking_uri, tracking=True)
+    cfg = _config(task_name, root, "demo", None, tracking_uri, tracking=True)
     points = _run(side_by_side, cfg, sweep)
     if output == "csv":
         typer.echo(as_csv(points), nl=False)
@@ -219,7 +219,7 @@ def compare(task: Task = "superres", root: Root = "bmoe-runs", tracking_uri: Tra
 
 
 @app.command()
-def serve(task: Task = "superres", root: Root = "bmoe-runs",
+def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
           target_cost: Annotated[Optional[float], typer.Option(
               help="Budget d_t in bytes per routing unit (default d_max/2); requests may override it with "
                    "the X-BMoE-Target-Cost header or ?target_cost=.")] = None,
@@ -244,21 +244,21 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
     from serving.settings import ServeSettings
 
     try:
-        settings = ServeSettings.from_args({"task": task, "root": root, "target_cost": target_cost, "bias": bias,
+        settings = ServeSettings.from_args({"task": task_name, "root": root, "target_cost": target_cost, "bias": bias,
                                             "gate_file": gate_file, "expert_uris": expert_uri or None,
                                             "tracking_uri": tracking_uri})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     # Everything loaded once here, to fail fast in one line; the replicas then load their own parts.
-    models = _run(load_run, root, task, gate_file, target_cost, settings.expert_uris, tracking_uri)
+    models = _run(load_run, root, task_name, gate_file, target_cost, settings.expert_uris, tracking_uri)
     if models.gate_target is not None and target_cost is None and bias is None:
         settings = replace(settings, target_cost=models.gate_target)
     served = models.run
     del models
     try:
         budget_target(settings, served.costs)
-        ensure_ray(RunConfig(task=task, root=root))
-        typer.echo(f"serving {task} on http://{host}:{port}/{task}/predict (stats: /{task}/stats)")
+        ensure_ray(RunConfig(task_name=task_name, root=root))
+        typer.echo(f"serving {task_name} on http://{host}:{port}/{task_name}/predict (stats: /{task_name}/stats)")
         _run(serve_app, settings, host=host, port=port, blocking=True, served=served)
     except ValueError as err:  # a budget outside the feasible range, a bad bias
         typer.echo(f"error: {err}", err=True)
@@ -266,14 +266,14 @@ def serve(task: Task = "superres", root: Root = "bmoe-runs",
 
 
 @app.command()
-def demo(task: Annotated[Optional[str], typer.Option(help="Run one task only; default: every task.")] = None,
+def demo(task_name: Annotated[Optional[str], typer.Option("--task", help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
          tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0):
     """Run every stage of every task on the embedded default data and print what ran."""
     from pipelines.demo import run_demo
     from tasks import TASKS
 
-    names = [task] if task else list(TASKS)
+    names = [task_name] if task_name else list(TASKS)
     configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
                for name in names]
     _run(run_demo, configs)

@@ -31,7 +31,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     import ray.data
 
     manifest = require_manifest(cfg)
-    task = cfg.task_obj()
+    task = cfg.task()
     layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
     key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER}
@@ -52,7 +52,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
         paths = [str(f) for split in SPLITS for f in shard_files(layout, manifest, split, f"p{n}")]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
-            fn_constructor_kwargs={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
+            fn_constructor_kwargs={"task_name": cfg.task_name, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                                    "weights": str(layout.weights(n)), "use_gpu": cfg.use_gpu},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             batch_size=batch_size,
@@ -79,8 +79,8 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
 class _ExpertScorer:
     """Actor: holds one frozen expert and scores batches of its P_n shard."""
 
-    def __init__(self, task: str, profile: str, options: dict, n: int, weights: str, use_gpu: bool):
-        self.task = get_task(task, profile, options)
+    def __init__(self, task_name: str, profile: str, options: dict, n: int, weights: str, use_gpu: bool):
+        self.task = get_task(task_name, profile, options)
         self.n = n
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_expert(self.task, n, weights, self.device)  # read from the root on this node
@@ -96,6 +96,6 @@ def _expert_fingerprints(cfg: RunConfig, task) -> list[str]:
     for n in range(len(task.expert_names())):
         meta = read_json(cfg.layout.expert_meta(n))
         if meta is None:
-            raise UserError(f"expert {n} of task {cfg.task} is not trained: run `bmoe train-experts` first")
+            raise UserError(f"expert {n} of task {cfg.task_name} is not trained: run `bmoe train-experts` first")
         prints.append(meta["fingerprint"])
     return prints

@@ -69,7 +69,7 @@ def _sweep_parents(cfg: RunConfig, sweeps: list[str] | None):
     if sweeps:
         parents = [p for p in parents if p.info.run_name in sweeps]
     if not parents:
-        raise UserError(f"no sweeps of task {cfg.task} in MLflow at {cfg.mlflow_uri}: run `bmoe sweep` first")
+        raise UserError(f"no sweeps of task {cfg.task_name} in MLflow at {cfg.mlflow_uri}: run `bmoe sweep` first")
     return client, experiment_id, parents
 
 
@@ -220,7 +220,7 @@ def registered(cfg: RunConfig) -> list[RegisteredVersion]:
 
     ensure_mlflow(cfg)
     client = mlflow.MlflowClient()
-    names = [gate_model(cfg.task)] + [expert_model(cfg.task, n) for n in range(len(cfg.task_obj().expert_names()))]
+    names = [gate_model(cfg.task_name)] + [expert_model(cfg.task_name, n) for n in range(len(cfg.task().expert_names()))]
     out = []
     for name in names:
         versions = client.search_model_versions(f"name = '{name}'")

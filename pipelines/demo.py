@@ -18,15 +18,15 @@ def run_demo(configs: list[RunConfig]) -> dict[str, dict]:
 
     summaries = {}
     for cfg in configs:
-        print(f"== bmoe demo: task {cfg.task}, profile {cfg.profile}, root {cfg.root} ==")
+        print(f"== bmoe demo: task {cfg.task_name}, profile {cfg.profile}, root {cfg.root} ==")
         started = time.perf_counter()
         for name, stage in (("prepare", prepare), ("train-experts", train_experts), ("cache", cache),
                             ("sweep", sweep), ("report", report)):
             t0 = time.perf_counter()
             result = stage(cfg)
             print(f"-- {name} done in {time.perf_counter() - t0:.1f}s")
-        summaries[cfg.task] = json.loads(result.read_text())
-        print(f"== {cfg.task}: all stages in {time.perf_counter() - started:.0f}s; report in "
+        summaries[cfg.task_name] = json.loads(result.read_text())
+        print(f"== {cfg.task_name}: all stages in {time.perf_counter() - started:.0f}s; report in "
               f"{cfg.layout.reports() / 'report.md'}")
     print(summary_table(summaries))
     return summaries

@@ -51,7 +51,7 @@ class SplitData:
     """What a trial needs of one split: its gate inputs (streamed, as stored) and the cached
     per-expert columns (small: a few numbers per sample)."""
 
-    gate: GateInputs  # (M, ...) stored gate inputs, read in batches
+    gate_inputs: GateInputs  # (M, ...) the stored "gate" column, read in batches
     cache: pd.DataFrame  # one row per sample, in the gate stream's order
     losses: np.ndarray  # (M, N) per-sample expert losses
     scores: np.ndarray  # (M, N) per-sample additive scores
@@ -67,7 +67,7 @@ def load_split(cache_file: AnyPath, gate_files: list[AnyPath], n_experts: int, f
     if len(ids) != len(cache) or not np.array_equal(ids.astype(str), cache["sample_id"].to_numpy().astype(str)):
         raise CacheMismatch(f"the expert cache {cache_file} does not list the samples of the gate shards "
                             f"({len(cache)} vs {len(ids)} rows, or another order): rerun `bmoe cache`")
-    return SplitData(gate=gate, cache=cache, losses=_matrix(cache, "loss", n_experts),
+    return SplitData(gate_inputs=gate, cache=cache, losses=_matrix(cache, "loss", n_experts),
                      scores=_matrix(cache, "score", n_experts))
 
 
@@ -94,7 +94,7 @@ def gate_logits(task, gate, split: SplitData, device: torch.device) -> torch.Ten
     gate.eval()
     out = []
     with torch.no_grad():
-        for _, x in split.gate.batches(EVAL_BATCH):
+        for _, x in split.gate_inputs.batches(EVAL_BATCH):
             out.append(gate(to_device(task, x, device)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, split.losses.shape[1]))
 
@@ -102,7 +102,7 @@ def gate_logits(task, gate, split: SplitData, device: torch.device) -> torch.Ten
 def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
     """(M,) the task's hand-made difficulty, batch by batch; None when it has none."""
     parts = []
-    for _, x in split.gate.batches(EVAL_BATCH):
+    for _, x in split.gate_inputs.batches(EVAL_BATCH):
         value = task.heuristic(x)
         if value is None:
             return None
@@ -119,7 +119,7 @@ def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, devi
         from ray import tune
 
         report = tune.report
-    task = get_task(config.task, config.profile, config.options)
+    task = get_task(config.task_name, config.profile, config.options)
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])
     if config.method in STATIC:
@@ -223,8 +223,8 @@ def augment(task, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _batches(split: SplitData, batch: int, gen: torch.Generator):
     """One epoch's training batches, shuffled; full batches only: quotas need M * b_n inputs."""
-    buffer_rows = max(batch, int(SHUFFLE_BUFFER_MB * (1 << 20) / max(split.gate.row_bytes, 1)))
-    yield from split.gate.batches(batch, gen=gen, buffer_rows=buffer_rows, drop_last=True)
+    buffer_rows = max(batch, int(SHUFFLE_BUFFER_MB * (1 << 20) / max(split.gate_inputs.row_bytes, 1)))
+    yield from split.gate_inputs.batches(batch, gen=gen, buffer_rows=buffer_rows, drop_last=True)
 
 
 def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
@@ -337,7 +337,7 @@ def gate_bundle(gate: Gate, config: TrialConfig, **extra) -> dict:
     """A trained gate as plain values and tensors (torch.load(weights_only=True) reads it back):
     what serving needs to rebuild it and its task. extra: score_mean/score_std (lagrange: the
     gate predicts standardised scores), d_target and bias (soft/enforce)."""
-    return {"task": config.task, "profile": config.profile, "options": dict(config.options),
+    return {"task": config.task_name, "profile": config.profile, "options": dict(config.options),
             "method": config.method, "width": float(config.width),
             "state_dict": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}, **extra}
 

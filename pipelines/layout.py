@@ -30,18 +30,18 @@ class RunLayout:
     """The paths of one task's run under one root."""
 
     root: AnyPath
-    task: str
+    task_name: str
 
     @classmethod
-    def of(cls, root: str | AnyPath, task: str) -> "RunLayout":
-        return cls(as_path(root), task)
+    def of(cls, root: str | AnyPath, task_name: str) -> "RunLayout":
+        return cls(as_path(root), task_name)
 
     @property
     def is_remote(self) -> bool:
         return isinstance(self.root, StoragePath)
 
     def _under(self, kind: str) -> AnyPath:
-        return self.root / kind / self.task
+        return self.root / kind / self.task_name
 
     # -- prepare -------------------------------------------------------------------------------
     def raw(self) -> AnyPath:
@@ -95,7 +95,7 @@ class RunLayout:
     def latest_sweep(self) -> AnyPath:
         return self.sweeps() / "latest.json"
 
-    def gate(self, sweep: str, trial_id: str) -> AnyPath:
+    def gate_bundle(self, sweep: str, trial_id: str) -> AnyPath:
         return self.sweeps() / plain_name(sweep) / "gates" / f"{plain_name(trial_id)}.pt"
 
     def assignment(self, sweep: str, trial_id: str) -> AnyPath:
@@ -121,7 +121,7 @@ class RunLayout:
     def resolve(self, recorded: str) -> AnyPath:
         """A recorded path back under this root (an absolute one from older runs: its tail)."""
         if "://" in recorded or recorded.startswith("/"):
-            marker = f"/sweeps/{self.task}/"
+            marker = f"/sweeps/{self.task_name}/"
             tail = recorded.split(marker, 1)[1] if marker in recorded else recorded.rsplit("/", 1)[-1]
             return self.sweeps() / tail
         parts = recorded.split("/")

@@ -59,7 +59,7 @@ class TrialConfig:
     """One sweep trial. d_target for a per-target method, targets for one that covers them all;
     batch_size, lr, width (and w_bias, soft's alone) for a method that trains a gate."""
 
-    task: str
+    task_name: str
     profile: str
     method: str
     options: dict = field(default_factory=dict)
@@ -86,9 +86,10 @@ class TrialConfig:
         return method(self.method)
 
     def as_tune(self) -> dict:
-        """Tune's plain dict (JSON-able): the fields a trial has, none that are unset; w_bias for
-        the per-target gates (0 for enforce: both carry the same keys in records and MLflow)."""
-        out = {k: v for k, v in asdict(self).items() if v is not None}
+        """Tune's plain dict (JSON-able): the fields a trial has, none that are unset, under the
+        keys sweep records have always used ("task" for task_name); w_bias for the per-target
+        gates (0 for enforce: both carry the same keys in records and MLflow)."""
+        out = {("task" if k == "task_name" else k): v for k, v in asdict(self).items() if v is not None}
         if not (self.spec.trains_gate and self.spec.per_target):
             out.pop("w_bias")
         if "targets" in out:
@@ -99,7 +100,8 @@ class TrialConfig:
     def from_tune(cls, config: dict) -> "TrialConfig":
         """From Tune's dict, or a sweep record's; keys that are not fields (Tune's own) are dropped."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in config.items() if k in known}
+        values = {("task_name" if k == "task" else k): v for k, v in config.items()}
+        values = {k: v for k, v in values.items() if k in known}
         if values.get("targets") is not None:
             values["targets"] = tuple(float(t) for t in values["targets"])
         values["options"] = dict(values.get("options") or {})

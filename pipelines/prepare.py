@@ -31,7 +31,7 @@ TASKS_PER_CPU = 4  # write tasks per cluster CPU: enough to balance uneven sourc
 def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     """Write the shards of every split; returns the manifest. `sizes`: target file and row-group
     sizes of the shards."""
-    task = cfg.task_obj()
+    task = cfg.task()
     layout = cfg.layout
     data_root = _data_root(cfg, task)
     try:
@@ -69,7 +69,7 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         "experts": task.expert_names(),
         "data_costs": [float(c) for c in task.data_costs()],
         # the label set the data root defined (pipelines.runtime.label_options), for later stages
-        "label_options": {k: cfg.task_options[k] for k in label_options(cfg.task, cfg.profile, cfg.data_root)
+        "label_options": {k: cfg.task_options[k] for k in label_options(cfg.task_name, cfg.profile, cfg.data_root)
                           if cfg.data_root and k in cfg.task_options},
         "splits": {},
     }
@@ -117,7 +117,7 @@ def read_manifest(cfg: RunConfig) -> dict | None:
 def require_manifest(cfg: RunConfig) -> dict:
     manifest = read_manifest(cfg)
     if manifest is None:
-        raise UserError(f"no prepared data for task {cfg.task} under {cfg.root}: run `bmoe prepare` first")
+        raise UserError(f"no prepared data for task {cfg.task_name} under {cfg.root}: run `bmoe prepare` first")
     return manifest
 
 

@@ -49,7 +49,7 @@ def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
     best = sorted((a for a in summary["registered"] if a.startswith("best-d")), key=lambda a: int(a[len("best-d"):]))
     if best:
         print(f"  registered the best gate per method and target as {len(summary['registered'])} aliases of "
-              f"bmoe-{cfg.task}-gate (best-d<bytes>, best-<method>-d<bytes>, best-lagrange); e.g. "
+              f"bmoe-{cfg.task_name}-gate (best-d<bytes>, best-<method>-d<bytes>, best-lagrange); e.g. "
               f"bmoe serve --gate {summary['registered'][best[len(best) // 2]]}")
     return layout.reports() / "summary.json"
 
@@ -59,7 +59,7 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    task = cfg.task_obj()
+    task = cfg.task()
     d = task.data_costs()
     d_min, d_max = float(d.min()), float(d.max())
     test = load_split(cfg, task, "test")
@@ -138,7 +138,7 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
         if r.data.tags.get("bmoe.gate_file")}
     candidates = [c for c in candidates if c[2].get("gate_file") in runs]
     best_at = best_on_validation(candidates, key=lambda c: c[1], val=lambda c: c[3])
-    client, name, registered = mlflow.MlflowClient(), gate_model(cfg.task), {}
+    client, name, registered = mlflow.MlflowClient(), gate_model(cfg.task_name), {}
     for candidate in candidates:
         method, d_t, trial, figure = candidate
         for_all = method in ALL_TARGET_GATES
@@ -172,7 +172,7 @@ def _load_sweep(cfg: RunConfig, sweep_file: str | None) -> dict:
     if sweep_file is None:
         latest = read_json(cfg.layout.latest_sweep())
         if latest is None:
-            raise UserError(f"no sweep of task {cfg.task} under {cfg.root}: run `bmoe sweep` first")
+            raise UserError(f"no sweep of task {cfg.task_name} under {cfg.root}: run `bmoe sweep` first")
         path = cfg.layout.resolve(latest["file"])
     else:
         path = as_path(sweep_file)

@@ -20,7 +20,7 @@ class UserError(Exception):
 class RunConfig:
     """Options shared by every stage (the CLI's common flags)."""
 
-    task: str = "superres"
+    task_name: str = "superres"  # the task's registry name; task() makes the task itself
     root: str = "bmoe-runs"  # a local folder or an object-store URI (s3://bucket/runs)
     profile: str = "demo"
     data_root: str | None = None  # None: the task's embedded default data
@@ -32,11 +32,11 @@ class RunConfig:
     seed: int = 0
     task_options: dict = field(default_factory=dict)  # overrides of the task's settings
 
-    def task_obj(self):
+    def task(self):
         """The configured task (pickled to Ray workers as its name, profile and options)."""
         from tasks import get_task
 
-        return get_task(self.task, self.profile, self.task_options)
+        return get_task(self.task_name, self.profile, self.task_options)
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -48,7 +48,7 @@ class RunConfig:
         from pipelines.layout import RunLayout
 
         try:
-            return RunLayout.of(self.root, self.task)
+            return RunLayout.of(self.root, self.task_name)
         except ValueError as err:  # a URI pyarrow cannot resolve: one line
             raise UserError(f"--root {err}") from None
 
@@ -62,7 +62,7 @@ class RunConfig:
         return f"sqlite:///{self.layout.mlflow_db()}"
 
     def as_params(self) -> dict:
-        params = {k: v for k, v in asdict(self).items() if k != "task_options"}
+        params = {("task" if k == "task_name" else k): v for k, v in asdict(self).items() if k != "task_options"}
         return {**params, **{f"task.{k}": v for k, v in self.task_options.items()}}
 
 
@@ -83,7 +83,7 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 
-def label_options(task: str, profile: str, data_root: str | None, root: str | None = None) -> dict[str, str]:
+def label_options(task_name: str, profile: str, data_root: str | None, root: str | None = None) -> dict[str, str]:
     """The label set the data defines, as task options: from the data root when one is given
     (the task's label_options hook: classInd.txt, the COCO JSON's categories), else from the
     manifest of the prepare that had one (later stages run without --data-root), else none: the
@@ -94,13 +94,13 @@ def label_options(task: str, profile: str, data_root: str | None, root: str | No
 
     if data_root:
         try:
-            return get_task(task, profile).label_options(as_path(data_root))
+            return get_task(task_name, profile).label_options(as_path(data_root))
         except (BadInput, ValueError, OSError):
             return {}
     if root is None:
         return {}
     try:
-        manifest = read_json(RunConfig(task=task, root=root, profile=profile).layout.manifest())
+        manifest = read_json(RunConfig(task_name=task_name, root=root, profile=profile).layout.manifest())
     except (UserError, ValueError, OSError):
         return {}
     return dict((manifest or {}).get("label_options") or {})
@@ -136,7 +136,7 @@ def ensure_mlflow(cfg: RunConfig, experiment: str | None = None) -> str:
     import mlflow
 
     quiet_environment()
-    name = experiment or f"bmoe-{cfg.task}"
+    name = experiment or f"bmoe-{cfg.task_name}"
     mlflow.set_tracking_uri(cfg.mlflow_uri)
     if cfg.tracking_uri is None:
         # the default database's artifacts stay under the (local) root too (MLflow's default is ./mlruns)

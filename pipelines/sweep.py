@@ -107,7 +107,7 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialC
             spec = METHODS[name]
         except KeyError:
             raise UserError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
-        base = {"task": cfg.task, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
+        base = {"task_name": cfg.task_name, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
                 "epochs": grid.epochs, "method": name}
         where = [{"d_target": d_t} for d_t in ts] if spec.per_target else [{"targets": ts}]
         if not spec.trains_gate:
@@ -179,7 +179,7 @@ def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -
     """One split's cache and (streamed) gate inputs, lined up (report, bench)."""
     manifest = manifest or require_manifest(cfg)
     if not cfg.layout.cache(split).exists():
-        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+        raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
     where = split_inputs(cfg.layout, manifest, (split,))[split]
     try:
         return gate_trial.load_split(where["cache_file"], where["gate_files"], len(task.expert_names()))
@@ -198,7 +198,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         except ValueError as err:
             raise UserError(f"--name: {err}") from None
     manifest = require_manifest(cfg)
-    task = cfg.task_obj()
+    task = cfg.task()
     layout = cfg.layout
     grid = replace(grid or GRIDS[cfg.profile], seed=cfg.seed)  # the run's seed is the sweep's
     d = task.data_costs()
@@ -206,7 +206,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
     cache_key = read_json(layout.cache_stamp())
     if cache_key is None:
-        raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+        raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
     key = hashlib.sha256(json.dumps({"grid": _identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
                                     sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"sweep-{key}"
@@ -222,14 +222,14 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     parent = _parent_run(name, experiment_id, grid, cfg)
     for split in SPLITS:
         if not layout.cache(split).exists():
-            raise UserError(f"no expert cache for task {cfg.task} under {cfg.root}: run `bmoe cache` first")
+            raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
     # Trials read their splits themselves, streamed from the root on their own node: only paths travel.
     inputs = split_inputs(layout, manifest)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name),
         grid.trial_resources())
     path = layout.tune_experiment(name)
-    callbacks = [_ResumableMLflowLogger(layout, tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task}",
+    callbacks = [_ResumableMLflowLogger(layout, tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task_name}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
     run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
@@ -266,7 +266,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         "gate_file": metrics.get("gate_file"),
                         "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
                         "device": metrics.get("device")})
-    summary = {"name": name, "task": cfg.task, "profile": cfg.profile, "grid": asdict(grid),
+    summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
                "seconds": round(time.perf_counter() - started, 1), "complete": True,
                "stopped_early": sum(bool(r.get("stopped_early")) for r in records), "trials": records}
@@ -424,7 +424,7 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     gate = result.pop("gate", None)
     trial_id = tune.get_context().get_trial_id()
     if gate is not None:  # the trained gate, for serving (serving/loading.py)
-        final["gate_file"] = layout.relative(save_gate(gate, layout.gate(sweep_name, trial_id)))
+        final["gate_file"] = layout.relative(save_gate(gate, layout.gate_bundle(sweep_name, trial_id)))
     if assignment is not None:
         final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
     final.update({k: result[k] for k in ("val_performance", "val_objective") if k in result})

@@ -42,7 +42,7 @@ def train_experts(cfg: RunConfig) -> list[dict]:
     import ray
 
     manifest = require_manifest(cfg)
-    task = cfg.task_obj()
+    task = cfg.task()
     summaries: dict[int, dict] = {}
     todo = []
     for n, name in enumerate(task.expert_names()):
@@ -109,7 +109,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
-    task = cfg.task_obj()
+    task = cfg.task()
 
     manifest = require_manifest(cfg)
 
@@ -120,14 +120,14 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"task": cfg.task, "profile": cfg.profile, "options": cfg.task_options, "n": n,
+        train_loop_config={"task": cfg.task_name, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                            "seed": cfg.seed},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
             "train": read("train").randomize_block_order(),  # rows are stored image by image: mix the files
             "val": read("val"),
         },
-        run_config=TrainRunConfig(name=f"{cfg.task}-expert-{n}-{fingerprint[:8]}",
+        run_config=TrainRunConfig(name=f"{cfg.task_name}-expert-{n}-{fingerprint[:8]}",
                                   storage_path=cfg.layout.train_storage(),
                                   failure_config=FailureConfig(max_failures=MAX_FAILURES),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),

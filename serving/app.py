@@ -50,9 +50,9 @@ def build(settings: ServeSettings, run: ServedRun | None = None) -> Application:
     experts = []
     for n, name in enumerate(run.expert_names):
         scaling = settings.scaling(n)
-        deployment = Expert.options(**scaling.deployment_options(f"{run.task}-expert-{n}-{name}"))
+        deployment = Expert.options(**scaling.deployment_options(f"{run.task_name}-expert-{n}-{name}"))
         experts.append(deployment.bind(run, n, scaling.max_batch_size, scaling.batch_wait_timeout_s))
-    router = Router.options(**settings.router.deployment_options(f"{run.task}-router"))
+    router = Router.options(**settings.router.deployment_options(f"{run.task_name}-router"))
     return router.bind(run, settings, target, experts)
 
 

@@ -28,7 +28,7 @@ class Expert:
     def __init__(self, run: ServedRun, n: int, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
                  threads: int = 1):
         torch.set_num_threads(threads)  # replicas share the node's cores
-        self.task = run.task_obj()
+        self.task = run.task()
         self.n = n
         self.name = run.expert_names[n]
         # A GPU only when Ray gave the replica one (ray_actor_options num_gpus > 0).

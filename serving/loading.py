@@ -30,7 +30,7 @@ from storage import AnyPath, as_path, load_torch, read_json
 class ServedRun:
     """A served mixture by reference (picklable, a few hundred bytes)."""
 
-    task: str
+    task_name: str
     profile: str
     options: dict
     root: str
@@ -46,10 +46,10 @@ class ServedRun:
     def costs(self) -> np.ndarray:
         return np.asarray(self.d, dtype=np.float64)
 
-    def task_obj(self):
+    def task(self):
         from tasks import get_task
 
-        return get_task(self.task, self.profile, self.options)
+        return get_task(self.task_name, self.profile, self.options)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ServedModels:
 
     run: ServedRun
     expert_states: list[dict]  # state_dict of each frozen expert
-    gate: dict  # the gate bundle (pipelines.gate_trial.gate_bundle), state_dict included
+    gate_bundle: dict  # pipelines.gate_trial.gate_bundle: the gate's task, method, width, state_dict
     val_values: np.ndarray  # (M, N) gate values on the validation gate inputs
 
     @property
@@ -69,8 +69,8 @@ class ServedModels:
     def gate_target(self) -> float | None:
         return self.run.gate_target
 
-    def task_obj(self):
-        return self.run.task_obj()
+    def task(self):
+        return self.run.task()
 
 
 def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
@@ -80,8 +80,8 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
     latest = read_json(layout.latest_sweep())
     sweep = read_json(layout.resolve(latest["file"])) if latest else None
     if sweep is None:
-        raise UserError(f"no sweep for task {layout.task} under {layout.root}: "
-                        f"run `bmoe sweep --task {layout.task}` first")
+        raise UserError(f"no sweep for task {layout.task_name} under {layout.root}: "
+                        f"run `bmoe sweep --task {layout.task_name}` first")
     trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE]
     if not trials:
         raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE)}): "
@@ -108,7 +108,7 @@ def gate_values(gate, bundle: dict, x) -> np.ndarray:
     return torch.log_softmax(out.double(), dim=1).numpy()
 
 
-def resolve_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
+def resolve_run(root: str, task_name: str, gate_file: str | None = None, target: float | None = None,
                 expert_uris: list[str] | tuple[str, ...] | None = None,
                 tracking_uri: str | None = None) -> ServedRun:
     """Find and check every part of a run; UserError names what is missing. Reads the gate file
@@ -118,8 +118,8 @@ def resolve_run(root: str, task: str, gate_file: str | None = None, target: floa
     expert_uris: registry or run URIs (models:/bmoe-<task>-expert-<n>/3, runs:/<id>/expert) to
     serve instead of the checkpoints under the root, one per expert, in expert order.
     """
-    layout = RunConfig(task=task, root=str(root)).layout
-    tracking = tracking_uri or RunConfig(task=task, root=str(root)).mlflow_uri
+    layout = RunConfig(task_name=task_name, root=str(root)).layout
+    tracking = tracking_uri or RunConfig(task_name=task_name, root=str(root)).mlflow_uri
     gate_target = None
     if registry.is_model_uri(gate_file):
         location = gate_file
@@ -130,16 +130,16 @@ def resolve_run(root: str, task: str, gate_file: str | None = None, target: floa
             raise UserError(f"gate file {path} not found")
         location = str(path)
     bundle = _read_gate(location, tracking)[1]
-    if bundle["task"] != task:
-        raise UserError(f"gate file {location} is for task {bundle['task']}, not {task}")
+    if bundle["task"] != task_name:
+        raise UserError(f"gate file {location} is for task {bundle['task']}, not {task_name}")
     if bundle["method"] not in SERVABLE:
         raise UserError(f"gate file {location} holds a {bundle['method']} gate; "
                         f"servable: {', '.join(SERVABLE)}")
-    task_obj = RunConfig(task=task, root=str(root), profile=bundle["profile"], task_options=bundle["options"]).task_obj()
-    names = task_obj.expert_names()
+    task = RunConfig(task_name=task_name, root=str(root), profile=bundle["profile"], task_options=bundle["options"]).task()
+    names = task.expert_names()
     if expert_uris:
         if len(expert_uris) != len(names):
-            raise UserError(f"{len(expert_uris)} expert model URI(s) given; task {task} has {len(names)} experts "
+            raise UserError(f"{len(expert_uris)} expert model URI(s) given; task {task_name} has {len(names)} experts "
                             f"({', '.join(names)})")
         sources = tuple(str(u) for u in expert_uris)
     else:
@@ -147,15 +147,15 @@ def resolve_run(root: str, task: str, gate_file: str | None = None, target: floa
         for n, name in enumerate(names):
             weights = layout.weights(n)
             if not weights.exists():
-                raise UserError(f"expert {n} ({name}) of task {task} has no checkpoint {weights}: "
+                raise UserError(f"expert {n} ({name}) of task {task_name} has no checkpoint {weights}: "
                                 "run `bmoe train-experts` first")
             sources.append(str(weights))
         sources = tuple(sources)
     if read_json(layout.manifest()) is None:
-        raise UserError(f"no prepared data for task {task} under {layout.root}: run `bmoe prepare` first")
-    return ServedRun(task=task, profile=bundle["profile"], options=dict(bundle["options"]), root=str(root),
+        raise UserError(f"no prepared data for task {task_name} under {layout.root}: run `bmoe prepare` first")
+    return ServedRun(task_name=task_name, profile=bundle["profile"], options=dict(bundle["options"]), root=str(root),
                      tracking_uri=tracking, expert_names=tuple(names),
-                     d=tuple(float(x) for x in task_obj.data_costs()), gate_file=location,
+                     d=tuple(float(x) for x in task.data_costs()), gate_file=location,
                      gate_method=bundle["method"], expert_sources=sources, gate_target=gate_target)
 
 
@@ -165,8 +165,8 @@ def load_gate(run: ServedRun) -> tuple:
     from pipelines.gate_trial import EVAL_BATCH
 
     gate, bundle = _read_gate(run.gate_file, run.tracking_uri)
-    task = run.task_obj()
-    layout = RunConfig(task=run.task, root=run.root).layout
+    task = run.task()
+    layout = RunConfig(task_name=run.task_name, root=run.root).layout
     val_gate = GateInputs(shard_files(layout, read_json(layout.manifest()), "val", "gate"))
     values = np.concatenate([gate_values(gate, bundle, task.gate_tensor(x)) for _, x in val_gate.batches(EVAL_BATCH)])
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
@@ -181,20 +181,20 @@ def load_expert(run: ServedRun, n: int) -> dict:
     state = registry.load_weights(source, run.tracking_uri, what) if registry.is_model_uri(source) \
         else load_torch(as_path(source))
     try:
-        run.task_obj().build_expert(n).load_state_dict(state)
+        run.task().build_expert(n).load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"model {source} is not {what} of task {run.task}: its weights do not fit") from None
+        raise UserError(f"model {source} is not {what} of task {run.task_name}: its weights do not fit") from None
     return state
 
 
-def load_run(root: str, task: str, gate_file: str | None = None, target: float | None = None,
+def load_run(root: str, task_name: str, gate_file: str | None = None, target: float | None = None,
              expert_uris: list[str] | tuple[str, ...] | None = None, tracking_uri: str | None = None) -> ServedModels:
     """resolve_run, then every part loaded here: what the CLI checks before it deploys, and what
     benchmarks run in one process."""
-    run = resolve_run(root, task, gate_file, target, expert_uris, tracking_uri)
+    run = resolve_run(root, task_name, gate_file, target, expert_uris, tracking_uri)
     _, bundle, values = load_gate(run)
     return ServedModels(run=run, expert_states=[load_expert(run, n) for n in range(len(run.expert_names))],
-                        gate=bundle, val_values=values)
+                        gate_bundle=bundle, val_values=values)
 
 
 def _read_gate(location: str, tracking_uri: str) -> tuple:

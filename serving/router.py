@@ -63,11 +63,11 @@ class Router:
         torch.set_num_threads(1)  # the pool's threads share the node's cores
         self.run = run
         self.settings = settings
-        self.task = run.task_obj()
+        self.task = run.task()
         self.names = list(run.expert_names)
         self.d = run.costs
         self.experts = experts
-        self.gate, self.bundle, self.val_values = load_gate(run)  # this replica's own copy
+        self.gate, self.gate_bundle, self.val_values = load_gate(run)  # this replica's own copy
         self.pool = ThreadPoolExecutor(settings.router_threads, thread_name_prefix="router")
         self.lock = threading.Lock()  # controllers and counters: the pool's threads update them
         self.target = float(target)
@@ -96,7 +96,7 @@ class Router:
         if prefix and path.startswith(prefix):
             path = path[len(prefix):]
         path = "/" + path.strip("/")
-        base = f"/{self.run.task}"
+        base = f"/{self.run.task_name}"
         if not path.startswith(base + "/") and path != "/-/healthz":  # app mounted at /<task>
             path = base + ("" if path == "/" else path)
         try:
@@ -107,7 +107,7 @@ class Router:
             if path == f"{base}/stats" and request.method == "GET":
                 return JSONResponse(await self.stats())
             if path in (f"{base}/healthz", "/-/healthz") and request.method == "GET":
-                return JSONResponse({"status": "ok", "task": self.run.task, "experts": self.names})
+                return JSONResponse({"status": "ok", "task": self.run.task_name, "experts": self.names})
             raise HTTPError(404, f"no route {request.method} {path}; try POST {base}/predict, GET {base}/stats")
         except HTTPError as err:
             with self.lock:
@@ -119,7 +119,7 @@ class Router:
         target = self._target_of(request)
         body = await self._read_body(request)
         served = await self._off(self._decode, body)
-        count = len(served.gate)
+        count = len(served.gate_input)
         if count > self.settings.max_units:
             raise HTTPError(413, f"the input makes {count} routing units, over the limit of "
                                  f"{self.settings.max_units} per request")
@@ -150,7 +150,7 @@ class Router:
                                "full_wire": served.full_wire_bytes})
         counts = np.bincount(assignment, minlength=len(self.d))
         return {
-            "task": self.run.task,
+            "task": self.run.task_name,
             "prediction": prediction,
             "expert": self.names[int(np.argmax(counts))],  # the one most units went to
             "experts": [self.names[n] for n in assignment],  # per routing unit
@@ -208,7 +208,7 @@ class Router:
 
     def _route_chunk(self, served, units: np.ndarray, target: float) -> tuple[np.ndarray, dict[int, bytes]]:
         """Gate, budget controller and P_n of one chunk of units: (expert per unit, frame per expert)."""
-        values = gate_values(self.gate, self.bundle, self.task.gate_tensor(served.gate[units]))  # (C, N)
+        values = gate_values(self.gate, self.gate_bundle, self.task.gate_tensor(served.gate_input[units]))  # (C, N)
         with self.lock:  # the stream's order is the order chunks are routed in
             routed = self._controller(target).route(values)
         frames = {int(n): wire.encode([self.task.request_inputs(served, int(n), units[routed == n])])
@@ -284,7 +284,7 @@ def aggregate_stats(snapshots: list[dict], run: ServedRun, d: np.ndarray, names:
     total = int(units.sum())
     targets = sorted({t for s in snapshots for t in s["overrides"]})
     return {
-        "task": run.task,
+        "task": run.task_name,
         "router_replicas": len(snapshots),
         "uptime_s": max(s["uptime_s"] for s in snapshots),
         "requests": sum(s["requests"] for s in snapshots),

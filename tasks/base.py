@@ -85,7 +85,7 @@ class ServedInput:
     or clip); the gate routes each unit and only the chosen expert's P_n of it is sent.
     """
 
-    gate: np.ndarray  # (U, ...) gate inputs in the stored gate-column format (task.gate_tensor)
+    gate_input: np.ndarray  # (U, ...) the gate's inputs, as the stored "gate" column holds them (task.gate_tensor)
     full_data_cost: float  # bytes (K per value) of sending every unit's full input
     full_wire_bytes: int  # bytes of the full input as decoded (uint8 values)
     context: Any = None  # whatever the task needs to make P_n and the response (stays on the sensor)

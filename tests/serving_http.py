@@ -66,7 +66,7 @@ def bodies(task: str, count: int, folder: Path) -> list[bytes]:
     return [clips[i % len(clips)] for i in range(count)]
 
 
-def make_run(root: Path, task: str) -> str:
+def make_run(root: Path, task_name: str) -> str:
     """A smoke run root of `task` holding prepared data, expert checkpoints and a saved gate;
     returns the gate file."""
     from bmoe.gating import build_gate
@@ -76,22 +76,22 @@ def make_run(root: Path, task: str) -> str:
     from storage import save_torch
 
     data = None
-    if task == "superres":  # a tiny folder of real PNGs in the split-folder layout
+    if task_name == "superres":  # a tiny folder of real PNGs in the split-folder layout
         data = root / "images"
         for k, split in enumerate(("train", "val", "test")):
             (data / split).mkdir(parents=True)
             for i in range(3):
                 (data / split / f"{split}{i}.png").write_bytes(png(128, 192, seed=100 * k + i))
-    cfg = RunConfig(task=task, root=str(root), profile="smoke", data_root=str(data) if data else None)
+    cfg = RunConfig(task_name=task_name, root=str(root), profile="smoke", data_root=str(data) if data else None)
     prepare(cfg)
-    task_obj = cfg.task_obj()
+    task = cfg.task()
     torch.manual_seed(0)
-    for n in range(len(task_obj.expert_names())):
-        save_torch(task_obj.build_expert(n).state_dict(), cfg.layout.weights(n))
-    gate = build_gate(task_obj.gate_spec(), 0.25)
-    config = TrialConfig(task=task, profile="smoke", method="lagrange", targets=tuple(task_obj.data_costs()),
+    for n in range(len(task.expert_names())):
+        save_torch(task.build_expert(n).state_dict(), cfg.layout.weights(n))
+    gate = build_gate(task.gate_spec(), 0.25)
+    config = TrialConfig(task_name=task_name, profile="smoke", method="lagrange", targets=tuple(task.data_costs()),
                          batch_size=16, lr=1e-3, width=0.25)
-    return str(save_gate(gate_bundle(gate, config, score_mean=-0.01, score_std=0.01), cfg.layout.gate("test", "lagrange")))
+    return str(save_gate(gate_bundle(gate, config, score_mean=-0.01, score_std=0.01), cfg.layout.gate_bundle("test", "lagrange")))
 
 
 def free_port() -> int:

@@ -331,10 +331,10 @@ def test_a_data_roots_label_set_comes_from_its_class_index(tmp_path):
     root = synthetic.write_ucf101_tree(tmp_path / "ucf", clips_per_group=1, frames=6, height=64, width=80, groups=8,
                                        classes=synthetic.CLASSES[:3])
     assert label_options("action", "smoke", str(root)) == {"classes": "3"}
-    assert _config("action", str(tmp_path / "run"), "smoke", str(root), None).task_obj().settings.classes == 3
+    assert _config("action", str(tmp_path / "run"), "smoke", str(root), None).task().settings.classes == 3
     assert _config("action", str(tmp_path / "run"), "smoke", str(root), None, ["classes=5"]).task_options["classes"] == "5"
-    embedded = _config("action", str(tmp_path / "run"), "smoke", None, None).task_obj().settings.classes
+    embedded = _config("action", str(tmp_path / "run"), "smoke", None, None).task().settings.classes
     assert embedded == len(synthetic.CLASSES)  # the profile's count is the embedded data's
     cfg = _config("action", str(tmp_path / "run"), "smoke", None, None)
     write_json(cfg.layout.manifest(), {"data_root": str(root), "label_options": {"classes": "3"}})
-    assert _config("action", str(tmp_path / "run"), "smoke", None, None).task_obj().settings.classes == 3
+    assert _config("action", str(tmp_path / "run"), "smoke", None, None).task().settings.classes == 3

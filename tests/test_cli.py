@@ -68,7 +68,7 @@ def test_user_errors_are_one_line(tmp_path, args, message):
 def test_task_options_select_fsrcnn_experts():
     from pipelines.runtime import RunConfig
 
-    task = RunConfig(task="superres", profile="smoke", task_options={"model": "fsrcnn", "epochs": "3"}).task_obj()
+    task = RunConfig(task_name="superres", profile="smoke", task_options={"model": "fsrcnn", "epochs": "3"}).task()
     assert task.expert_names() == ["fsrcnn_x4", "fsrcnn_x3", "fsrcnn_x2"]
     assert task.expert_training(0).epochs == 3
     assert type(task.build_expert(2)).__name__ == "FSRCNN"

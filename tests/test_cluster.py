@@ -206,7 +206,7 @@ def test_compare_reads_the_tracking_server(runs, cluster):
                                    side_by_side)
     from pipelines.runtime import RunConfig
 
-    cfg = RunConfig(task="superres", root=ROOT, tracking_uri=cluster["tracking"])
+    cfg = RunConfig(task_name="superres", root=ROOT, tracking_uri=cluster["tracking"])
     rows = compare(cfg)
     assert {r.method for r in rows} >= {"random", "enforce", "oracle"} and all(r.rho is not None for r in rows)
     assert "sweep sweep-" in format_table(rows)

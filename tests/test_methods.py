@@ -25,7 +25,7 @@ def test_the_table_says_what_each_method_is():
 
 
 def test_trial_configs_round_trip_through_tunes_dict():
-    base = dict(task="superres", profile="smoke", seed=3, epochs=2)
+    base = dict(task_name="superres", profile="smoke", seed=3, epochs=2)
     soft = TrialConfig(**base, method="soft", d_target=4096.0, batch_size=16, lr=1e-3, width=0.5, w_bias=10.0)
     enforce = TrialConfig(**base, method="enforce", d_target=4096.0, batch_size=16, lr=1e-3, width=0.5)
     lagrange = TrialConfig(**base, method="lagrange", targets=(3072.0, 4096.0), batch_size=16, lr=1e-3, width=0.5)
@@ -50,14 +50,14 @@ def test_trial_configs_round_trip_through_tunes_dict():
 ])
 def test_a_trial_wrong_for_its_method_is_refused_when_made(bad, message):
     with pytest.raises(ValueError, match=message):
-        TrialConfig(task="superres", profile="smoke", **bad)
+        TrialConfig(task_name="superres", profile="smoke", **bad)
 
 
 def test_the_sweeps_trials_follow_the_table():
     from pipelines.sweep import GRIDS, trial_configs
 
-    cfg = RunConfig(task="superres", root="/unused", profile="demo")
-    d = cfg.task_obj().data_costs()
+    cfg = RunConfig(task_name="superres", root="/unused", profile="demo")
+    d = cfg.task().data_costs()
     grid = GRIDS["demo"]
     configs = trial_configs(cfg, grid, d)
     by_method = {name: [c for c in configs if c.method == name] for name in grid.methods}

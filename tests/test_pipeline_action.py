@@ -63,7 +63,7 @@ def run(tree, tmp_path_factory, ray_session):
     from pipelines.prepare import prepare
     from pipelines.train_experts import train_experts
 
-    cfg = RunConfig(task="action", root=str(tmp_path_factory.mktemp("run")), profile="smoke", data_root=str(tree))
+    cfg = RunConfig(task_name="action", root=str(tmp_path_factory.mktemp("run")), profile="smoke", data_root=str(tree))
     manifest = prepare(cfg)
     experts = train_experts(cfg)
     files = cache(cfg)
@@ -74,7 +74,7 @@ def test_prepare_counts_and_names_bad_clips(run, tree, capsys):
     from pipelines.prepare import prepare
 
     cfg, manifest, _, _ = run
-    task = cfg.task_obj()
+    task = cfg.task()
     assert manifest["experts"] == ["temporal", "spatial", "fusion"]
     assert manifest["data_costs"] == [float(d) for d in task.data_costs()]
     on_disk = {split: len(task.list_sources(tree, split).sources) for split in ("train", "val", "test")}
@@ -105,12 +105,12 @@ def test_strict_prepare_and_a_partial_download_fail_in_one_line(tree, tmp_path, 
     from pipelines.prepare import prepare
 
     with pytest.raises(UserError, match="not on disk|cannot decode"):
-        prepare(RunConfig(task="action", root=str(tmp_path / "strict"), profile="smoke", data_root=str(tree),
+        prepare(RunConfig(task_name="action", root=str(tmp_path / "strict"), profile="smoke", data_root=str(tree),
                           strict=True))
     real = samples / "ucf101"
     if (real / "UCF-101").is_dir():  # the real sample: a single train clip, no val or test clip on disk
         with pytest.raises(UserError, match=r"no usable val inputs .*not on disk"):
-            prepare(RunConfig(task="action", root=str(tmp_path / "real"), profile="smoke", data_root=str(real),
+            prepare(RunConfig(task_name="action", root=str(tmp_path / "real"), profile="smoke", data_root=str(real),
                               task_options={"classes": 101}))
 
 

@@ -27,12 +27,12 @@ def test_bad_coco_tree_is_named_counted_and_strict_fails(tmp_path, ray_session):
     data["annotations"][-1]["bbox"][3] = 0.0
     path.write_text(json.dumps(data))
 
-    cfg = RunConfig(task="detection", root=str(tmp_path / "run"), profile="smoke", data_root=str(root))
+    cfg = RunConfig(task_name="detection", root=str(tmp_path / "run"), profile="smoke", data_root=str(root))
     manifest = prepare(cfg)
     problems = "\n".join(p for s in manifest["splits"].values() for p in s["problems"])
     assert missing in problems and broken in problems and "zero-area box" in problems
     assert sum(s["samples"] for s in manifest["splits"].values()) == 10  # the other images are used
-    strict = RunConfig(task="detection", root=str(tmp_path / "strict"), profile="smoke", data_root=str(root),
+    strict = RunConfig(task_name="detection", root=str(tmp_path / "strict"), profile="smoke", data_root=str(root),
                        strict=True)
     with pytest.raises(UserError, match=r"\.jpg"):
         prepare(strict)

@@ -27,7 +27,7 @@ def run(tmp_path_factory, ray_session):
     """The smoke data prepared once for the module, on a local root given as a file:// URI."""
     from pipelines.prepare import prepare
 
-    cfg = RunConfig(task="superres", root=(tmp_path_factory.mktemp("store") / "runs").as_uri(), profile="smoke")
+    cfg = RunConfig(task_name="superres", root=(tmp_path_factory.mktemp("store") / "runs").as_uri(), profile="smoke")
     return cfg, prepare(cfg)
 
 
@@ -64,7 +64,7 @@ def test_an_expert_fit_whose_worker_dies_resumes_from_its_last_checkpoint(run):
 
     cfg, manifest = run
     longer = dataclasses.replace(cfg, task_options={"epochs": "10"})
-    fingerprint = _fingerprint(manifest, longer.task_obj(), 0, longer)
+    fingerprint = _fingerprint(manifest, longer.task(), 0, longer)
     storage = longer.layout.root / "ray-train" / f"superres-expert-0-{fingerprint[:8]}"
     killed: list[int] = []
 
@@ -112,16 +112,16 @@ def test_corrupt_image_is_named_counted_and_strict_fails(tmp_path, ray_session):
         for i in range(4 if split == "train" else 2):  # train: the gate split takes half of its images
             Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(data / split / f"{split}{i}.png")
     (data / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
-    cfg = RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data))
+    cfg = RunConfig(task_name="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data))
     manifest = prepare(cfg)
     problems = [p for s in manifest["splits"].values() for p in s["problems"]]
     assert len(problems) == 1 and "broken.png" in problems[0]
     with pytest.raises(UserError, match="broken.png"):
-        prepare(RunConfig(task="superres", root=str(tmp_path / "strict"), profile="smoke", data_root=str(data),
+        prepare(RunConfig(task_name="superres", root=str(tmp_path / "strict"), profile="smoke", data_root=str(data),
                           strict=True))
     # unchanged inputs, shards kept: --strict still fails on the problem the kept shards were made with
     with pytest.raises(UserError, match=r"broken.png.*recorded by the prepare of"):
-        prepare(RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
+        prepare(RunConfig(task_name="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
                           strict=True))
     assert prepare(cfg)["created"] == manifest["created"]  # and without --strict nothing is redone
     # a re-prepare that fails half-way leaves the previous run as it was; the next one cleans up
@@ -129,7 +129,7 @@ def test_corrupt_image_is_named_counted_and_strict_fails(tmp_path, ray_session):
     listed = lambda m: {(s, p, f["name"]) for s, i in m["splits"].items()  # noqa: E731
                         for p, shard in i["shards"].items() for f in shard["files"]}
     with pytest.raises(UserError, match="broken.png"):
-        prepare(RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
+        prepare(RunConfig(task_name="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(data),
                           strict=True))
     kept = json.loads(cfg.layout.manifest().read_text())
     assert kept["created"] == manifest["created"]

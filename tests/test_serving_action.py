@@ -46,14 +46,14 @@ def _assert_as_trained(task, path: Path) -> None:
     """The request's gate input and every P_n equal what load() stores for the same file."""
     request = task.decode_request(path.read_bytes())
     row = task.load({"source_id": path.stem, "path": str(path), "label": 0, "group": "x_g01"})[0]
-    assert request.gate.shape == (1, *row["gate"].shape) and request.gate.dtype == row["gate"].dtype
-    assert np.array_equal(request.gate[0], row["gate"])
+    assert request.gate_input.shape == (1, *row["gate"].shape) and request.gate_input.dtype == row["gate"].dtype
+    assert np.array_equal(request.gate_input[0], row["gate"])
     for n in range(len(task.expert_names())):
         x = task.request_inputs(request, n, ONE)
         stored = np.asarray(row[f"x{n}"])
         assert x.shape == (1, *stored.shape) and x.dtype == stored.dtype, (n, x.shape, x.dtype)
         assert np.array_equal(x[0], stored)
-    assert task.gate_tensor(request.gate).shape == (1, 2 * task.settings.F_t, 24, 24)
+    assert task.gate_tensor(request.gate_input).shape == (1, 2 * task.settings.F_t, 24, 24)
     assert request.full_data_cost == task.data_costs()[-1]  # one clip, every modality
     assert request.full_wire_bytes == row["x0"].nbytes + row["x1"].nbytes
 
@@ -65,7 +65,7 @@ def test_video_body_gives_the_training_inputs(tmp_path):
     # a clip with fewer motion frames than F_t is zero-padded, as training pads it: not InputTooSmall
     short = _clip(tmp_path, "short.avi", 3)
     _assert_as_trained(task, short)
-    assert not task.decode_request(short.read_bytes()).gate[0, -1].any()
+    assert not task.decode_request(short.read_bytes()).gate_input[0, -1].any()
 
 
 def test_real_ucf101_clip_and_class_names(samples):

@@ -197,7 +197,7 @@ def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_r
     from storage import load_torch
 
     root, gate_file = run_root
-    cfg = RunConfig(task="superres", root=str(root), profile="smoke")
+    cfg = RunConfig(task_name="superres", root=str(root), profile="smoke")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("serve-test")
@@ -218,7 +218,7 @@ def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_r
     assert models.gate_target == 5000.0 and checkpoints.gate_target is None
     for a, b in zip(models.expert_states, checkpoints.expert_states):
         assert all(torch.equal(a[k], b[k]) for k in b)
-    assert all(torch.equal(models.gate["state_dict"][k], v) for k, v in checkpoints.gate["state_dict"].items())
+    assert all(torch.equal(models.gate_bundle["state_dict"][k], v) for k, v in checkpoints.gate_bundle["state_dict"].items())
     with pytest.raises(UserError, match="weights do not fit"):
         load_run(root, "superres", gate_file, expert_uris=uris[::-1], tracking_uri=uri)
     with pytest.raises(UserError, match="has 3 experts"):
@@ -235,7 +235,7 @@ def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_r
             return (marker.write_text, ("yes",))
 
     (planted / "weights.pt").write_bytes(pickle.dumps(Payload()))
-    model = cfg.task_obj().build_expert(0)
+    model = cfg.task().build_expert(0)
     model.load_state_dict(load_torch(cfg.layout.weights(0)))
     with mlflow.start_run() as attacker:
         mlflow.log_artifact(str(planted / "weights.pt"), "expert")

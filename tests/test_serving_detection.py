@@ -49,15 +49,15 @@ def test_request_gate_and_p_n_equal_the_prepared_columns(profile, scene_file, sa
             width, height = img.size
         row = task.load(_source(path, width, height))[0]
         request = task.decode_request(path.read_bytes())
-        assert request.gate.shape == (1, s.gate_crop, s.gate_crop, 3) and request.gate.dtype == np.uint8
-        assert np.array_equal(request.gate[0], row["gate"])
+        assert request.gate_input.shape == (1, s.gate_crop, s.gate_crop, 3) and request.gate_input.dtype == np.uint8
+        assert np.array_equal(request.gate_input[0], row["gate"])
         assert request.full_wire_bytes == width * height * 3 and request.full_data_cost == width * height * 3 * s.K
         for n, r in enumerate(s.resolutions):
             x = task.request_inputs(request, n, np.array([0]))
             assert x.shape == (1, r, r, 3) and x.dtype == np.uint8
             assert np.array_equal(x[0], row[f"x{n}"])
             assert x[0].size * s.K == task.data_costs()[n]  # d_n = 3 R^2 K: what crosses is what is charged
-        assert task.gate_tensor(request.gate).shape == (1, 3, s.gate_crop, s.gate_crop)
+        assert task.gate_tensor(request.gate_input).shape == (1, 3, s.gate_crop, s.gate_crop)
 
 
 def test_untrained_expert_answers_through_the_wire(scene_file, one_thread):
@@ -146,6 +146,6 @@ def test_bad_bodies_are_refused_in_one_line():
         with pytest.raises(kind, match=message) as err:
             task.decode_request(body)
         assert "\n" not in str(err.value)
-    assert task.decode_request(_encode(image[:8, :8], "PNG")).gate.shape == (1, 48, 48, 3)  # 8 px is enough
+    assert task.decode_request(_encode(image[:8, :8], "PNG")).gate_input.shape == (1, 48, 48, 3)  # 8 px is enough
     gray = task.decode_request(_encode(image[:, :, 0], "PNG"))  # any mode decodes to RGB, as the reader does
-    assert gray.gate.shape == (1, 48, 48, 3)
+    assert gray.gate_input.shape == (1, 48, 48, 3)

@@ -162,11 +162,11 @@ def test_superres_request_hooks_decode_route_units_and_reject_bad_bytes():
     task = get_task("superres", "smoke")
     image = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
     request = task.decode_request(_png(image))
-    assert request.gate.shape == (2 * 3, 64, 64, 3)  # 64-px grid: 2 rows x 3 columns
-    assert np.array_equal(request.gate[0], image[:64, :64])
+    assert request.gate_input.shape == (2 * 3, 64, 64, 3)  # 64-px grid: 2 rows x 3 columns
+    assert np.array_equal(request.gate_input[0], image[:64, :64])
     lr = task.request_inputs(request, 0, np.array([1, 4]))  # x4: 16x16 LR patches of units 1 and 4
     assert lr.shape == (2, 16, 16, 3) and lr.dtype == np.uint8
-    assert task.decode_request(_png(image, "JPEG")).gate.shape[0] == 6
+    assert task.decode_request(_png(image, "JPEG")).gate_input.shape[0] == 6
     for body, kind in [(b"", BadInput), (b"GIF89a not an image", BadInput), (_png(image)[:300], BadInput),
                        (_png(image[:40, :200]), InputTooSmall)]:
         with pytest.raises(kind):

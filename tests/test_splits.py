@@ -48,6 +48,6 @@ def test_prepare_says_in_one_line_when_train_is_one_group(tmp_path):
         (tmp_path / "images" / split).mkdir(parents=True)
         for i in range(count):
             Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / split / f"{i}.png")
-    cfg = RunConfig(task="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(tmp_path / "images"))
+    cfg = RunConfig(task_name="superres", root=str(tmp_path / "run"), profile="smoke", data_root=str(tmp_path / "images"))
     with pytest.raises(UserError, match="are one group: at least two are needed"):
         prepare(cfg)

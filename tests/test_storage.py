@@ -64,7 +64,7 @@ def test_the_layout_names_every_path_and_keeps_recorded_paths_relative(tmp_path)
     assert local.shards("train", "p0") == tmp_path / "data" / "superres" / "train" / "p0"
     assert str(remote.weights(2)) == "s3://bucket/runs/experts/superres/2/model.pt"
     assert remote.tune_storage() == "s3://bucket/runs/tune/superres" and remote.is_remote and not local.is_remote
-    gate = remote.gate("sweep-1", "abc_00001")
+    gate = remote.gate_bundle("sweep-1", "abc_00001")
     assert remote.relative(gate) == "sweeps/superres/sweep-1/gates/abc_00001.pt"
     assert remote.resolve(remote.relative(gate)) == gate
     # an absolute path recorded by an older run, moved since, is found under this root

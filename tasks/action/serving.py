@@ -78,7 +78,7 @@ def decode_request(task: ActionTask, body: bytes) -> ServedInput:
             reason = " ".join(re.sub(r"\[Errno -?\d+\] ", "", reason).split())  # one line, no errno noise
             raise BadInput(f"request body ({len(body)} bytes) is not a readable video (AVI/MP4): {reason}") from None
     inputs = task.expert_inputs(grid, frames)  # x0, x1, x2 as training stored them
-    return ServedInput(gate=grid[None], full_data_cost=float(task.data_costs()[-1]),
+    return ServedInput(gate_input=grid[None], full_data_cost=float(task.data_costs()[-1]),
                        full_wire_bytes=int(grid.nbytes + frames.nbytes),
                        context={"inputs": [x[None] for x in inputs]})  # each (1, ...): one unit
 

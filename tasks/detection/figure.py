@@ -48,7 +48,7 @@ def draw_assignment(split, assignment: np.ndarray, names: list[str], path: Path,
     hist.legend(fontsize=7)
     for n, name in enumerate(names):
         chosen = np.flatnonzero(assignment == n)
-        crops = split.gate.take(chosen[:per_expert])  # (k, C, C, 3) uint8, read from the shards
+        crops = split.gate_inputs.take(chosen[:per_expert])  # (k, C, C, 3) uint8, read from the shards
         for k, ax in enumerate(axes[n]):
             ax.axis("off")
             if k < len(chosen):

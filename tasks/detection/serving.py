@@ -52,7 +52,7 @@ def decode_request(body: bytes, gate_source: int, gate_crop: int, K: int) -> Ser
     source_side = np.asarray(pil.resize((gate_source, gate_source), Image.BILINEAR))  # as DetectionTask.load
     lo = (gate_source - gate_crop) // 2
     gate = source_side[lo:lo + gate_crop, lo:lo + gate_crop][None].copy()  # (1, C, C, 3) uint8, writable
-    return ServedInput(gate=gate, full_data_cost=float(rgb.size * K), full_wire_bytes=int(rgb.nbytes),
+    return ServedInput(gate_input=gate, full_data_cost=float(rgb.size * K), full_wire_bytes=int(rgb.nbytes),
                        context={"image": pil, "width": width, "height": height})
 
 

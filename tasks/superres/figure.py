@@ -24,7 +24,7 @@ def draw_assignment(split, assignment: np.ndarray, names: list[str], path: Path)
     idx = np.flatnonzero(cache["group"].to_numpy() == group)
     pos = cache[["row", "col"]].to_numpy()[idx]  # (P, 2)
     shape = (int(cache["img_h"].iloc[idx[0]]), int(cache["img_w"].iloc[idx[0]]), 3)
-    image = from_patches(split.gate.take(idx), pos, shape)  # (H, W, 3)
+    image = from_patches(split.gate_inputs.take(idx), pos, shape)  # (H, W, 3)
 
     fig, ax = plt.subplots(figsize=(7, 7 * shape[0] / shape[1] + 0.6))
     ax.imshow(image)

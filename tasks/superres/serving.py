@@ -29,7 +29,7 @@ def decode_request(body: bytes, K: int) -> ServedInput:  # noqa: N803 - the pape
         raise InputTooSmall(f"{width}x{height} image is smaller than one {patches.PATCH}x{patches.PATCH} "
                             "patch; send a larger image")
     hr, pos = patches.to_patches(rgb)  # (U, 64, 64, 3), (U, 2)
-    return ServedInput(gate=hr, full_data_cost=float(hr.size * K), full_wire_bytes=int(hr.nbytes),
+    return ServedInput(gate_input=hr, full_data_cost=float(hr.size * K), full_wire_bytes=int(hr.nbytes),
                        context={"hr": hr, "pos": pos, "shape": (height, width)})
 
 
