@@ -9,7 +9,8 @@ convention), the wire bytes actually sent, and what sending every full input wou
 The event loop only reads bodies and awaits: decoding, the gate, P_n, encoding and the
 response run in a small thread pool, so health checks and small requests are answered while
 a heavy one computes. A request's units go through the gate and the experts `chunk_units` at a
-time, so its memory is bounded by one chunk whatever the input's size.
+time, so their working memory is one chunk's whatever the input's size; the decoded input and
+the assembled output are bounded by the task's pixel limit and `max_units`.
 
 The router autoscales. Each replica holds its own budget stream at d_t, so the application's
 mean over any set of replicas' windows is a mean of means each within tolerance; /stats
