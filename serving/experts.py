@@ -33,9 +33,7 @@ class Expert:
         self.name = run.expert_names[n]
         # A GPU only when Ray gave the replica one (ray_actor_options num_gpus > 0).
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = self.task.build_expert(n)
-        model.load_state_dict(load_expert(run, n))
-        self.model = model.to(self.device).eval()
+        self.model = load_expert(run, n).to(self.device)  # built once, from the root or the registry
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"expert{n}")  # one batch at a time
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)

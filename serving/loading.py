@@ -173,18 +173,19 @@ def load_gate(run: ServedRun) -> tuple:
     return gate, bundle, values
 
 
-def load_expert(run: ServedRun, n: int) -> dict:
-    """Expert n's state_dict from its source, checked against the task's architecture so a model
-    of the wrong task or size fails here, in one line."""
+def load_expert(run: ServedRun, n: int):
+    """Expert n built and loaded from its source (a model of the wrong task or size fails here,
+    in one line), in eval mode on the CPU."""
     source = run.expert_sources[n]
     what = f"expert {n} ({run.expert_names[n]})"
     state = registry.load_weights(source, run.tracking_uri, what) if registry.is_model_uri(source) \
         else load_torch(as_path(source))
+    model = run.task().build_expert(n)
     try:
-        run.task().build_expert(n).load_state_dict(state)
+        model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"model {source} is not {what} of task {run.task_name}: its weights do not fit") from None
-    return state
+    return model.eval()
 
 
 def load_run(root: str, task_name: str, gate_file: str | None = None, target: float | None = None,
@@ -193,7 +194,7 @@ def load_run(root: str, task_name: str, gate_file: str | None = None, target: fl
     benchmarks run in one process."""
     run = resolve_run(root, task_name, gate_file, target, expert_uris, tracking_uri)
     _, bundle, values = load_gate(run)
-    return ServedModels(run=run, expert_states=[load_expert(run, n) for n in range(len(run.expert_names))],
+    return ServedModels(run=run, expert_states=[load_expert(run, n).state_dict() for n in range(len(run.expert_names))],
                         gate_bundle=bundle, val_values=values)
 
 
