@@ -23,6 +23,8 @@ from tasks import GATE_SPLIT, get_task
 EVAL_BATCH = 1024  # gate inputs per forward pass when a split is routed
 SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whole split when smaller)
 BUDGET_TOLERANCE = 0.10  # a gate may spend up to this fraction over its target on validation
+SOFT_TOLERANCE = 0.05  # soft regularisation: its d_mean must land this near d_t on validation, either side
+# (tighter than the demo's 10 % on test: argmax routing's share drifts between splits of a few hundred inputs)
 
 
 def budget_objective(performance: float, d_mean: float, d_t: float, p_val: np.ndarray,
@@ -31,11 +33,11 @@ def budget_objective(performance: float, d_mean: float, d_t: float, p_val: np.nd
     maximise: the performance while the mixture keeps d_mean within BUDGET_TOLERANCE of d_t;
     beyond it, below what any useful in-budget gate scores (the worst single expert's
     performance, or less) and lower the further off, so the least overspending wins.
-    two_sided (soft regularisation, whose job is to meet its bias b, eq. 5): spending less than
-    d_t by more than the tolerance misses the target too (a soft gate that collapsed onto the
-    cheapest expert otherwise counted as in budget)."""
+    two_sided (soft regularisation, whose job is to meet its bias b, eq. 5): d_mean must lie
+    within SOFT_TOLERANCE of d_t on either side (a soft gate that collapsed onto the cheapest
+    expert otherwise counted as in budget)."""
     ratio = d_mean / max(d_t, 1e-12) - 1.0
-    over = (abs(ratio) if two_sided else ratio) - BUDGET_TOLERANCE
+    over = abs(ratio) - SOFT_TOLERANCE if two_sided else ratio - BUDGET_TOLERANCE
     if over <= 0:
         return float(performance)
     spread = float(np.ptp(p_val)) or 1.0

@@ -355,30 +355,33 @@ def test_calibrate_lambda_meets_the_budget_with_the_smallest_price(M, N, t, seed
         return float(d[lagrange_assignment(S, d, lam).numpy()].mean())
 
     lam = calibrate_lambda(S, d, d_target)
-    assert lam >= 0
     assert mean_cost(lam) <= d_target + 1e-9
-    if mean_cost(0.0) <= d_target:
-        # the budget allows everyone's favourite: price zero, plain argmax routing
-        assert lam == 0.0
-        assert lagrange_assignment(S, d, lam).tolist() == S.argmax(axis=1).tolist()
-    else:
-        assert lam > 0
-        assert mean_cost(lam * (1 - 1e-6)) > d_target  # any lower price overspends
+    if lam != 0 and mean_cost(lam) < d.max():
+        # any lower price overspends: the budget is spent as far as whole inputs allow
+        assert mean_cost(lam * (1 + 1e-6) if lam < 0 else lam * (1 - 1e-6)) > d_target
+    if lam < 0:  # a subsidy only where it moves inputs that argmax routing left below the budget
+        assert mean_cost(0.0) < mean_cost(lam)
     # the lagrange routing is one assignment within the budget: the oracle must match or beat it
     a = lagrange_assignment(S, d, lam).numpy()
     assert total(S, oracle_assignment(S, d, d_target)) >= total(S, a) - 1e-9
 
 
-def test_calibrate_lambda_zero_when_the_budget_allows_argmax():
+def test_calibrate_lambda_subsidises_data_when_argmax_underspends():
     S = np.array([[0.1, 0.9, 0.2], [0.8, 0.1, 0.3], [0.2, 0.3, 0.7]])
     d = np.array([120.0, 270.0, 1080.0])
     # argmax routing [1, 0, 2] costs (270 + 120 + 1080) / 3 = 490
-    assert calibrate_lambda(S, d, 490.0) == 0.0
     assert lagrange_assignment(S, d, 0.0).tolist() == [1, 0, 2]
     lam = calibrate_lambda(S, d, 489.0)
     assert lam > 0
-    a = lagrange_assignment(S, d, lam).numpy()
-    assert d[a].mean() <= 489.0
+    assert d[lagrange_assignment(S, d, lam).numpy()].mean() <= 489.0
+    # a budget above argmax's spend is spent: below lam = -1/1920 input 1 moves to expert 2
+    # (0.8 - 120 lam = 0.3 - 1080 lam), for (270 + 1080 + 1080) / 3 = 810; the smallest price
+    # that keeps within 810 is where input 0 would move too (0.9 - 270 lam = 0.2 - 1080 lam)
+    lam = calibrate_lambda(S, d, 810.0)
+    assert lam == pytest.approx(-0.7 / 810)
+    assert lagrange_assignment(S, d, lam).tolist() == [1, 2, 2]
+    # between two whole-input steps the spend stays at the step below the target
+    assert lagrange_assignment(S, d, calibrate_lambda(S, d, 800.0)).tolist() == [1, 0, 2]
     with pytest.raises(ValueError, match=r"d_target=50 is outside \[120, 1080\]"):
         calibrate_lambda(S, d, 50.0)
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import gate_trial
-from pipelines.gate_trial import BUDGET_TOLERANCE, budget_objective, run_trial
+from pipelines.gate_trial import BUDGET_TOLERANCE, SOFT_TOLERANCE, budget_objective, run_trial
 from pipelines.methods import TrialConfig
 from pipelines.shard_writer import rows_to_block
 from tasks import get_task
@@ -67,7 +67,8 @@ def test_budget_objective_ranks_every_in_budget_gate_above_any_overspending_one(
     # soft regularisation meets its bias: under-spending by more than the tolerance misses it too
     assert budget_objective(29.0, 500, 1000, p_val) == 29.0
     assert budget_objective(29.0, 500, 1000, p_val, two_sided=True) < 30.0 - 1e-9
-    assert budget_objective(29.0, 950, 1000, p_val, two_sided=True) == 29.0
+    assert budget_objective(29.0, 1000 * (1 - SOFT_TOLERANCE) + 1e-6, 1000, p_val, two_sided=True) == 29.0
+    assert budget_objective(29.0, 1000 * (1 + SOFT_TOLERANCE) + 1e-3, 1000, p_val, two_sided=True) < 30.0 - 1e-9
 
 
 def test_run_trial_without_tune_every_method(data, one_thread):

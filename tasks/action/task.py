@@ -98,7 +98,7 @@ class ActionTask(TaskBase):
         s = self.settings
         return {"clips_per_group": s.clips_per_group, "groups": s.groups, "frames": self.clip_frames(),
                 "height": s.clip_height, "width": s.clip_width, "classes": [c.name for c in synthetic.CLASSES],
-                "seed": seed, "version": 2}
+                "seed": seed, "version": 3}
 
     def write_embedded(self, folder: Path, seed: int) -> None:
         """Synthetic clips (drawn with `seed`) encoded with MPEG-4 part 2 in UCF-101's layout (synthetic.py)."""

@@ -73,7 +73,7 @@ class SuperResTask(TaskBase):
     def embedded_key(self, seed: int) -> dict:
         s = self.settings
         return {"max_side": s.max_side, "n_procedural": s.n_procedural, "train_multiplier": s.train_multiplier,
-                "seed": seed, "version": 2}
+                "seed": seed, "version": 3}
 
     def write_embedded(self, folder: Path, seed: int) -> None:
         """scikit-image's photographs plus procedural textures (drawn with `seed`) as PNG files,
