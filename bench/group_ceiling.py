@@ -1,0 +1,111 @@
+"""How much of the oracle's gain the embedded data lets a gate earn: the routing efficiency of a
+router that knows each input's true group (what the generator drew), beside the learned gates'.
+
+The oracle knows every input's per-expert score, luck included: on a clip that the temporal
+expert gets right by chance, or an image whose AP happens to be high at 50 px. No gate can know
+that. A gate that perfectly perceives what the data's generator varies (detection: the scene's
+kind, large/medium/small/mixed objects; action: the clip's motion) can at best route by that
+group. So this group router bounds what the paper's gates can show on the demo's data:
+
+  group router   inputs ranked by their group's mean gain of the dearest expert over the cheapest
+                 on the gate split (inputs the experts never trained on; scores weighted as the
+                 oracle weighs them), ties at random; the
+                 LP's quotas K_n = M b_n at every target, cheapest expert to the lowest gains
+
+Efficiency is (rho - rho_random) / (rho_oracle - rho_random), on test, as the reports give it.
+
+Run from the repository root on finished demo roots (e.g. those bench/demo_seeds.py writes):
+  .venv/bin/python bench/group_ceiling.py --root-template /tmp/bmoe-seed{seed} [--seeds 0,1]
+Writes bench/results/group_ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+RESULTS = Path(__file__).resolve().parent / "results" / "group_ceiling.json"
+TASKS = ("detection", "action")  # the generators that record each input's group
+
+
+def groups(task_name: str, cfg, cache) -> np.ndarray:
+    """(M,) each input's true group, as the embedded data's generator drew it."""
+    if task_name == "action":
+        from tasks.action.synthetic import CLASSES
+
+        return np.array([CLASSES[int(label)].motion for label in cache["label"]])
+    kinds = {}
+    for instances in (cfg.layout.raw() / "annotations").glob("instances_*.json"):
+        kinds.update({image["id"]: image["kind"] for image in json.loads(instances.read_text())["images"]})
+    return np.array([kinds[int(i)] for i in cache["image_id"]])
+
+
+def group_router(task_name: str, root: str, seed: int) -> dict:
+    """rho and efficiency of the group router on test, with random's, the oracle's and the sweep's."""
+    from bmoe.bias import select_bias
+    from bmoe.curves import rho, routing_efficiency
+    from pipelines.gate_trial import expert_performance, quantile_assignment, sample_weights
+    from pipelines.runtime import RunConfig
+    from pipelines.sweep import load_split, targets
+    from storage import read_json
+    from tasks import GATE_SPLIT
+
+    cfg = RunConfig(task_name=task_name, root=root, profile="demo", seed=seed)
+    task = cfg.task()
+    d = task.data_costs()
+    gate, val, test = (load_split(cfg, task, split) for split in (GATE_SPLIT, "val", "test"))
+    dear, cheap = int(np.argmax(d)), int(np.argmin(d))
+    gate_groups = groups(task_name, cfg, gate.cache)
+    scores = gate.scores * sample_weights(task, gate)[:, None]  # as the oracle weighs them
+    gain = {str(g): float((scores[gate_groups == g, dear] - scores[gate_groups == g, cheap]).mean())
+            for g in np.unique(gate_groups)}
+    test_groups = groups(task_name, cfg, test.cache)
+    jitter = np.random.default_rng(seed).random(len(test_groups)) * 1e-6  # ties within a group at random
+    difficulty = np.array([gain[str(g)] for g in test_groups]) + jitter
+    p_val = expert_performance(task, val)
+    points = []
+    for d_t in targets(d, 5):
+        assignment = quantile_assignment(difficulty, select_bias(d, p_val, d_t), d)
+        points.append((float(d[assignment].mean()), task.metric(test.cache, assignment)["performance"]))
+    costs, perfs = zip(*points)
+    rho_group = rho(costs, perfs, d.min(), d.max())
+    methods = read_json(cfg.layout.reports() / "summary.json")["methods"]
+    rhos = {m: methods[m]["rho"] for m in ("random", "enforce", "soft", "lagrange", "oracle")}
+    return {"group_gain_of_dearest": {g: round(v, 4) for g, v in sorted(gain.items(), key=lambda kv: kv[1])},
+            "rho": {**rhos, "group router": rho_group},
+            "efficiency": {m: routing_efficiency(r, rhos["random"], rhos["oracle"])
+                           for m, r in {**rhos, "group router": rho_group}.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--root-template", default="bmoe-runs-seed{seed}",
+                        help="the run root of each seed's finished demo; {seed} is replaced")
+    args = parser.parse_args()
+    results = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        root = args.root_template.format(seed=seed)
+        for task_name in TASKS:
+            r = group_router(task_name, root, seed)
+            results[f"{task_name} s{seed}"] = r
+            eff = ", ".join(f"{m} {e:+.2f}" for m, e in r["efficiency"].items() if m not in ("random", "oracle"))
+            print(f"seed {seed} {task_name:<10} efficiency: {eff}")
+            print(f"{'':<18}dearest expert's mean gain per group (gate split): {r['group_gain_of_dearest']}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                   "load_average": [round(x, 2) for x in os.getloadavg()], "results": results},
+                                  indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
