@@ -59,6 +59,8 @@ def group_router(task_name: str, root: str, seed: int) -> dict:
     from tasks import GATE_SPLIT
 
     cfg = RunConfig(task_name=task_name, root=root, profile="demo", seed=seed)
+    if read_json(cfg.layout.reports() / "summary.json") is None:
+        raise SystemExit(f"no finished {task_name} demo under {root}: run `bmoe demo --seed {seed} --root {root}` first")
     task = cfg.task()
     d = task.data_costs()
     gate, val, test = (load_split(cfg, task, split) for split in (GATE_SPLIT, "val", "test"))

@@ -7,7 +7,7 @@ differ only by the direction they slide in, so the temporal expert suffices for 
 RGB frame cannot tell them apart; four share one motion (a triangle shaking sideways) and
 differ only by colour, so the motion vectors cannot tell them apart and the spatial or fusion
 expert is needed. Four colours, not two: on a group the temporal expert cannot separate it is
-right by luck one time in four, and the oracle's gain from knowing those lucky clips (which no
+right by luck about one time in four, and the oracle's gain from knowing those lucky clips (which no
 gate that sees only motion can know) stays small beside the gain from knowing the group (with
 two idle and two shaking pairs, routing by the true group reached 0.41 of the oracle's gain on
 the demo, measured). A slow camera pan in some clips adds the global motion that makes real
