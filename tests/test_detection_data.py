@@ -37,6 +37,29 @@ def test_synthetic_tree_is_real_coco_with_coco_category_ids(tree):
     assert min(sides) < 0.1 * 240 and max(sides) > 0.25 * 240  # tiny to large objects
 
 
+@pytest.mark.parametrize("kind", synthetic.KINDS)
+def test_each_scene_kind_holds_objects_of_its_size_bands(kind):
+    """The kinds are what routing can exploit: large scenes hold only large objects, small ones
+    only small objects, mixed ones one large among small ones (sides within the drawn band of
+    the short side: the shape's own box)."""
+    bands = {"large": (0.40, 0.70), "medium": (0.12, 0.22), "small": (0.04, 0.09)}
+    allowed = {"mixed": ("large", "small")}.get(kind, (kind,))
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        pixels, anns, drawn = synthetic.scene(rng, 320, 240, kind=kind)
+        assert drawn == kind and pixels.shape == (240, 320, 3) and anns
+        found = [next((b for b in allowed if bands[b][0] * 240 - 1 <= max(a["bbox"][2:]) <= bands[b][1] * 240 + 1),
+                      None) for a in anns]
+        assert None not in found, f"an object of a {kind} scene outside the bands {allowed}"
+        if kind == "mixed":
+            assert found.count("large") == 1
+
+
+def test_an_unknown_scene_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown scene kind 'tiny'"):
+        synthetic.scene(np.random.default_rng(0), kind="tiny")
+
+
 def test_splits_and_rows(tree):
     task = get_task("detection", "smoke")
     listings = {split: task.list_sources(tree, split) for split in ("train", "val", "test")}
