@@ -132,7 +132,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
             # rows are stored image by image: mix the files, in another order every epoch
-            "train": read("train").randomize_block_order(seed=cfg.seed * 1000 + n),
+            "train": read("train").randomize_block_order(seed=_data_seed(cfg.seed, n)),
             "val": read("val"),
         },
         dataset_config=DataConfig(execution_options=ingest),
@@ -207,6 +207,12 @@ def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
 
+def _data_seed(seed: int, n: int) -> int:
+    """The seed of expert n's data order: its block order; times 1000 plus the epoch, each
+    epoch's local shuffle."""
+    return seed * 1000 + n
+
+
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -238,7 +244,7 @@ def _train_loop(config: dict) -> None:
         total, count = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
                                                     local_shuffle_buffer_size=SHUFFLE_BATCHES * training.batch_size,
-                                                    local_shuffle_seed=(config["seed"] * 1000 + n) * 1000 + epoch):
+                                                    local_shuffle_seed=_data_seed(config["seed"], n) * 1000 + epoch):
             loss = task.train_loss(n, model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
