@@ -64,5 +64,7 @@ def test_the_sweeps_trials_follow_the_table():
     points = len({c.d_target for c in by_method["enforce"]})
     assert points == grid.points + 2  # the grid's targets and d_max/2, d_max/3
     assert all(len(by_method[m]) == 1 for m in STATIC + ALL_TARGET_GATES)
-    assert len(by_method["enforce"]) == points and len(by_method["soft"]) == points * len(grid.w_biases)
+    assert len(by_method["enforce"]) == points * len(grid.enforce_lrs) and len(by_method["soft"]) == points * len(grid.w_biases)
+    assert {c.lr for c in by_method["enforce"]} == set(grid.enforce_lrs)  # enforce's own lrs, validation picks
+    assert {c.lr for c in by_method["soft"] + by_method["lagrange"]} == set(grid.lrs)
     assert [c.method for c in configs][:4] == list(STATIC)  # static first, as sweeps always ran them

@@ -60,8 +60,10 @@ _SYNTH = len(synthetic.CLASSES)
 PROFILES = {
     "smoke": ActionSettings(F_t=4, F_s=1, H_s=36, W_s=48, classes=_SYNTH, expert_width=0.25, clips_per_group=1,
                             groups=10, gate_share=0.5, epochs=1, batch_size=16),
+    # 80 groups: the experts train on 14 of them (as with 60 groups before), the gate on 44; the
+    # gate told shaking from sliding clips 81-93 % of the time from 337 clips, 89-93 % from 675
     "demo": ActionSettings(F_t=8, F_s=1, H_s=72, W_s=96, classes=_SYNTH, expert_width=0.5, clips_per_group=3,
-                           groups=60, gate_share=0.67, epochs=10, batch_size=32),
+                           groups=80, gate_share=0.76, epochs=10, batch_size=32),
     "paper": ActionSettings(epochs=50, batch_size=128, lr=1e-3, clips_per_group=4, clip_height=240, clip_width=320),
 }
 
