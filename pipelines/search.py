@@ -18,7 +18,7 @@ from typing import Hashable
 
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.schedulers.async_hyperband import AsyncHyperBandScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from pipelines.methods import METHODS, TrialConfig
 
@@ -114,6 +114,59 @@ class PointSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))
+
+    def recount(self, trials: dict[str, dict]) -> None:
+        """Take the trials the experiment holds (id -> Tune config) as the ones issued. A trial
+        this searcher issued but the experiment lost is issued again; one it never heard of
+        counts for its point but teaches no point's sampler."""
+        index = {point_key(p): i for i, p in enumerate(self._points)}
+        issued = [0] * len(self._points)
+        for config in trials.values():
+            issued[index[point_key(config["trial"])]] += 1
+        self._issued = issued
+        self._owner = {t: i for t, i in self._owner.items() if t in trials}
+
+    @property
+    def exhausted(self) -> bool:
+        return all(n >= cap for n, cap in zip(self._issued, self._budget))
+
+
+class PointSearchGenerator(SearchGenerator):
+    """Tune's SearchGenerator for PointSearch (inside a ConcurrencyLimiter), restored from the
+    experiment's trial list rather than from the searcher's own counts.
+
+    Tune writes both files together, but uploads them to the bucket one by one; `ray job stop`
+    can kill the driver in between and leave a searcher state newer than the trial list. The
+    searcher then counts a trial the experiment never ran, that point ends a sample short
+    (CI saw 15 of 16 trials), and the limiter keeps a slot for it forever."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        trials = _experiment_trials(dirpath)
+        searcher = self.searcher
+        while not isinstance(searcher, PointSearch):
+            if isinstance(searcher, ConcurrencyLimiter):
+                searcher.live_trials &= set(trials)
+                searcher.num_unfinished_live_trials = len(searcher.live_trials)
+            searcher = searcher.searcher
+        searcher.recount(trials)
+        self._counter = len(trials)
+        self._finished = searcher.exhausted
+
+
+def _experiment_trials(dirpath: str) -> dict[str, dict]:
+    """id -> config of the trials in the newest experiment state under dirpath: the file Tune
+    restored its trials from (Tuner.restore downloads it beside the searcher's)."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    path = _find_newest_experiment_checkpoint(dirpath)
+    if path is None:
+        raise RuntimeError(f"no Tune experiment state under {dirpath} to restore the search from")
+    with open(path, "rb") as fh:
+        state = _loads_with_cloudpickle(fh.read())
+    trials = [_loads_with_cloudpickle(trial_json) for trial_json, _ in state["trial_data"]]
+    return {t["trial_id"]: t["config"] for t in trials}
 
 
 class PerPointASHA(FIFOScheduler):

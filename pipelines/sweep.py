@@ -34,7 +34,7 @@ from pipelines.layout import RunLayout, plain_name
 from pipelines.registry import GATE_ARTIFACT
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
-from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch
+from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch, PointSearchGenerator
 from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import GATE_SPLIT, SPLITS
 
@@ -151,8 +151,8 @@ def _tune_config(grid: SweepGrid, configs: list[TrialConfig]):
                                 scheduler=scheduler), len(configs))
     search = PointSearch(search_points(configs), grid, grid.search, grid.num_samples)
     # A sequential searcher learns only from finished trials: as many at once as the cluster runs.
-    limit = grid.max_concurrent or _trial_slots(grid)
-    return ({}, tune.TuneConfig(reuse_actors=True, search_alg=ConcurrencyLimiter(search, max_concurrent=limit),
+    limited = ConcurrencyLimiter(search, max_concurrent=grid.max_concurrent or _trial_slots(grid))
+    return ({}, tune.TuneConfig(reuse_actors=True, search_alg=PointSearchGenerator(limited),
                                 num_samples=search.total, scheduler=scheduler), search.total)
 
 

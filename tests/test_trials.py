@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from ray.tune import Stopper
 
 from pipelines import gate_trial
 from pipelines.gate_trial import BUDGET_TOLERANCE, SOFT_TOLERANCE, budget_objective, run_trial
@@ -141,6 +142,66 @@ def test_point_search_samples_every_point_alike_and_survives_a_restore(tmp_path)
     assert counts[("random", None)] == 1 and (counts.drop(("random", None)) == 3).all()
     with pytest.raises(ValueError, match="unknown search"):
         PointSearch(points, grid, "bayes", num_samples=2)
+
+
+class _StopFlag(Stopper):
+    """Tune stops the whole experiment while the flag file exists (a `ray job stop`, politely)."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        import os
+
+        return os.path.exists(self.flag)
+
+
+def test_a_restored_search_issues_again_the_trials_its_experiment_lost(ray_session, tmp_path):
+    """The driver dies between uploading the searcher's state and the trial list (simulated by
+    dropping the newest trial from the experiment state): the restored search takes the trial
+    list as the truth and every point still ends with its samples."""
+    import json
+
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from pipelines.search import PointSearch, PointSearchGenerator
+    from pipelines.sweep import GRIDS, search_points
+
+    def finishing(config):  # defined here: Ray's workers cannot import a test module
+        import os
+
+        if config["trial"]["method"] == "enforce" and not os.path.exists(f"{config['flag']}.done"):
+            open(config["flag"], "a").close()  # the first gate trial to finish stops the experiment
+        tune.report({"val_objective": float(config["trial"].get("lr", 0.0)), "epoch": 1})
+
+    points = search_points([_config("random", targets=[1.0, 2.0]),
+                            *[_config("enforce", d_target=t) for t in (1.0, 2.0)]])
+    search = PointSearch(points, GRIDS["smoke"], "random", num_samples=2)
+    flag = tmp_path / "stop"
+    tuner = tune.Tuner(finishing, param_space={"flag": str(flag)},
+                       tune_config=tune.TuneConfig(search_alg=PointSearchGenerator(ConcurrencyLimiter(search, 1)),
+                                                   num_samples=search.total),
+                       run_config=tune.RunConfig(name="lost", storage_path=str(tmp_path), stop=_StopFlag(flag),
+                                                 verbose=0))
+    first = tuner.fit()
+    assert flag.exists() and len(first) < search.total
+    state_file = max((tmp_path / "lost").glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    kept = state["trial_data"][:-1]
+    lost = json.loads(state["trial_data"][-1][0])["trial_id"]
+    state_file.write_text(json.dumps({**state, "trial_data": kept}))
+    flag.rename(f"{flag}.done")
+
+    results = tune.Tuner.restore(str(tmp_path / "lost"), trainable=finishing).fit()
+    configs = [r.config["trial"] for r in results]
+    assert len(configs) == search.total and not any(r.error for r in results)
+    counts = pd.Series([(c["method"], c.get("d_target")) for c in configs]).value_counts()
+    assert counts[("random", None)] == 1 and (counts.drop(("random", None)) == 2).all()
+    assert lost not in {r.metrics.get("trial_id") for r in results}
 
 
 class _Trial:
