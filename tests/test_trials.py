@@ -159,6 +159,7 @@ class _StopFlag(Stopper):
         return os.path.exists(self.flag)
 
 
+@pytest.mark.slow  # real Tune on a local Ray
 def test_a_restored_search_issues_again_the_trials_its_experiment_lost(ray_session, tmp_path):
     """The driver dies between uploading the searcher's state and the trial list (simulated by
     dropping the newest trial from the experiment state): the restored search takes the trial
