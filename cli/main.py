@@ -120,6 +120,9 @@ def prepare(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Pro
 def train_experts(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
                   data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None,
                   seed: Seed = 0, num_workers: Workers = 1, gpu: Gpu = False,
+                  cpus_per_worker: Annotated[Optional[float], typer.Option(
+                      help="CPUs each Ray Train worker reserves (default: Ray's, 1, or none beside a GPU); the "
+                           "cluster must also keep one CPU free for Ray Data's reads.", min=0)] = None,
                   concurrent_fits: Annotated[int, typer.Option(
                       help="Experts trained at once (0: with --gpu all of them, each waiting for its GPUs, which "
                            "is what makes an autoscaler add GPU nodes; on CPUs what the cluster holds now).",
@@ -128,7 +131,8 @@ def train_experts(task_name: Task = "superres", root: Root = "bmoe-runs", profil
     from pipelines.train_experts import train_experts as stage
 
     _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, tracking=True,
-                        num_workers=num_workers, use_gpu=gpu, concurrent_fits=concurrent_fits, seed=seed))
+                        num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=gpu,
+                        concurrent_fits=concurrent_fits, seed=seed))
 
 
 @app.command()
@@ -233,7 +237,12 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
                    "repeatable; default: the checkpoints under --root.")] = None,
           tracking_uri: TrackingUri = None,
           host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8000):
+          port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8000,
+          expert_gpus: Annotated[float, typer.Option(
+              help="GPUs per expert replica (Ray's num_gpus; 0.25: four replicas share a GPU); 0: the CPU. "
+                   "A replica runs on CUDA only when Ray gives it a GPU.", min=0.0)] = 0.0,
+          router_gpus: Annotated[float, typer.Option(
+              help="GPUs per router replica, for its gate (Ray's num_gpus); 0: the CPU.", min=0.0)] = 0.0):
     """Serve the task's mixture with Ray Serve: POST /<task>/predict, GET /<task>/stats (Ctrl-C stops)."""
     if host not in LOOPBACK:
         typer.echo(f"warning: --host {host} exposes the server beyond this machine (it has no authentication)",
@@ -246,7 +255,8 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
     try:
         settings = ServeSettings.from_args({"task": task_name, "root": root, "target_cost": target_cost, "bias": bias,
                                             "gate_file": gate_file, "expert_uris": expert_uri or None,
-                                            "tracking_uri": tracking_uri})
+                                            "tracking_uri": tracking_uri, "expert": {"num_gpus": expert_gpus},
+                                            "router": {"num_gpus": router_gpus}})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     # Everything loaded once here, to fail fast in one line; the replicas then load their own parts.
@@ -258,11 +268,22 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
     try:
         budget_target(settings, served.costs)
         ensure_ray(RunConfig(task_name=task_name, root=root))
+        _warn_without_gpus(max(expert_gpus, router_gpus))
         typer.echo(f"serving {task_name} on http://{host}:{port}/{task_name}/predict (stats: /{task_name}/stats)")
         _run(serve_app, settings, host=host, port=port, blocking=True, served=served)
     except ValueError as err:  # a budget outside the feasible range, a bad bias
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+
+
+def _warn_without_gpus(asked: float) -> None:
+    """Replicas that ask for GPUs the Ray cluster lacks wait for GPU nodes: say so, in one line."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if asked > have:
+        typer.echo(f"warning: replicas ask for {asked:g} GPU(s) each and the Ray cluster has {have:g}: they wait "
+                   "until GPU nodes join (drop --expert-gpus/--router-gpus to serve on CPUs)", err=True)
 
 
 @app.command()

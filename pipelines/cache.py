@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from pipelines.prepare import require_manifest, shard_files
+from pipelines.resources import cache_demand, require
 from pipelines.runtime import RunConfig, UserError, ensure_ray
 from pipelines.train_experts import load_expert
 from storage import read_json, read_table, write_json, write_table
@@ -41,6 +42,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
         return {split: str(f) for split, f in files.items()}
 
     ensure_ray(cfg)
+    require(cache_demand(cfg.use_gpu))
     started = time.perf_counter()
     # rows in the gate shards' order (the manifest's), which sweep trials stream the inputs in
     tables = {split: pa.concat_tables([read_table(f, columns=["sample_id", "group", *task.meta_columns])

@@ -253,7 +253,7 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
         return logits.argmax(dim=1).numpy()
 
     best, best_state, best_val = -np.inf, None, {"performance": float("nan"), "d_mean": float("nan")}
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, config.epochs_on(len(losses)) + 1):
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):
             stats = gate_step(gate, optimizer, augment(task, to_device(task, x, device), gen),
@@ -307,7 +307,7 @@ def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], 
     def predict(split: SplitData) -> np.ndarray:
         return gate_logits(task, gate, split, device).numpy() * std + mean
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, config.epochs_on(len(y_train)) + 1):
         gate.train()
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):

@@ -54,6 +54,12 @@ def method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
 
 
+def epochs_for_steps(steps: int, batch_size: int, rows: int) -> int:
+    """Epochs of full batches (a gate trains on full batches only) that make at least `steps` steps."""
+    per_epoch = max(rows // max(min(batch_size, rows), 1), 1)
+    return max(1, -(-steps // per_epoch))
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """One sweep trial. d_target for a per-target method, targets for one that covers them all;
@@ -65,6 +71,7 @@ class TrialConfig:
     options: dict = field(default_factory=dict)
     seed: int = 0
     epochs: int = 1
+    steps: int = 0  # 0: train for epochs; else for this many optimizer steps (epochs derived from the gate split)
     d_target: float | None = None
     targets: tuple[float, ...] | None = None
     batch_size: int | None = None
@@ -80,6 +87,10 @@ class TrialConfig:
             raise ValueError(f"a {self.method} trial needs batch_size, lr and width")
         if self.w_bias and "w_bias" not in m.searched:
             raise ValueError(f"{self.method} has no w_bias (the bias term is soft regularisation's)")
+
+    def epochs_on(self, rows: int) -> int:
+        """Epochs over a gate split of `rows` inputs: epochs, or those that make `steps` steps."""
+        return epochs_for_steps(self.steps, self.batch_size or rows, rows) if self.steps else self.epochs
 
     @property
     def spec(self) -> Method:
@@ -105,7 +116,7 @@ class TrialConfig:
         if values.get("targets") is not None:
             values["targets"] = tuple(float(t) for t in values["targets"])
         values["options"] = dict(values.get("options") or {})
-        for key, kind in (("seed", int), ("epochs", int), ("batch_size", int), ("lr", float), ("width", float),
+        for key, kind in (("seed", int), ("epochs", int), ("steps", int), ("batch_size", int), ("lr", float), ("width", float),
                           ("w_bias", float), ("d_target", float)):
             if values.get(key) is not None:
                 values[key] = kind(values[key])

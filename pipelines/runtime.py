@@ -27,6 +27,7 @@ class RunConfig:
     tracking_uri: str | None = None  # None: sqlite:///<root>/mlflow.db (local roots only)
     strict: bool = False  # fail on the first bad input instead of counting it
     num_workers: int = 1  # Ray Train workers per expert
+    cpus_per_worker: float | None = None  # None: Ray Train's default (1 CPU, or a GPU and no CPU)
     use_gpu: bool = False  # Ray Train / cache actors ask for GPUs
     concurrent_fits: int = 0  # experts trained at once; 0: decided from the cluster (train_experts)
     seed: int = 0
@@ -41,6 +42,8 @@ class RunConfig:
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ValueError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
+        if self.num_workers < 1 or (self.cpus_per_worker is not None and self.cpus_per_worker < 0):
+            raise ValueError("--num-workers must be at least 1 and --cpus-per-worker not negative")
 
     @property
     def layout(self):
@@ -61,9 +64,12 @@ class RunConfig:
                             "pass --tracking-uri of an MLflow server (infra/mlflow/serve.sh starts one)")
         return f"sqlite:///{self.layout.mlflow_db()}"
 
-    def as_params(self) -> dict:
+    def as_params(self) -> dict[str, str]:
+        """Every setting the run used, as MLflow params: these flags and the task's full settings
+        for the profile with -o applied (task.<field>), so a run is reproducible from its record."""
         params = {("task" if k == "task_name" else k): v for k, v in asdict(self).items() if k != "task_options"}
-        return {**params, **{f"task.{k}": v for k, v in self.task_options.items()}}
+        settings = asdict(self.task().settings)
+        return {k: str(v) for k, v in {**params, **{f"task.{k}": v for k, v in settings.items()}}.items()}
 
 
 def quiet_environment() -> None:
@@ -120,7 +126,19 @@ def ensure_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        address = os.environ["RAY_ADDRESS"]
+        unreachable = _unreachable(address)
+        try:
+            if unreachable:
+                raise ConnectionError(unreachable)
+            ray.init(log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError, PermissionError) as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address} ({reason}): check that its head "
+                            f"is up and reachable from here, that the address is the GCS address (host:6379) or "
+                            f"ray://host:10001, and, for a cluster with token auth, that this machine has its "
+                            f"token (RAY_AUTH_TOKEN or ~/.ray/auth_token; see STACK.md); unset RAY_ADDRESS to "
+                            f"run on a local Ray") from None
         return
     kwargs = dict(include_dashboard=False, log_to_driver=True)
     # Ray's socket paths must stay under ~107 characters: keep state under a local root when short.
@@ -129,6 +147,21 @@ def ensure_ray(cfg: RunConfig) -> None:
         temp.mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp)
     ray.init(**kwargs)
+
+
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at a host:port RAY_ADDRESS (a TCP connect, before Ray's own retries,
+    which end in a traceback or abort the process), or None; ray:// and "auto" are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        return f"nothing answers at {host}:{port}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def ensure_mlflow(cfg: RunConfig, experiment: str | None = None) -> str:

@@ -29,10 +29,11 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines import gate_trial
 from pipelines.gate_trial import SplitData, run_trial, save_gate
-from pipelines.methods import HYPERPARAMETERS, METHODS, NAMES, STATIC, TrialConfig
+from pipelines.methods import HYPERPARAMETERS, METHODS, NAMES, STATIC, TrialConfig, epochs_for_steps
 from pipelines.layout import RunLayout, plain_name
 from pipelines.registry import GATE_ARTIFACT
 from pipelines.prepare import require_manifest, shard_files
+from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch, PointSearchGenerator
 from storage import AnyPath, read_json, write_bytes, write_json
@@ -47,7 +48,8 @@ class SweepGrid:
 
     methods: tuple[str, ...] = STATIC + tuple(n for n in NAMES if n not in STATIC)  # static first
     points: int = 7  # d_t grid over [d_min, d_max]; d_max/2 and d_max/3 are added for the tables
-    epochs: int = 20
+    epochs: int = 20  # with gate_steps: the most any trial takes (ASHA's horizon), derived by with_gate_steps
+    gate_steps: int = 0  # 0: train gates for `epochs`; else for this many optimizer steps (the task's gate_steps)
     batch_sizes: tuple[int, ...] = (128,)
     lrs: tuple[float, ...] = (1e-4,)
     widths: tuple[float, ...] = (1.0,)
@@ -114,7 +116,7 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialC
         except KeyError:
             raise UserError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
         base = {"task_name": cfg.task_name, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
-                "epochs": grid.epochs, "method": name}
+                "epochs": grid.epochs, "steps": grid.gate_steps, "method": name}
         where = [{"d_target": d_t} for d_t in ts] if spec.per_target else [{"targets": ts}]
         if not spec.trains_gate:
             configs += [TrialConfig(**base, **at) for at in where]
@@ -125,6 +127,17 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialC
                     for at in where for M in grid.batch_sizes for lr in lrs for width in grid.widths
                     for w in w_biases]
     return configs
+
+
+def with_gate_steps(grid: SweepGrid, steps: int, gate_rows: int) -> SweepGrid:
+    """The grid training gates for `steps` optimizer steps (the task's gate_steps; 0 keeps the
+    grid's epochs): the paper states gate training in steps (20k for detection, 80k for action at
+    batch 128), which mean the same on any data size where epochs do not. Each trial derives its
+    own epochs from its batch size (TrialConfig.epochs_on); the grid's epochs become the most
+    any trial takes, ASHA's horizon."""
+    if not steps:
+        return grid
+    return replace(grid, gate_steps=steps, epochs=max(epochs_for_steps(steps, M, gate_rows) for M in grid.batch_sizes))
 
 
 def search_points(configs: list[TrialConfig]) -> list[dict]:
@@ -208,6 +221,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     task = cfg.task()
     layout = cfg.layout
     grid = replace(grid or GRIDS[cfg.profile], seed=cfg.seed)  # the run's seed is the sweep's
+    grid = with_gate_steps(grid, task.gate_steps(), int(manifest["splits"][GATE_SPLIT]["samples"]))
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)
     planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
@@ -225,6 +239,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         return out
 
     ensure_ray(cfg)
+    require(trial_demand(grid.trial_resources()))
     experiment_id = ensure_mlflow(cfg)
     parent = _parent_run(name, experiment_id, grid, cfg)
     for split in SPLITS:
@@ -236,7 +251,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name),
         grid.trial_resources())
     path = layout.tune_experiment(name)
-    callbacks = [_ResumableMLflowLogger(layout, tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task_name}",
+    callbacks = [_ResumableMLflowLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task_name}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
     run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
@@ -323,9 +338,10 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
     the run its first attempt opened instead of opening a second one. A trial's trained gate
     (written to the root by the trial) is logged as an artifact of its run when it ends."""
 
-    def __init__(self, layout: RunLayout, **kwargs):
+    def __init__(self, layout: RunLayout, settings: dict[str, str], **kwargs):
         super().__init__(**kwargs)
         self.layout = layout
+        self.settings = settings  # the run's full settings (RunConfig.as_params), on every trial's run
 
     def log_trial_start(self, trial):
         if trial not in self._trial_runs:
@@ -340,7 +356,14 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
                 if found:
                     self._trial_runs[trial] = found[0].info.run_id
                     client.update_run(found[0].info.run_id, status="RUNNING")
+        fresh = trial not in self._trial_runs
         super().log_trial_start(trial)
+        if fresh:
+            import mlflow
+            from mlflow.entities import Param
+
+            mlflow.MlflowClient(self.tracking_uri).log_batch(
+                self._trial_runs[trial], params=[Param(k, v) for k, v in self.settings.items()])
 
     def log_trial_end(self, trial, failed: bool = False):
         result = trial.last_result or {}

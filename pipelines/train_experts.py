@@ -27,6 +27,7 @@ import torch
 
 from pipelines import registry
 from pipelines.prepare import require_manifest, shard_files
+from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
 from tasks import get_task
@@ -60,6 +61,9 @@ def train_experts(cfg: RunConfig) -> list[dict]:
             todo.append((n, fingerprint))
     if todo:
         ensure_ray(cfg)
+        for n, _ in todo:  # pretrained parts it cannot get: one line here, not a traceback from a worker
+            task.initial_expert(n)
+        require(train_demand(todo[0][0], cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker))
         limit = _concurrent_fits(cfg, len(todo))
         running: dict = {}
         while todo and limit == 1:  # one at a time: fit from the driver, no extra process
@@ -97,7 +101,8 @@ def _concurrent_fits(cfg: RunConfig, pending: int) -> int:
         return cfg.concurrent_fits
     if cfg.use_gpu:
         return max(1, pending)
-    return max(1, (int(ray.cluster_resources().get("CPU", 1)) - 1) // cfg.num_workers)
+    per_fit = cfg.num_workers * (1.0 if cfg.cpus_per_worker is None else cfg.cpus_per_worker)
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // max(per_fit, 1e-9)))
 
 
 def load_expert(task, n: int, weights: str | AnyPath, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -129,7 +134,8 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
         _train_loop,
         train_loop_config={"task": cfg.task_name, "profile": cfg.profile, "options": cfg.task_options, "n": n,
                            "seed": cfg.seed},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=_worker_resources(cfg)),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
             # rows are stored image by image: mix the files, in another order every epoch
             "train": read("train").randomize_block_order(seed=_data_seed(cfg.seed, n)),
@@ -148,6 +154,13 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
         state = torch.load(Path(ckpt) / WEIGHTS, map_location="cpu", weights_only=True)
         history = json.loads((Path(ckpt) / HISTORY).read_text())
     return state, history
+
+
+def _worker_resources(cfg: RunConfig) -> dict | None:
+    """A Train worker's resources: Ray Train's default unless --cpus-per-worker is given."""
+    if cfg.cpus_per_worker is None:
+        return None
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
 
 
 def _remote_fit():
@@ -178,9 +191,8 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
     ensure_mlflow(cfg)
     with mlflow.start_run(run_name=f"expert-{n}-{name}") as run:
         mlflow.set_tags({"bmoe.stage": "train-experts", "bmoe.expert": n})
-        mlflow.log_params({"expert": name, "data_cost_bytes": float(task.data_costs()[n]),
-                           **asdict(task.expert_training(n)), "num_workers": cfg.num_workers,
-                           "use_gpu": cfg.use_gpu, "profile": cfg.profile})
+        mlflow.log_params({**cfg.as_params(), "expert": name, "data_cost_bytes": float(task.data_costs()[n]),
+                           **{f"training.{k}": v for k, v in asdict(task.expert_training(n)).items()}})
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         mlflow.log_metric("train_seconds", seconds)
@@ -213,6 +225,24 @@ def _data_seed(seed: int, n: int) -> int:
     return seed * 1000 + n
 
 
+def build_optimizer(model: torch.nn.Module, training) -> torch.optim.Optimizer:
+    """The expert's optimizer from its recipe (tasks.base.ExpertTraining)."""
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
+                               weight_decay=training.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+
+
+def step_lr(training, epoch: int, step: int) -> float:
+    """The rate of a step: cosine_lr of its epoch, times a linear warm-up from 1/1000 over the
+    recipe's first warmup_steps steps (torchvision's detection references warm up SSD this way;
+    without it, SGD at 2e-3 on a fresh SSD head can blow up in its first steps)."""
+    lr = cosine_lr(training.lr, epoch, training.epochs)
+    if step < training.warmup_steps:
+        lr *= 1e-3 + (1.0 - 1e-3) * step / training.warmup_steps
+    return lr
+
+
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -223,8 +253,8 @@ def _train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"] + n)
     training = task.expert_training(n)
     device = ray.train.torch.get_device()
-    model = task.build_expert(n)
-    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
+    model = task.initial_expert(n)
+    optimizer = build_optimizer(model, training)
     history = []
     checkpoint = ray.train.get_checkpoint()  # set when this fit resumes after a failure or interruption
     if checkpoint is not None:
@@ -234,21 +264,26 @@ def _train_loop(config: dict) -> None:
             history = json.loads((Path(ckpt) / HISTORY).read_text())
         print(f"train-experts: expert {n} resumes after epoch {len(history)} from its checkpoint")
     resumed_after = len(history)
+    step = history[-1].get("steps", 0) if history else 0  # optimizer steps so far (the warm-up's clock)
     model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(len(history) + 1, training.epochs + 1):
-        for group in optimizer.param_groups:  # cosine decay per epoch: the final weights settle
-            group["lr"] = cosine_lr(training.lr, epoch, training.epochs)
         model.train()
         total, count = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
                                                     local_shuffle_buffer_size=SHUFFLE_BATCHES * training.batch_size,
                                                     local_shuffle_seed=_data_seed(config["seed"], n) * 1000 + epoch):
+            for group in optimizer.param_groups:  # cosine decay per epoch, warm-up per step
+                group["lr"] = step_lr(training, epoch, step)
             loss = task.train_loss(n, model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"expert {n}: the training loss is {float(loss)} at step {step + 1} "
+                                         f"(epoch {epoch}): lower -o lr or raise the warm-up")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
             size = len(batch["x"])
             total, count = total + float(loss.detach()) * size, count + size
         model.eval()
@@ -258,7 +293,8 @@ def _train_loop(config: dict) -> None:
                 size = len(batch["x"])
                 val_total += float(task.train_loss(n, model, batch)) * size
                 val_count += size
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_total / max(val_count, 1)}
+        row = {"epoch": epoch, "steps": step, "train_loss": total / max(count, 1),
+               "val_loss": val_total / max(val_count, 1)}
         if resumed_after and epoch == resumed_after + 1:  # the first epoch of a resumed fit says so
             row["resumed_after"] = resumed_after
         history.append(row)
@@ -274,7 +310,10 @@ def _train_loop(config: dict) -> None:
 
 
 def _fingerprint(manifest: dict, task, n: int, cfg: RunConfig) -> str:
+    """What an expert's weights depend on: its data, recipe, settings, seed and architecture (the
+    names and shapes of its parameters: weights of another architecture are never kept)."""
+    architecture = [(k, list(v.shape)) for k, v in task.build_expert(n).state_dict().items()]
     payload = {"data": manifest["fingerprint"], "training": asdict(task.expert_training(n)),
                "expert": task.expert_names()[n], "seed": cfg.seed,
-               "settings": repr(task.settings)}
+               "settings": repr(task.settings), "architecture": architecture}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -4,11 +4,13 @@ handles when bound).
 
     serve run serving.app:build_app task=superres root=./bmoe-runs target_cost=4096
     bmoe serve --task superres --root ./bmoe-runs --target-cost 4096
+    bmoe serve --task superres --expert-gpus 0.25 --router-gpus 0.1   # Ray places replicas on GPUs
     serve deploy serving/serve_config.yaml     # the same app from a config file, on a cluster
 
 Nothing is bound at import time: build_app(args) / build(settings) make the application. What
 is bound is a ServedRun (references to the run's files or registered models, a few hundred
-bytes); each replica loads its own weights.
+bytes); each replica loads its own weights, on the GPU Ray assigned it if any, else the CPU
+(serving.loading.replica_device).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 from ray import serve
 
 from serving import wire
-from serving.loading import ServedRun, load_expert
+from serving.loading import ServedRun, load_expert, replica_device
 
 
 @serve.deployment
@@ -31,8 +31,7 @@ class Expert:
         self.task = run.task()
         self.n = n
         self.name = run.expert_names[n]
-        # A GPU only when Ray gave the replica one (ray_actor_options num_gpus > 0).
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = replica_device()  # a GPU only when Ray gave the replica one (num_gpus > 0)
         self.model = load_expert(run, n).to(self.device)  # built once, from the root or the registry
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"expert{n}")  # one batch at a time
         self.infer.set_max_batch_size(max_batch_size)

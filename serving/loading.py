@@ -12,6 +12,7 @@ config, and replicas on any node read the same root or registry.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -96,16 +97,41 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
     return layout.resolve(best["gate_file"])
 
 
+def assigned_device(gpu_ids: Sequence, cuda_available: bool) -> "torch.device":
+    """CUDA only where Ray assigned this process a GPU, else the CPU: CUDA being visible is not
+    enough, since Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor with num_gpus 0, and a
+    replica that took a GPU anyway would share one Ray gave another. With a GPU assigned, Ray
+    makes it the only visible one, so it is "cuda"."""
+    import torch
+
+    return torch.device("cuda" if len(gpu_ids) and cuda_available else "cpu")
+
+
+def replica_device() -> "torch.device":
+    """The device of the calling Serve replica (or Ray actor): assigned_device of its GPUs."""
+    import warnings
+
+    import ray
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    device = assigned_device(gpu_ids, torch.cuda.is_available())
+    if len(gpu_ids) and device.type == "cpu":  # the GPU stays idle: worth a line in the replica's log
+        warnings.warn(f"Ray assigned GPU(s) {gpu_ids} but PyTorch sees no CUDA (a CPU-only build?): using the CPU")
+    return device
+
+
 def gate_values(gate, bundle: dict, x) -> np.ndarray:
     """(M, N) per-expert values the router trades against data cost: the scores a gate that
-    predicts them gives (lagrange), log-probabilities of a gate that chooses (soft, enforce)."""
+    predicts them gives (lagrange), log-probabilities of a gate that chooses (soft, enforce).
+    x goes to the gate's device; the values come back to the CPU."""
     import torch
 
     with torch.no_grad():
-        out = gate(x)
+        out = gate(x.to(next(gate.parameters()).device)).double().cpu()
     if METHODS[bundle["method"]].gate_output == "scores":
-        return out.double().numpy() * bundle["score_std"] + bundle["score_mean"]
-    return torch.log_softmax(out.double(), dim=1).numpy()
+        return out.numpy() * bundle["score_std"] + bundle["score_mean"]
+    return torch.log_softmax(out, dim=1).numpy()
 
 
 def resolve_run(root: str, task_name: str, gate_file: str | None = None, target: float | None = None,
@@ -159,17 +185,19 @@ def resolve_run(root: str, task_name: str, gate_file: str | None = None, target:
                      gate_method=bundle["method"], expert_sources=sources, gate_target=gate_target)
 
 
-def load_gate(run: ServedRun) -> tuple:
-    """(gate, bundle, val_values): the gate in eval mode, its bundle (state_dict included) and
-    its values (M, N) on the validation split's gate inputs, streamed from the shards in batches."""
+def load_gate(run: ServedRun, device="cpu") -> tuple:
+    """(gate, bundle, val_values): the gate in eval mode on `device`, its bundle (state_dict
+    included, on the CPU) and its values (M, N) on the validation split's gate inputs, streamed
+    from the shards in batches."""
     from pipelines.gate_trial import EVAL_BATCH
 
     gate, bundle = _read_gate(run.gate_file, run.tracking_uri)
+    bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
+    gate = gate.to(device)
     task = run.task()
     layout = RunConfig(task_name=run.task_name, root=run.root).layout
     val_gate = GateInputs(shard_files(layout, read_json(layout.manifest()), "val", "gate"))
     values = np.concatenate([gate_values(gate, bundle, task.gate_tensor(x)) for _, x in val_gate.batches(EVAL_BATCH)])
-    bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
     return gate, bundle, values
 
 

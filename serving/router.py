@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse
 
 from serving import wire
 from serving.budget import BudgetController, merge_summaries
-from serving.loading import ServedRun, gate_values, load_gate
+from serving.loading import ServedRun, gate_values, load_gate, replica_device
 from serving.settings import ServeSettings
 
 TARGET_HEADER = "x-bmoe-target-cost"
@@ -68,7 +68,8 @@ class Router:
         self.names = list(run.expert_names)
         self.d = run.costs
         self.experts = experts
-        self.gate, self.gate_bundle, self.val_values = load_gate(run)  # this replica's own copy
+        self.device = replica_device()  # the gate runs on a GPU only when Ray gave the replica one
+        self.gate, self.gate_bundle, self.val_values = load_gate(run, self.device)  # this replica's own copy
         self.pool = ThreadPoolExecutor(settings.router_threads, thread_name_prefix="router")
         self.lock = threading.Lock()  # controllers and counters: the pool's threads update them
         self.target = float(target)

@@ -1,8 +1,9 @@
 """How a served mixture is deployed: frozen dataclasses, one per deployment kind.
 
-Defaults suit a laptop (fractional CPUs so several replicas fit on 2 cores); on a GPU cluster
-set the experts' Scaling.num_gpus (e.g. 0.25: four expert replicas per GPU) and raise
-max_replicas, for the router as for the experts.
+Defaults suit a laptop (fractional CPUs so several replicas fit on 2 cores, no GPU); on a GPU
+cluster set the experts' Scaling.num_gpus (e.g. 0.25: four expert replicas per GPU; `bmoe serve
+--expert-gpus`), the router's for its gate (`--router-gpus`), and raise max_replicas. A replica
+runs on CUDA only when Ray gave it a GPU (serving.loading.replica_device).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class Scaling:
     max_batch_size: int = 16  # experts: requests run in one forward pass (the router ignores it)
     batch_wait_timeout_s: float = 0.0  # experts: 0 batches what is queued and never waits for more
     health_check_period_s: float = 2.0
+
+    def __post_init__(self):
+        for key in ("num_cpus", "num_gpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 or more (a share of a device per replica), got {getattr(self, key)}")
 
     def autoscaling_config(self) -> dict:
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
@@ -116,4 +122,7 @@ def _scaling(values: dict, base: Scaling, kind: str) -> Scaling:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown {kind} scaling key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})
+    try:
+        return replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})
+    except ValueError as err:  # a negative share, a value that is not a number
+        raise ValueError(f"{kind} scaling: {err}") from None

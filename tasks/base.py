@@ -93,11 +93,22 @@ class ServedInput:
 
 @dataclass(frozen=True)
 class ExpertTraining:
-    """How one expert is trained with Ray Train."""
+    """How one expert is trained with Ray Train (the recipe is logged with the expert)."""
 
     epochs: int
     batch_size: int
     lr: float
+    optimizer: str = "adam"  # adam | sgd (SGD with momentum: torchvision's detection references)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # the lr rises linearly from lr/1000 over the first steps (torchvision's warm-up)
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 class BadDataRoot(ValueError):
@@ -201,7 +212,12 @@ class TaskBase(abc.ABC):
     # -- experts: train-experts, cache ---------------------------------------------------------
     @abc.abstractmethod
     def build_expert(self, n: int) -> nn.Module:
-        """Expert n at its initialisation."""
+        """Expert n's architecture, untrained (its weights are loaded or trained afterwards)."""
+
+    def initial_expert(self, n: int) -> nn.Module:
+        """Expert n as its fit starts: build_expert's, or with pretrained parts loaded (detection's
+        ImageNet backbones). Raises BadInput, in one line, for pretrained weights it cannot get."""
+        return self.build_expert(n)
 
     def expert_training(self, n: int) -> ExpertTraining:
         """How expert n trains: by default every expert alike, from settings.epochs, batch_size, lr."""
@@ -231,6 +247,11 @@ class TaskBase(abc.ABC):
     def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(M, C, H, W) float gate inputs from a batch of the stored gate column (numpy, or a
         tensor already on the trial's device: the result stays on that device)."""
+
+    def gate_steps(self) -> int:
+        """Optimizer steps a sweep trains each gate for (settings.gate_steps; the paper trains
+        detection's for 20k, action's for 80k); 0: the sweep grid's epochs."""
+        return self.settings.gate_steps
 
     def heuristic(self, gate: np.ndarray) -> np.ndarray | None:
         """(M,) hand-made difficulty per input (higher: needs more data); None: the task has none."""

@@ -24,7 +24,7 @@ from tasks.superres import metrics, models, patches, readers, serving, synthetic
 class SuperResSettings:
     """One profile's settings; logged to MLflow as they are."""
 
-    may_be_zero: ClassVar[tuple[str, ...]] = ("n_procedural",)  # -o KEY=0 allowed
+    may_be_zero: ClassVar[tuple[str, ...]] = ("n_procedural", "gate_steps")  # -o KEY=0 allowed
 
     scales: tuple[int, ...] = patches.SCALES  # experts cheapest first: x4, x3, x2
     model: str = "espcn"  # or "fsrcnn"
@@ -34,6 +34,7 @@ class SuperResSettings:
     n_procedural: int = 8  # procedural images per split in the embedded data
     train_multiplier: int = 1  # the train split gets this many times n_procedural (the gate needs data)
     gate_share: float = 0.2  # of train's images, held out from the experts to train gates (carve_gate_split)
+    gate_steps: int = 0  # sweep: optimizer steps per gate (0: the sweep's epochs; the paper states steps)
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
