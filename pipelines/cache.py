@@ -1,4 +1,5 @@
-"""Stage 3, cache: every frozen expert over every split, once.
+"""Stage 3, cache: every frozen expert over the gate, val and test splits, once (the experts'
+own train split is not scored: nothing reads it, and it is the largest).
 
 Ray Data batch inference with an actor pool per expert writes, per sample, each expert's loss
 (the gate's training signal) and score (additive under the task metric: the oracle's input)
@@ -20,9 +21,10 @@ from pipelines.resources import cache_demand, require
 from pipelines.runtime import RunConfig, UserError, ensure_ray
 from pipelines.train_experts import load_expert
 from storage import read_json, read_table, write_json, write_table
-from tasks import SPLITS, get_task
+from tasks import SCORED_SPLITS, get_task
 
 CACHE_ORDER = "gate-shards"  # rows in the order of the split's gate shards (older caches were sorted by id)
+CACHE_SPLITS = "scored"  # SCORED_SPLITS only (older caches scored train too)
 
 
 def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, str]:
@@ -35,8 +37,8 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     task = cfg.task()
     layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
-    key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER}
-    files = {split: layout.cache(split) for split in SPLITS}
+    key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER, "splits": CACHE_SPLITS}
+    files = {split: layout.cache(split) for split in SCORED_SPLITS}
     if read_json(layout.cache_stamp()) == key and all(f.exists() for f in files.values()):
         print("cache: data and experts unchanged, cache kept")
         return {split: str(f) for split, f in files.items()}
@@ -47,11 +49,11 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     # rows in the gate shards' order (the manifest's), which sweep trials stream the inputs in
     tables = {split: pa.concat_tables([read_table(f, columns=["sample_id", "group", *task.meta_columns])
                                        for f in shard_files(layout, manifest, split, "gate")]).to_pandas()
-              for split in SPLITS}
+              for split in SCORED_SPLITS}
     pool = actors or (max(1, int(ray.cluster_resources().get("GPU", 1))) if cfg.use_gpu else 1)
     for n in range(len(experts)):
         # one pass per expert over all splits: one actor pool, one model load per actor
-        paths = [str(f) for split in SPLITS for f in shard_files(layout, manifest, split, f"p{n}")]
+        paths = [str(f) for split in SCORED_SPLITS for f in shard_files(layout, manifest, split, f"p{n}")]
         scored = ray.data.read_parquet(paths, include_paths=True).map_batches(
             _ExpertScorer,
             fn_constructor_kwargs={"task_name": cfg.task_name, "profile": cfg.profile, "options": cfg.task_options, "n": n,
@@ -63,7 +65,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
         ).to_pandas()
         split_of = scored.pop("path").map(lambda p: p.rsplit("/", 3)[-3])  # .../<split>/p<n>/<file>
         scored = scored.rename(columns={c: f"{c}_{n}" for c in scored.columns if c != "sample_id"})
-        for split in SPLITS:
+        for split in SCORED_SPLITS:
             part = scored[split_of == split]
             tables[split] = tables[split].merge(part, on="sample_id", how="left", validate="one_to_one")
         print(f"cache: expert {n}: {len(scored)} samples scored ({time.perf_counter() - started:.1f}s)")

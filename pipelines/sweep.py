@@ -37,7 +37,7 @@ from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch, PointSearchGenerator
 from storage import AnyPath, read_json, write_bytes, write_json
-from tasks import GATE_SPLIT, SPLITS
+from tasks import GATE_SPLIT, SCORED_SPLITS
 
 MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this many times
 
@@ -186,7 +186,7 @@ def _identity(grid: SweepGrid) -> dict:
     return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")}
 
 
-TRIAL_SPLITS = (GATE_SPLIT, "val", "test")  # what a trial reads: the experts' own train split is not among them
+TRIAL_SPLITS = SCORED_SPLITS  # what a trial reads: the experts' own train split is not among them
 
 
 def split_inputs(layout: RunLayout, manifest: dict, splits: tuple[str, ...] = TRIAL_SPLITS) -> dict[str, dict]:
@@ -242,7 +242,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     require(trial_demand(grid.trial_resources()))
     experiment_id = ensure_mlflow(cfg)
     parent = _parent_run(name, experiment_id, grid, cfg)
-    for split in SPLITS:
+    for split in SCORED_SPLITS:
         if not layout.cache(split).exists():
             raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
     # Trials read their splits themselves, streamed from the root on their own node: only paths travel.

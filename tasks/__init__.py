@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.base import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, TaskBase, UnreadableInput
+from tasks.base import GATE_SPLIT, SCORED_SPLITS, SOURCE_SPLITS, SPLITS, BadInput, TaskBase, UnreadableInput
 
-__all__ = ["SPLITS", "SOURCE_SPLITS", "GATE_SPLIT", "BadInput", "UnreadableInput", "TaskBase", "TASKS", "get_task"]
+__all__ = ["SPLITS", "SCORED_SPLITS", "SOURCE_SPLITS", "GATE_SPLIT", "BadInput", "UnreadableInput", "TaskBase", "TASKS", "get_task"]
 
 
 def _detection(profile: str, options: dict) -> TaskBase:

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 SOURCE_SPLITS = ("train", "val", "test")  # the splits a data set defines (task.list_sources)
 GATE_SPLIT = "gate"  # carved out of train: inputs the experts never train on, for training gates
-SPLITS = ("train", GATE_SPLIT, "val", "test")  # every split prepare writes and cache scores
+SPLITS = ("train", GATE_SPLIT, "val", "test")  # every split prepare writes
+SCORED_SPLITS = (GATE_SPLIT, "val", "test")  # what cache scores: gates train, select and report on these; no
+# stage reads the experts' scores on their own training inputs
 
 
 class BadInput(ValueError):

@@ -96,7 +96,10 @@ def test_the_bucket_holds_the_complete_run(runs, cluster, task):
             for f in shard["files"]:
                 path = layout.shards(split, part) / f["name"]
                 assert pq.read_metadata(path.key, filesystem=path.filesystem).num_rows == f["rows"] > 0
-        assert read_table(layout.cache(split), ["sample_id"]).num_rows == info["samples"]
+        if split != "train":  # nothing reads the experts' scores on their own training inputs
+            assert read_table(layout.cache(split), ["sample_id"]).num_rows == info["samples"]
+        else:
+            assert not layout.cache(split).exists()
     for n in range(len(manifest["experts"])):
         assert layout.weights(n).is_file() and read_json(layout.expert_meta(n))["fingerprint"]
     assert any(p.name.startswith(f"{task}-expert-0-") for p in (layout.root / "ray-train").iterdir())
@@ -160,6 +163,8 @@ def check_superres(manifest: dict, layout, summary: dict) -> None:
     for split, info in manifest["splits"].items():
         enc = info["mean_encoded_bytes"]
         assert enc["p0"] < enc["p1"] < enc["p2"]  # PNG bytes of the LR patch grow as the data costs do
+        if split == "train":
+            continue
         table = read_table(layout.cache(split)).to_pandas()
         for n in range(3):
             assert np.isfinite(table[f"loss_{n}"]).all() and (table[f"loss_{n}"] >= 0).all()
@@ -182,6 +187,8 @@ def check_detection(manifest: dict, layout, summary: dict) -> None:
     for split, info in manifest["splits"].items():
         enc = info["mean_encoded_bytes"]
         assert enc["p0"] < enc["p1"] < enc["p2"]  # JPEG bytes of P_n(x) grow with R
+        if split == "train":
+            continue
         table = read_table(layout.cache(split)).to_pandas()
         for n in range(3):
             assert np.isfinite(table[f"loss_{n}"]).all() and (table[f"loss_{n}"] > 0).all()
