@@ -289,14 +289,17 @@ def _warn_without_gpus(asked: float) -> None:
 @app.command()
 def demo(task_name: Annotated[Optional[str], typer.Option("--task", help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
-         tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0):
+         tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
+         concurrent_fits: Annotated[int, typer.Option(
+             help="Experts trained at once (0: as many as the cluster's CPUs hold beside Ray Data's reads); "
+                  "1 when other jobs share the cluster.", min=0)] = 0):
     """Run every stage of every task on the embedded default data and print what ran."""
     from pipelines.demo import run_demo
     from tasks import TASKS
 
     names = [task_name] if task_name else list(TASKS)
-    configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
-               for name in names]
+    configs = [_config(name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed,
+                       concurrent_fits=concurrent_fits) for name in names]
     _run(run_demo, configs)
 
 

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 PROFILES = ("smoke", "demo", "paper")
+RAY_SOCKET_SUFFIX = len("/session_2026-12-05_13-32-58_213021_2408100/sockets/plasma_store")  # below Ray's temp dir
 
 
 class UserError(Exception):
@@ -141,9 +142,11 @@ def ensure_ray(cfg: RunConfig) -> None:
                             f"run on a local Ray") from None
         return
     kwargs = dict(include_dashboard=False, log_to_driver=True)
-    # Ray's socket paths must stay under ~107 characters: keep state under a local root when short.
+    # Ray's socket paths (<temp>/session_<date>_<time>_<pid>/sockets/plasma_store, about 64
+    # characters below temp) must stay under 107: keep state under a local root when short enough
+    # (a 52-character one failed with "AF_UNIX path length cannot exceed 107 bytes").
     temp = cfg.layout.ray_temp()
-    if not cfg.layout.is_remote and len(str(temp)) < 60:
+    if not cfg.layout.is_remote and len(str(temp)) + RAY_SOCKET_SUFFIX <= 107:
         temp.mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp)
     ray.init(**kwargs)

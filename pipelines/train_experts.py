@@ -61,8 +61,7 @@ def train_experts(cfg: RunConfig) -> list[dict]:
             todo.append((n, fingerprint))
     if todo:
         ensure_ray(cfg)
-        for n, _ in todo:  # pretrained parts it cannot get: one line here, not a traceback from a worker
-            task.initial_expert(n)
+        task.check_pretrained()  # pretrained parts it cannot get: one line here, not a traceback from a worker
         require(train_demand(todo[0][0], cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker))
         limit = _concurrent_fits(cfg, len(todo))
         running: dict = {}
@@ -103,6 +102,13 @@ def _concurrent_fits(cfg: RunConfig, pending: int) -> int:
         return max(1, pending)
     per_fit = cfg.num_workers * (1.0 if cfg.cpus_per_worker is None else cfg.cpus_per_worker)
     return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // max(per_fit, 1e-9)))
+
+
+def architecture(task, n: int) -> torch.nn.Module:
+    """Expert n's modules on the meta device: names and shapes without allocating or initialising
+    a weight (a VGG16 SSD takes 1.6 s to build on 2 cores, 0.02 s here)."""
+    with torch.device("meta"):
+        return task.build_expert(n)
 
 
 def load_expert(task, n: int, weights: str | AnyPath, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -187,7 +193,7 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
     name = task.expert_names()[n]
     layout = cfg.layout
     save_torch(state, layout.weights(n))
-    task.build_expert(n).load_state_dict(state)  # the weights fit the architecture they are registered as
+    architecture(task, n).load_state_dict(state, assign=True)  # the weights fit the architecture they are registered as
     ensure_mlflow(cfg)
     with mlflow.start_run(run_name=f"expert-{n}-{name}") as run:
         mlflow.set_tags({"bmoe.stage": "train-experts", "bmoe.expert": n})
@@ -312,8 +318,8 @@ def _train_loop(config: dict) -> None:
 def _fingerprint(manifest: dict, task, n: int, cfg: RunConfig) -> str:
     """What an expert's weights depend on: its data, recipe, settings, seed and architecture (the
     names and shapes of its parameters: weights of another architecture are never kept)."""
-    architecture = [(k, list(v.shape)) for k, v in task.build_expert(n).state_dict().items()]
+    shapes = [(k, list(v.shape)) for k, v in architecture(task, n).state_dict().items()]
     payload = {"data": manifest["fingerprint"], "training": asdict(task.expert_training(n)),
                "expert": task.expert_names()[n], "seed": cfg.seed,
-               "settings": repr(task.settings), "architecture": architecture}
+               "settings": repr(task.settings), "architecture": shapes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -216,6 +216,10 @@ class TaskBase(abc.ABC):
     def build_expert(self, n: int) -> nn.Module:
         """Expert n's architecture, untrained (its weights are loaded or trained afterwards)."""
 
+    def check_pretrained(self) -> None:
+        """Raise BadInput, in one line, if the pretrained parts initial_expert loads cannot be had
+        (train-experts asks before any fit starts); nothing to check by default."""
+
     def initial_expert(self, n: int) -> nn.Module:
         """Expert n as its fit starts: build_expert's, or with pretrained parts loaded (detection's
         ImageNet backbones). Raises BadInput, in one line, for pretrained weights it cannot get."""

@@ -58,7 +58,7 @@ def _div2k_tree(root: Path) -> Path:
 def _coco_tree(root: Path) -> Path:
     from tasks.detection import synthetic
 
-    return synthetic.write_coco_tree(root, {"train2017": 6, "val2017": 4}, seed=0, width=160, height=120)
+    return synthetic.write_coco_tree(root, {"train2017": 4, "val2017": 4}, seed=0, width=160, height=120)
 
 
 def _ucf_tree(root: Path) -> Path:
@@ -90,9 +90,9 @@ def test_the_paper_profile_runs_every_stage(task_name, tmp_path, ray_session, ca
     from pipelines.train_experts import train_experts
 
     data_root = TREES[task_name](tmp_path / "data")
-    # Logical CPU shares, so that two fits run at once beside Ray Data's reads on 2 CPUs (a fit waits
-    # on process starts more than it computes); action: two Train workers per expert
-    workers = {"num_workers": 2, "cpus_per_worker": 0.25} if task_name == "action" else {"cpus_per_worker": 0.5}
+    # Logical CPU shares, so that the fits run at once beside Ray Data's reads on 2 CPUs (a small fit
+    # waits on process starts more than it computes); action: two Train workers per expert (DDP)
+    workers = {"num_workers": 2, "cpus_per_worker": 0.25} if task_name == "action" else {"cpus_per_worker": 0.3}
     cfg = _paper_config(task_name, tmp_path / "runs", data_root, **workers)
     task = cfg.task()
     seconds = {}
@@ -113,7 +113,7 @@ def test_the_paper_profile_runs_every_stage(task_name, tmp_path, ray_session, ca
             assert history["steps"] >= 2, summary
     files = timed("cache", cache, cfg)
     assert set(files) == {"gate", "val", "test"}  # the experts' train split is never scored
-    grid = dataclasses.replace(GRIDS["paper"], points=3, methods=METHODS, w_biases=(1.0,), cpus_per_trial=0.5)
+    grid = dataclasses.replace(GRIDS["paper"], points=2, methods=METHODS, w_biases=(1.0,), cpus_per_trial=0.5)
     record = json.loads(timed("sweep", sweep, cfg, grid, "paper").read_text())
     summary = json.loads(timed("report", report, cfg).read_text())
     print(f"{task_name} paper profile, stage seconds: {seconds}")

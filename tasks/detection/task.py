@@ -191,6 +191,10 @@ class DetectionTask(TaskBase):
         return models.build_detector(s.model, len(s.categories) + 1, s.resolutions[n], s.width, s.min_side,
                                      s.detections_per_img)
 
+    def check_pretrained(self) -> None:
+        if self.settings.backbone_weights:
+            self.initial_expert(0)  # every expert loads the same backbone
+
     def initial_expert(self, n: int) -> torch.nn.Module:
         """build_expert's SSD with settings.backbone_weights loaded (ImageNet features, as torchvision's
         references start SSD300); BadInput in one line when they cannot be had or do not fit."""
