@@ -276,6 +276,37 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
         raise typer.Exit(1) from None
 
 
+@app.command()
+def replay(task_name: Task = "superres", root: Root = "bmoe-runs",
+           url: Annotated[str, typer.Option(help="The endpoint: http://HOST:PORT (a running `bmoe serve`, here or "
+                                                 "remote; only HTTP is used).")] = "http://127.0.0.1:8000",
+           target_cost: Annotated[Optional[list[float]], typer.Option(
+               help="Budget d_t in bytes per routing unit, sent with each request; repeatable; default: the "
+                    "endpoint's own.")] = None,
+           split: Annotated[str, typer.Option(help="The root's split to send: test (compared with the report) or "
+                                                   "val.")] = "test",
+           timeout: Annotated[float, typer.Option(help="Seconds per request.", min=1.0)] = 300.0,
+           tracking_uri: TrackingUri = None,
+           output: Annotated[str, typer.Option("--format", help="table or json.")] = "table"):
+    """Send a split of the root through a running endpoint and score the responses with the task's own
+    metric, as the report does: served performance and data cost beside the report's row for the same
+    gate and target. Run it after every deployment."""
+    import json
+
+    from serving.replay import format_table, replay as stage
+
+    if output not in ("table", "json"):
+        raise typer.BadParameter(f"--format {output!r}: choose table or json")
+    cfg = _config(task_name, root, "demo", None, tracking_uri)
+    tracking = tracking_uri or (None if cfg.layout.is_remote else cfg.mlflow_uri)  # for a registered gate's trial
+    rows = _run(stage, str(cfg.layout.root), task_name, url, list(target_cost or [None]), split, timeout,
+                progress=lambda line: typer.echo(line, err=True), tracking_uri=tracking)
+    if output == "json":
+        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        typer.echo(format_table(rows, cfg.task().metric_name))
+
+
 def _warn_without_gpus(asked: float) -> None:
     """Replicas that ask for GPUs the Ray cluster lacks wait for GPU nodes: say so, in one line."""
     import ray

@@ -145,7 +145,8 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
         aliases = [gate_alias(None if for_all else d_t, method)]
         aliases += [gate_alias(d_t)] if best_at[d_t] is candidate else []
         tags = {"method": method, "d_target": "all" if for_all else f"{d_t:.6g}",
-                "sweep": sweep["name"], "val_objective": f"{figure:.6g}" if figure is not None else ""}
+                "sweep": sweep["name"], "val_objective": f"{figure:.6g}" if figure is not None else "",
+                "gate_file": trial["gate_file"]}  # bmoe replay finds the gate's trial from it
         register(client, name, runs[trial["gate_file"]], GATE_ARTIFACT, tags, tuple(aliases))
         registered.update({alias: f"models:/{name}@{alias}" for alias in aliases})
     return registered

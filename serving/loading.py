@@ -20,8 +20,8 @@ from pipelines import registry
 from pipelines.gate_inputs import GateInputs
 from pipelines.prepare import shard_files
 from pipelines.layout import RunLayout
-from pipelines.methods import ALL_TARGET_GATES, METHODS, SERVABLE
-from pipelines.selection import best_on_validation, validation_figure
+from pipelines.methods import METHODS, SERVABLE
+from pipelines.selection import validation_figure
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
 
@@ -75,9 +75,9 @@ class ServedModels:
 
 
 def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
-    """The gate to serve from the task's latest sweep: a gate for every budget (lagrange) if the
-    sweep trained one, else the per-target gate (soft, enforce) trained nearest the target (best
-    validation performance among equals)."""
+    """The gate to serve at `target` (None: d_max / 2, the serving default), as the report picks:
+    of every gate the task's latest sweep trained (lagrange's for every budget, soft's and
+    enforce's each for its own), the best on validation at the sweep's target nearest to it."""
     latest = read_json(layout.latest_sweep())
     sweep = read_json(layout.resolve(latest["file"])) if latest else None
     if sweep is None:
@@ -87,14 +87,27 @@ def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
     if not trials:
         raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE)}): "
                         "rerun `bmoe sweep` with one of them")
-    every_target = [t for t in trials if t["config"]["method"] in ALL_TARGET_GATES]
-    if every_target:  # the best of them on validation when the sweep searched its hyperparameters
-        return layout.resolve(max(every_target, key=lambda t: validation_figure(t) or -np.inf)["gate_file"])
-    goal = target if target is not None else float(np.median([t["config"]["d_target"] for t in trials]))
-    chosen = best_on_validation(trials, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
-                                val=validation_figure)  # as the report picks them
-    best = min(chosen.values(), key=lambda t: (abs(t["config"]["d_target"] - goal), -(validation_figure(t) or -np.inf)))
-    return layout.resolve(best["gate_file"])
+    return layout.resolve(best_gate(trials, target if target is not None else _default_target(layout))["gate_file"])
+
+
+def best_gate(trials: list[dict], target: float) -> dict:
+    """The trial whose gate is best on validation at the target (of the trials' points) nearest to
+    `target`; a trial without points (older records) counts at its own d_target."""
+    points = [(p, t) for t in trials for p in t.get("points") or [{**t, "d_target": t["config"].get("d_target")}]
+              if p.get("d_target") is not None]
+    if not points:
+        return trials[0]
+    nearest = min(abs(p["d_target"] - target) for p, _ in points)
+    at_target = [(p, t) for p, t in points if abs(p["d_target"] - target) == nearest]
+    figure = lambda pair: validation_figure(pair[0]) if validation_figure(pair[0]) is not None else -np.inf  # noqa: E731
+    return max(at_target, key=figure)[1]  # the first among equals
+
+
+def _default_target(layout: RunLayout) -> float:
+    manifest = read_json(layout.manifest())
+    if manifest is None:
+        raise UserError(f"no prepared data for task {layout.task_name} under {layout.root}: run `bmoe prepare` first")
+    return float(max(manifest["data_costs"])) / 2
 
 
 def assigned_device(gpu_ids: Sequence, cuda_available: bool) -> "torch.device":

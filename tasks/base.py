@@ -293,6 +293,14 @@ class TaskBase(abc.ABC):
     def response(self, request: ServedInput, outputs: list[np.ndarray]) -> dict:
         """The JSON prediction from every unit's expert output (outputs[u]: unit u's)."""
 
+    # -- replay: serving/replay.py ------------------------------------------------------------------
+    @abc.abstractmethod
+    def served_columns(self, rows: list[dict], response: dict, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """What evaluate gives, from a served response instead of the expert's output: per-row cache
+        columns (at least those metric reads) of the expert each row went to. rows: load's rows of the
+        source that was POSTed, one per routing unit, in the request's unit order; experts (U,): the
+        expert the endpoint sent each unit to."""
+
 
 def with_options(base, overrides: dict, task: str):
     """`base` settings (a frozen dataclass) with `overrides` given as strings from the command

@@ -134,3 +134,4 @@ def running_replicas(app: str, prefix: str) -> int:
     deployments = serve.status().applications[app].deployments
     name = next(k for k in deployments if k.startswith(prefix))
     return int(deployments[name].replica_states.get("RUNNING", 0))
+

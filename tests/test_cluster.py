@@ -322,6 +322,12 @@ def test_serve_answers_from_the_buckets_run(runs, cluster):
         assert answer is not None, proc.stdout.read() if proc.poll() is not None else "no answer within 180 s"
         status, body = answer
         assert status == 200 and body["data_cost_bytes"] > 0 and len(body["experts"]) == 4  # 2x2 patches
+        # `bmoe replay` from here, over HTTP only: the bucket's test split through the registered gate
+        from serving.replay import replay
+
+        row, = replay(ROOT, "superres", f"http://127.0.0.1:{port}", [None], tracking_uri=cluster["tracking"])
+        assert row.units == read_json(as_path(f"{ROOT}/data/superres/manifest.json"))["splits"]["test"]["samples"]
+        assert abs(row.served["performance"] - row.cached) < 0.05, row.as_dict()  # the experts answer as cached
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)

@@ -190,6 +190,29 @@ def test_sweep_and_report(run):
     assert (reports / "assignment.png").stat().st_size > 10_000  # Fig. 9: embeddings by class and by expert
 
 
+def test_the_served_mixture_is_scored_as_the_report_scores_it(run):
+    """Each servable gate of the sweep, served over HTTP at d_max / 2 and sent the test split by
+    `bmoe replay`: every clip scored, top-1 from the responses equal to what the root's cache gives
+    for the same choices (the experts answer as cached), the mean data cost within the streaming
+    budget's guarantee (B / units). Within a point and 2 % of the report row itself does not hold
+    on 84 clips (lagrange here: +4.3 % of the target where the report's test-calibrated price spent
+    -0.7 %): issue 28 stays open on it."""
+    from serving.budget import band
+    from serving.replay import replay_each_gate
+    from serving_http import free_port
+
+    cfg = run[0]
+    target = float(cfg.task().data_costs().max()) / 2
+    rows = replay_each_gate(cfg.root, "action", ("enforce", "lagrange"), [target], port=free_port())
+    for method, (row,) in rows.items():
+        print(f"replay {method}: served {row.served['performance']:.2f} cached {row.cached:.2f} report "
+              f"{row.report['performance']:.2f}; d {row.served['d_mean']:.0f} report {row.report['d_mean']:.0f}")
+        assert row.report is not None and row.units == run[1]["splits"]["test"]["samples"], row
+        assert abs(row.served["performance"] - row.cached) <= 1e-9, (method, row.as_dict())
+        bound = band(cfg.task().data_costs(), target, window=200, tolerance=0.05) / row.units
+        assert abs(row.served["d_mean"] - target) <= bound, (method, row.as_dict(), bound)
+
+
 def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):
     """tune/ lost, the tracking store kept: the rerun starts over and the first start's runs are
     marked deleted, so the parent holds one run per trial and one point per target."""
@@ -208,3 +231,4 @@ def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):
     trials = mlflow.search_runs(experiment_names=["bmoe-action"], filter_string="tags.`bmoe.sweep` = 'rerun-sweep'")
     points = mlflow.search_runs(experiment_names=["bmoe-action"], filter_string="tags.`bmoe.point` = 'rerun-sweep'")
     assert len(trials) == 1 and len(points) == points["params.d_target"].nunique() > 1
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,34 @@ def test_the_served_gate_is_found_in_the_latest_sweep(tmp_path):
     write(enforce)
     assert find_gate_file(layout, target=4500.0).name == "e0.pt"  # nearest target
     assert find_gate_file(layout, target=7000.0).name == "e1.pt"
-    # the lagrange gate serves every budget; an absolute path recorded by an older run, moved since, is found here
-    lagrange = {"config": {"method": "lagrange"}, "gate_file": "/elsewhere/sweeps/superres/s1/gates/l.pt"}
+    # the best on validation at the sweep's target nearest the served one, of every gate trained (as the report
+    # picks): lagrange's points count at each target; an absolute path recorded by an older run, moved since, is found
+    lagrange = {"config": {"method": "lagrange"}, "gate_file": "/elsewhere/sweeps/superres/s1/gates/l.pt",
+                "points": [{"d_target": 4096.0, "val_objective": 29.5}, {"d_target": 8000.0, "val_objective": 31.5}]}
     write([*enforce, lagrange])
-    assert find_gate_file(layout, target=4500.0) == gates / "l.pt"
+    assert find_gate_file(layout, target=4500.0).name == "e0.pt"  # enforce's 30.0 beats lagrange's 29.5 there
+    assert find_gate_file(layout, target=7000.0) == gates / "l.pt"
+    (tmp_path / "data" / "superres").mkdir(parents=True)
+    (tmp_path / "data" / "superres" / "manifest.json").write_text(json.dumps({"data_costs": [3072.0, 12288.0]}))
+    assert find_gate_file(layout) == gates / "l.pt"  # no target: d_max / 2 = 6144, nearest 8000
+
+def test_replay_says_in_one_line_what_it_lacks(tmp_path):
+    """`bmoe replay` on a root without a sweep, then at a port where nothing listens: one line each."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = CliRunner().invoke(app, ["replay", "--root", str(tmp_path), "--url", "http://127.0.0.1:9"])
+    assert out.exit_code == 1 and "run `bmoe sweep --task superres`" in out.output and "Traceback" not in out.output
+    sweeps = tmp_path / "sweeps" / "superres"
+    sweeps.mkdir(parents=True)
+    (sweeps / "s1.json").write_text(json.dumps({"name": "s1", "profile": "smoke", "trials": []}))
+    (sweeps / "latest.json").write_text(json.dumps({"name": "s1", "file": "sweeps/superres/s1.json"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = CliRunner().invoke(app, ["replay", "--root", str(tmp_path), "--url", f"http://127.0.0.1:{port}"])
+    assert out.exit_code == 1 and f"no endpoint at http://127.0.0.1:{port}/superres/stats" in out.output, out.output
+    assert len([line for line in out.output.splitlines() if line.startswith("error:")]) == 1
+    out = CliRunner().invoke(app, ["replay", "--root", str(tmp_path), "--split", "train"])
+    assert out.exit_code == 1 and "--split 'train'" in out.output

@@ -212,6 +212,11 @@ class ActionTask(TaskBase):
             columns.update({f"{EMBED}{k:02d}": emb[:, k] for k in range(emb.shape[1])})
         return columns
 
+    def served_columns(self, rows: list[dict], response: dict, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """The served class against the clip's label: evaluate's "pred" and "score" (correct)."""
+        pred = int(response["prediction"]["class_index"])  # one routing unit per clip
+        return {"pred": np.array([pred]), "score": np.array([float(pred == rows[0]["label"])])}
+
     def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fusion's packed uint8 rows -> (B, F_t, 24, 24, 2) float32 vectors, (B, F_s, H_s, W_s, 3) uint8."""
         s = self.settings

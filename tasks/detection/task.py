@@ -232,21 +232,33 @@ class DetectionTask(TaskBase):
         losses, found = models.losses_and_detections(model, images, targets)
         r = self.settings.resolutions[n]
         widths, heights = np.asarray(batch["img_w"]), np.asarray(batch["img_h"])
-        dets, scores, counts = [], [], []
+        columns = []
         for i, det in enumerate(found):
             box = det["boxes"].cpu().numpy() * np.array([widths[i], heights[i], widths[i], heights[i]]) / r
             rows = np.column_stack([box[:, :2], box[:, 2:] - box[:, :2], det["scores"].cpu().numpy(),
                                     self._coco_id[det["labels"].cpu().numpy()]])  # (D, 6) xywh, score, COCO id
-            dets.append(metrics.pack(rows, np.float32))
-            size = (int(widths[i]), int(heights[i]))
-            scores.append(self._pooled.image_ap(int(batch["image_id"][i]), size, batch["gt"][i], dets[-1]))
-            counts.append(int((metrics.unpack_gt(batch["gt"][i])[:, 5] == 0).sum()))
+            columns.append(self._image_columns(rows, {k: batch[k][i] for k in self.meta_columns}))
         return {
             "loss": losses.cpu().numpy(),  # the SSD loss of each image: the gate's training signal
-            "score": np.array(scores),  # the image's own AP@[.5:.95]: the oracle's (weighted) score
-            "objects": np.array(counts),
-            "dets": np.array(dets, dtype=object),
+            **{key: np.array([c[key] for c in columns], dtype=object if key == "dets" else None)
+               for key in ("score", "objects", "dets")},
         }
+
+    def served_columns(self, rows: list[dict], response: dict, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """The response's boxes (original pixels, as served) scored as evaluate scores an expert's."""
+        found = np.array([[*d["bbox"], d["score"], d["category_id"]] for d in response["prediction"]["detections"]],
+                         dtype=np.float64).reshape(-1, 6)
+        column = self._image_columns(found, rows[0])  # one routing unit per image
+        return {"score": np.array([column["score"]]), "objects": np.array([column["objects"]]),
+                "dets": np.array([column["dets"]], dtype=object)}
+
+    def _image_columns(self, rows: np.ndarray, meta: dict) -> dict:
+        """One image's cache columns from its detections (D, 6) [x, y, w, h, score, COCO id] in its pixels:
+        the packed detections, the image's own AP@[.5:.95] (the oracle's weighted score), its objects."""
+        dets = metrics.pack(rows, np.float32)
+        size = (int(meta["img_w"]), int(meta["img_h"]))
+        return {"dets": dets, "score": self._pooled.image_ap(int(meta["image_id"]), size, meta["gt"], dets),
+                "objects": int((metrics.unpack_gt(meta["gt"])[:, 5] == 0).sum())}
 
     def _inputs(self, n: int, batch: dict, flip: bool) -> tuple[list[torch.Tensor], list[dict]]:
         """SSD's inputs: images (3, R, R) in [0, 1] and targets in R-pixel xyxy with labels 1..C;

@@ -3,6 +3,8 @@ PSNR on Y per image reassembled from its patches (section IV-C, Tables V-VII).""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from bmoe.gating import SUPERRES_GATE, GateSpec
 from storage import AnyPath
@@ -124,13 +127,33 @@ class SuperResTask(TaskBase):
     def evaluate(self, n: int, model: torch.nn.Module, batch: dict, device: torch.device) -> dict[str, np.ndarray]:
         x = _to_float(torch.as_tensor(batch["x"], device=device))
         sr = model(x).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0  # (B, 64, 64, 3)
+        return self._patch_columns(sr, batch, self.settings.scales[n])
+
+    def served_columns(self, rows: list[dict], response: dict, experts: np.ndarray) -> dict[str, np.ndarray]:
+        """The served image cut back into the rows' patches (uint8, as served), scored as evaluate
+        scores an expert's patches: border S of the expert each patch went to."""
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response["prediction"]["image_png_base64"]))))
+        sr = np.stack([image[r["row"]:r["row"] + patches.PATCH, r["col"]:r["col"] + patches.PATCH, :3]
+                       for r in rows]).astype(np.float64)  # (U, 64, 64, 3)
+        batch = {k: np.array([r[k] for r in rows]) for k in self.target_columns}
+        columns: dict[str, np.ndarray] = {}
+        for n in np.unique(experts):
+            idx = np.flatnonzero(experts == n)
+            part = self._patch_columns(sr[idx], {k: v[idx] for k, v in batch.items()}, self.settings.scales[n])
+            for key, values in part.items():
+                columns.setdefault(key, np.full(len(rows), np.nan))[idx] = values
+        return columns
+
+    @staticmethod
+    def _patch_columns(sr: np.ndarray, batch: dict, scale: int) -> dict[str, np.ndarray]:
+        """Cache columns of SR patches (B, 64, 64, 3) in [0, 255] against the batch's HR patches."""
         hr = np.asarray(batch["hr"], dtype=np.float64)
         pos = np.stack([batch["row"], batch["col"]], axis=1)  # (B, 2)
         shapes = np.stack([batch["img_h"], batch["img_w"]], axis=1)  # (B, 2)
         sums = np.zeros((4, len(hr)))  # sse_y, count_y, sse_rgb, count_rgb
         for shape in np.unique(shapes, axis=0):  # the border mask depends on the image's shape
             idx = np.flatnonzero((shapes == shape).all(axis=1))
-            errs = metrics.patch_errors(sr[idx], hr[idx], pos[idx], tuple(shape), self.settings.scales[n])
+            errs = metrics.patch_errors(sr[idx], hr[idx], pos[idx], tuple(shape), scale)
             sums[:, idx] = np.stack(errs)
         sse_y, count_y, sse_rgb, count_rgb = sums
         mse_y = sse_y / np.maximum(count_y, 1)
