@@ -74,15 +74,25 @@ class ServedModels:
         return self.run.task()
 
 
-def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
-    """The gate to serve at `target` (None: d_max / 2, the serving default), as the report picks:
-    of every gate the task's latest sweep trained (lagrange's for every budget, soft's and
-    enforce's each for its own), the best on validation at the sweep's target nearest to it."""
-    latest = read_json(layout.latest_sweep())
-    sweep = read_json(layout.resolve(latest["file"])) if latest else None
+def reported_sweep(layout: RunLayout) -> dict:
+    """The sweep record the task's report was made from (what the user has seen), else the latest;
+    UserError if there is none."""
+    summary = read_json(layout.reports() / "summary.json")
+    sweep = read_json(layout.sweep_record(summary["sweep"])) if summary and summary.get("sweep") else None
+    if sweep is None:
+        latest = read_json(layout.latest_sweep())
+        sweep = read_json(layout.resolve(latest["file"])) if latest else None
     if sweep is None:
         raise UserError(f"no sweep for task {layout.task_name} under {layout.root}: "
                         f"run `bmoe sweep --task {layout.task_name}` first")
+    return sweep
+
+
+def find_gate_file(layout: RunLayout, target: float | None = None) -> AnyPath:
+    """The gate to serve at `target` (None: d_max / 2, the serving default), as the report picks:
+    of every gate the sweep of the task's report (else its latest) trained (lagrange's for every budget, soft's and
+    enforce's each for its own), the best on validation at the sweep's target nearest to it."""
+    sweep = reported_sweep(layout)
     trials = [t for t in sweep["trials"] if t.get("gate_file") and t["config"]["method"] in SERVABLE]
     if not trials:
         raise UserError(f"sweep {sweep['name']} saved no trained gate (methods {', '.join(SERVABLE)}): "

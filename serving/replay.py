@@ -8,7 +8,7 @@ into the cache columns its metric reads (tasks.base.TaskBase.served_columns: sup
 served image back into its patches, detection takes the served boxes, action the served class),
 and task.metric scores the split as the report does. Only the rows the root's cache scored are
 counted, so served and report figures cover the same units. The report's row is the served
-gate's own trial in the root's latest sweep, at the same target.
+gate's own trial in the sweep of the root's report (else its latest), at the same target.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pandas as pd
 from pipelines.layout import RunLayout
 from pipelines.runtime import RunConfig, UserError
 from serving.router import TARGET_HEADER
+from serving.loading import reported_sweep
 from storage import as_path, read_json, read_table
 
 SPLITS = ("val", "test")
@@ -77,7 +78,7 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
     layout = RunLayout.of(root, task_name)
-    sweep = _latest_sweep(layout)
+    sweep = reported_sweep(layout)
     trial_options = next((t["config"]["options"] for t in sweep["trials"]), {})
     task = RunConfig(task_name=task_name, root=str(root), profile=sweep["profile"], task_options=trial_options).task()
     base = endpoint(url, task_name)
@@ -133,7 +134,7 @@ def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], target
     from serving.settings import ServeSettings
 
     layout = RunLayout.of(root, task_name)
-    sweep = _latest_sweep(layout)
+    sweep = reported_sweep(layout)
     results = {}
     for method in methods:
         trials = [t for t in sweep["trials"] if t["config"]["method"] == method and t.get("gate_file")]
@@ -148,15 +149,6 @@ def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], target
         finally:
             serve.shutdown()
     return results
-
-
-def _latest_sweep(layout: RunLayout) -> dict:
-    latest = read_json(layout.latest_sweep())
-    sweep = read_json(layout.resolve(latest["file"])) if latest else None
-    if sweep is None:
-        raise UserError(f"no sweep for task {layout.task_name} under {layout.root}: replay compares with the "
-                        f"report of one (run `bmoe sweep --task {layout.task_name}`)")
-    return sweep
 
 
 def _sources(layout: RunLayout, task, split: str) -> tuple[list[tuple[dict, list[dict], np.ndarray]], list[str]]:
@@ -275,8 +267,8 @@ def format_table(rows: list[ReplayRow], metric_name: str) -> str:
                      f"{perf} {r.served['d_mean']:>13.0f} {rep.get('d_mean', float('nan')):>13.0f} {cost} "
                      f"{r.seconds:>8.1f}")
     if any(r.report is None for r in rows):
-        lines.append("(no report row: the endpoint's gate is not a trial of the root's latest sweep, the target is "
-                     "not one of its targets, or the split is not test)")
+        lines.append("(no report row: the endpoint's gate is not a trial of the sweep the root's report shows, "
+                     "the target is not one of its targets, or the split is not test)")
     if first.skipped:
         lines.append(f"{len(first.skipped)} source(s) not replayed, as prepare did not score them: "
                      + "; ".join(first.skipped[:3]))

@@ -4,9 +4,12 @@ root in an S3 bucket and a real MLflow server, sent with `ray job submit` as a u
 The head has no CPUs, so everything that needs one (Ray Data's read and write tasks, the Ray Train
 workers, the cache's actors, the Tune trials) runs on the worker node, which sees neither the
 head's nor this test's local folders (tests/cluster.py): whatever a stage wrote that a later
-stage or machine needs must be in the bucket. This module runs superres on its embedded data and detection from a COCO tree in
-the bucket, and takes over the single-node tests of those pipelines' stages, of `ray job submit`,
-of the MLflow server and of an interrupted sweep.
+stage or machine needs must be in the bucket. This module runs every stage of superres on its
+embedded data, and detection's prepare from a COCO tree in the bucket (the one stage that reads a
+data root: the later stages read shards from the run root, as superres's do here; detection's
+train-experts, cache, sweep and report run in tests/test_paper_profile.py), and takes over the
+single-node tests of those stages, of `ray job submit`, of the MLflow server and of an
+interrupted sweep.
 """
 
 from __future__ import annotations
@@ -65,37 +68,60 @@ def job(cluster: dict, submission_id: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(cluster) -> dict[str, str]:
-    """Both tasks' smoke pipelines, one job each, one after the other (2 cores)."""
+    """Superres's smoke pipeline and detection's prepare, one job each, one after the other (2 cores)."""
     head = [n for n in cluster["ray"].nodes() if n.get("is_head_node")]
     assert head and not head[0].get("resources_total", {}).get("CPU"), "the head must run no work"
     return {
         "superres": job(cluster, "superres-1", "demo", "--task", "superres", "--profile", "smoke"),
-        "detection": job(cluster, "detection-1", "demo", "--task", "detection", "--profile", "smoke",
+        "detection": job(cluster, "detection-1", "prepare", "--task", "detection", "--profile", "smoke",
                          "--data-root", COCO),
     }
 
 
-@pytest.mark.parametrize("task", ["superres", "detection"])
-def test_the_bucket_holds_the_complete_run(runs, cluster, task):
+def check_shards(layout, manifest: dict) -> None:
+    """Every shard file the manifest names is in the bucket with its row count."""
     import pyarrow.parquet as pq
 
-    from pipelines.layout import RunLayout
-    from storage import load_torch, read_json, read_table
-
-    layout = RunLayout.of(ROOT, task)
-    manifest = read_json(layout.manifest())
-    assert manifest is not None, runs[task][-3000:]
-    if task == "detection":
-        assert manifest["data_root"] == COCO
-    else:
-        assert layout.raw().is_dir()  # the embedded data was uploaded, for the worker to read
     for split, info in manifest["splits"].items():
         assert info["samples"] > 0 and info["unreadable"] == []
-        for part, shard in info["shards"].items():  # every file the manifest names, with its row count
+        for part, shard in info["shards"].items():
             assert shard["rows"] == info["samples"] and shard["files"]
             for f in shard["files"]:
                 path = layout.shards(split, part) / f["name"]
                 assert pq.read_metadata(path.key, filesystem=path.filesystem).num_rows == f["rows"] > 0
+
+
+def test_detection_prepares_from_a_coco_tree_in_the_bucket(runs):
+    """The worker, which sees no local folder, lists and reads COCO's JSON and JPEGs from the bucket:
+    every split's shards in the bucket, COCO category ids kept, P_n's JPEG bytes growing with R."""
+    from pipelines.layout import RunLayout
+    from storage import read_json, read_table
+    from tasks.detection import metrics, synthetic
+
+    layout = RunLayout.of(ROOT, "detection")
+    manifest = read_json(layout.manifest())
+    assert manifest is not None, runs["detection"][-3000:]
+    assert manifest["data_root"] == COCO and manifest["experts"] == ["ssd_tiny_36", "ssd_tiny_48", "ssd_tiny_64"]
+    check_shards(layout, manifest)
+    for split, info in manifest["splits"].items():
+        enc = info["mean_encoded_bytes"]
+        assert enc["p0"] < enc["p1"] < enc["p2"]
+        gate = read_table(layout.shards(split, "gate"), ["gt"]).column("gt").to_pylist()
+        ids = {int(c) for blob in gate for c in metrics.unpack_gt(blob)[:, 4]}
+        assert ids and ids <= set(synthetic.CATEGORY_IDS), ids
+
+
+def test_the_bucket_holds_the_complete_run(runs, cluster):
+    from pipelines.layout import RunLayout
+    from storage import load_torch, read_json, read_table
+
+    task = "superres"
+    layout = RunLayout.of(ROOT, task)
+    manifest = read_json(layout.manifest())
+    assert manifest is not None, runs[task][-3000:]
+    assert layout.raw().is_dir()  # the embedded data was uploaded, for the worker to read
+    check_shards(layout, manifest)
+    for split, info in manifest["splits"].items():
         if split != "train":  # nothing reads the experts' scores on their own training inputs
             assert read_table(layout.cache(split), ["sample_id"]).num_rows == info["samples"]
         else:
@@ -115,10 +141,7 @@ def test_the_bucket_holds_the_complete_run(runs, cluster, task):
     assert summary["sweep"] == sweep["name"] and all(np.isfinite(m["rho"]) for m in summary["methods"].values())
     assert (layout.reports() / "report.md").is_file() and (layout.reports() / "performance_vs_cost.png").is_file()
 
-    if task == "detection":  # what only detection has: COCO category ids end to end, pooled mAP@0.5
-        check_detection(manifest, layout, summary)
-    else:
-        check_superres(manifest, layout, summary)
+    check_superres(manifest, layout, summary)
 
     client = mlflow.MlflowClient(cluster["tracking"])
     parent = client.get_run(sweep["mlflow_parent_run"])
@@ -177,28 +200,6 @@ def check_superres(manifest: dict, layout, summary: dict) -> None:
         assert all(abs(p["d_mean"] - p["d_target"]) <= step + 1e-6 for p in summary["methods"][method]["points"])
     assert all(p["d_mean"] <= p["d_target"] + step + 1e-6 for p in summary["methods"]["oracle"]["points"])
     assert (layout.reports() / "assignment.png").is_file()  # Fig. 7, from a trial's assignment in the bucket
-
-
-def check_detection(manifest: dict, layout, summary: dict) -> None:
-    from storage import read_table
-    from tasks.detection import metrics, synthetic
-
-    assert manifest["experts"] == ["ssd_tiny_36", "ssd_tiny_48", "ssd_tiny_64"]
-    for split, info in manifest["splits"].items():
-        enc = info["mean_encoded_bytes"]
-        assert enc["p0"] < enc["p1"] < enc["p2"]  # JPEG bytes of P_n(x) grow with R
-        if split == "train":
-            continue
-        table = read_table(layout.cache(split)).to_pandas()
-        for n in range(3):
-            assert np.isfinite(table[f"loss_{n}"]).all() and (table[f"loss_{n}"] > 0).all()
-            assert ((table[f"score_{n}"] >= 0) & (table[f"score_{n}"] <= 1)).all()  # each image's own AP
-            for blob in table[f"dets_{n}"]:
-                assert set(metrics.unpack_dets(blob)[:, 5].astype(int)) <= set(synthetic.CATEGORY_IDS)
-    assert summary["metric"].startswith("COCO mAP") and 0 < summary["C_g"] < 1e8
-    for method, info in summary["methods"].items():
-        for p in info["points"]:
-            assert 0 <= p["performance"] <= 1 and (method == "experts" or 0 <= p["map50"] <= 1)
 
 
 def test_a_second_identical_job_does_no_repeated_work(runs, cluster):
@@ -322,10 +323,11 @@ def test_serve_answers_from_the_buckets_run(runs, cluster):
         assert answer is not None, proc.stdout.read() if proc.poll() is not None else "no answer within 180 s"
         status, body = answer
         assert status == 200 and body["data_cost_bytes"] > 0 and len(body["experts"]) == 4  # 2x2 patches
-        # `bmoe replay` from here, over HTTP only: the bucket's test split through the registered gate
+        # `bmoe replay` from here, over HTTP only: the bucket's test split, the registered gate's report row
         from serving.replay import replay
 
         row, = replay(ROOT, "superres", f"http://127.0.0.1:{port}", [None], tracking_uri=cluster["tracking"])
+        assert row.report is not None and row.target == float(alias.removeprefix("best-d")), row.as_dict()
         assert row.units == read_json(as_path(f"{ROOT}/data/superres/manifest.json"))["splits"]["test"]["samples"]
         assert abs(row.served["performance"] - row.cached) < 0.05, row.as_dict()  # the experts answer as cached
     finally:
