@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="run root holding `bmoe demo` runs")
     parser.add_argument("--task", action="append", choices=sorted(TASKS), help="repeatable; default: every task")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--order", choices=("shuffled", "listed"), default="shuffled",
+                        help="the requests' order (bmoe replay --order)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "replay.json"))
     args = parser.parse_args()
     results = []
@@ -49,16 +51,17 @@ def main() -> None:
         d_max = max(manifest["data_costs"])
         sweep = read_json(cfg.layout.resolve(read_json(cfg.layout.latest_sweep())["file"]))
         methods = [m for m in SERVABLE if any(t["config"]["method"] == m and t.get("gate_file") for t in sweep["trials"])]
-        rows = replay_each_gate(args.root, task_name, tuple(methods), [d_max / 2, d_max / 3], port=args.port)
+        rows = replay_each_gate(args.root, task_name, tuple(methods), [d_max / 2, d_max / 3], port=args.port,
+                                order=args.order)
         for method, method_rows in rows.items():
             for row in method_rows:
                 results.append({"method": method, **row.as_dict()})
                 rep = row.report or {}
-                print(f"{task_name:9s} {method:8s} {row.target:8.0f} B: served {row.served['performance']:8.3f} "
+                print(f"{task_name:9s} {args.order:8s} {method:8s} {row.target:8.0f} B: served {row.served['performance']:8.3f} "
                       f"cached {row.cached:8.3f} report {rep.get('performance', float('nan')):8.3f} "
                       f"diff {row.performance_diff if row.report else float('nan'):+7.3f} | d served "
                       f"{row.served['d_mean']:8.0f} report {rep.get('d_mean', float('nan')):8.0f} "
-                      f"{100 * (row.d_mean_diff or float('nan')):+5.1f}% | {row.units} units, {row.seconds:.0f} s",
+                      f"{100 * row.d_mean_diff if row.report else float('nan'):+5.1f}% | {row.units} units, {row.seconds:.0f} s",
                       flush=True)
     out = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "root": args.root, "rows": results}

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from pipelines.methods import METHODS  # noqa: E402
 from pipelines.runtime import RunConfig, ensure_ray  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -138,8 +137,7 @@ class InProcess:
             model = self.task.build_expert(n)
             model.load_state_dict(state)
             self.experts.append(model.eval())
-        scores = METHODS[models.gate_bundle["method"]].gate_output == "scores"  # as serving/router.py
-        self.controller = BudgetController.calibrated(models.d, target, models.val_values, scores=scores)
+        self.controller = BudgetController.calibrated(models.d, target, models.val_values)
         self.lock = threading.Lock()
         self.chunk_units = chunk_units
         self.device = torch.device("cpu")

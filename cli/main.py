@@ -286,6 +286,10 @@ def replay(task_name: Task = "superres", root: Root = "bmoe-runs",
            split: Annotated[str, typer.Option(help="The root's split to send: test (compared with the report) or "
                                                    "val.")] = "test",
            timeout: Annotated[float, typer.Option(help="Seconds per request.", min=1.0)] = 300.0,
+           order: Annotated[str, typer.Option(
+               help="shuffled (seeded by --seed: unrelated consecutive requests, as a deployment sees them) or "
+                    "listed (the data set's order, e.g. UCF-101's sorted by class: a stream's hardest case).")] = "shuffled",
+           seed: Annotated[int, typer.Option(help="Seed of the shuffled order.")] = 0,
            tracking_uri: TrackingUri = None,
            output: Annotated[str, typer.Option("--format", help="table or json.")] = "table"):
     """Send a split of the root through a running endpoint and score the responses with the task's own
@@ -300,7 +304,7 @@ def replay(task_name: Task = "superres", root: Root = "bmoe-runs",
     cfg = _config(task_name, root, "demo", None, tracking_uri)
     tracking = tracking_uri or (None if cfg.layout.is_remote else cfg.mlflow_uri)  # for a registered gate's trial
     rows = _run(stage, str(cfg.layout.root), task_name, url, list(target_cost or [None]), split, timeout,
-                progress=lambda line: typer.echo(line, err=True), tracking_uri=tracking)
+                progress=lambda line: typer.echo(line, err=True), tracking_uri=tracking, order=order, seed=seed)
     if output == "json":
         typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

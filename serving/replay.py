@@ -30,6 +30,7 @@ from serving.loading import reported_sweep
 from storage import as_path, read_json, read_table
 
 SPLITS = ("val", "test")
+ORDERS = ("shuffled", "listed")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ReplayRow:
 
     task: str
     split: str
+    order: str
     target: float  # bytes per routing unit
     gate_method: str
     gate_file: str
@@ -71,12 +73,17 @@ def endpoint(url: str, task_name: str) -> str:
 
 def replay(root: str, task_name: str, url: str, targets: list[float | None], split: str = "test",
            timeout: float = 300.0, progress: Callable[[str], None] = lambda line: None,
-           tracking_uri: str | None = None) -> list[ReplayRow]:
+           tracking_uri: str | None = None, order: str = "shuffled", seed: int = 0) -> list[ReplayRow]:
     """The split of `root` through the endpoint at `url`, once per target (None: the endpoint's
     default, sent without a header). UserError names what is missing or what the endpoint refused.
-    tracking_uri: where a registered gate the endpoint serves (models:/...) is looked up."""
+    tracking_uri: where a registered gate the endpoint serves (models:/...) is looked up.
+    order: "shuffled" (seeded: the report's figure does not depend on the order, the streaming
+    budget does, and a deployment's consecutive requests are unrelated) or "listed" (the data
+    set's order: UCF-101's lists are sorted by class, a stream's hardest case)."""
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
+    if order not in ORDERS:
+        raise UserError(f"--order {order!r}: choose {' or '.join(ORDERS)}")
     layout = RunLayout.of(root, task_name)
     sweep = reported_sweep(layout)
     trial_options = next((t["config"]["options"] for t in sweep["trials"]), {})
@@ -87,6 +94,8 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
     costs = task.data_costs()
     names = task.expert_names()
     sources, skipped = _sources(layout, task, split)
+    if order == "shuffled":
+        sources = [sources[k] for k in np.random.default_rng(seed).permutation(len(sources))]
     cache_rows = read_table(layout.cache(split)).to_pandas().set_index("sample_id", drop=False)
     trial = _trial_of(sweep, _gate_file_of(served_gate["file"], tracking_uri), layout)
     results = []
@@ -112,10 +121,10 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
         assignment = np.concatenate(assignment) if assignment else np.zeros(0, dtype=np.int64)
         frame = _cache_like(meta, columns, len(costs))
         figures = {k: float(v) for k, v in task.metric(frame, assignment).items()}
-        order = frame["sample_id"].to_numpy()
-        cached = float(task.metric(cache_rows.loc[order].reset_index(drop=True), assignment)["performance"])
+        ids = frame["sample_id"].to_numpy()
+        cached = float(task.metric(cache_rows.loc[ids].reset_index(drop=True), assignment)["performance"])
         served = {**figures, "d_mean": float(costs[assignment].mean()) if len(assignment) else float("nan")}
-        results.append(ReplayRow(task=task_name, split=split, target=served_target, gate_method=served_gate["method"],
+        results.append(ReplayRow(task=task_name, split=split, order=order, target=served_target, gate_method=served_gate["method"],
                                  gate_file=served_gate["file"], requests=len(sources), units=len(assignment),
                                  served=served, cached=cached, report=_report_row(trial, served_target) if split == "test" else None,
                                  seconds=round(time.perf_counter() - started, 1), skipped=skipped))
@@ -123,7 +132,7 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
 
 
 def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], targets: list[float],
-                     port: int = 8000) -> dict[str, list[ReplayRow]]:
+                     port: int = 8000, order: str = "shuffled") -> dict[str, list[ReplayRow]]:
     """For each method, its best gate on validation at the first target served on 127.0.0.1:port by
     Ray Serve in this process (the Ray it is connected to), and the test split replayed through it at
     every target: {method: rows}. One application at a time, shut down after (benchmarks, tests)."""
@@ -145,7 +154,8 @@ def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], target
                                  target_cost=targets[0])
         run(settings, host="127.0.0.1", port=port, access_log=False)
         try:  # the first target is the app's own (no header), the others override it per request
-            results[method] = replay(str(root), task_name, f"http://127.0.0.1:{port}", [None, *targets[1:]])
+            results[method] = replay(str(root), task_name, f"http://127.0.0.1:{port}", [None, *targets[1:]],
+                                     order=order)
         finally:
             serve.shutdown()
     return results
@@ -253,7 +263,8 @@ def format_table(rows: list[ReplayRow], metric_name: str) -> str:
     if not rows:
         return "no replay"
     first = rows[0]
-    lines = [f"replay of {first.task} {first.split} ({first.requests} requests, {first.units} units scored) "
+    lines = [f"replay of {first.task} {first.split} ({first.requests} requests in {first.order} order, "
+             f"{first.units} units scored) "
              f"through the endpoint's {first.gate_method} gate ({first.gate_file})",
              f"metric: {metric_name}; cached: the served choices scored on the root's cache (served - cached: "
              "the experts as served; cached - report: the routing)",

@@ -35,7 +35,6 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipelines.methods import METHODS
 from serving import wire
 from serving.budget import BudgetController, merge_summaries
 from serving.loading import ServedRun, gate_values, load_gate, replica_device
@@ -85,8 +84,7 @@ class Router:
         self.bytes = Counter()  # data_cost, full_data_cost, wire_sent, full_wire
 
     def _calibrate(self, target: float) -> BudgetController:
-        scores = METHODS[self.gate_bundle["method"]].gate_output == "scores"
-        return BudgetController.calibrated(self.d, target, self.val_values, window=self.settings.window, scores=scores)
+        return BudgetController.calibrated(self.d, target, self.val_values, window=self.settings.window)
 
     def check_health(self) -> None:
         """Serve's periodic health check: answered at once, the loop never computes."""

@@ -195,7 +195,7 @@ def test_the_served_mixture_is_scored_as_the_report_scores_it(run):
     `bmoe replay`: every clip scored, top-1 from the responses equal to what the root's cache gives
     for the same choices (the experts answer as cached), the mean data cost within the streaming
     budget's guarantee (B / units). Within a point and 2 % of the report row itself does not hold
-    on 84 clips (lagrange here: +4.3 % of the target where the report's test-calibrated price spent
+    on 84 clips of smoke experts at chance (lagrange here: +4.2 % of the target where the report's price spent
     -0.7 %): issue 28 stays open on it."""
     from serving.budget import band
     from serving.replay import replay_each_gate
