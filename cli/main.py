@@ -248,7 +248,7 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
         typer.echo(f"warning: --host {host} exposes the server beyond this machine (it has no authentication)",
                    err=True)
     from pipelines.runtime import ensure_ray
-    from serving.app import budget_target, run as serve_app
+    from serving.app import budget_target, default_gate_target, run as serve_app
     from serving.loading import load_run
     from serving.settings import ServeSettings
 
@@ -260,7 +260,7 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     # Everything loaded once here, to fail fast in one line; the replicas then load their own parts.
-    models = _run(load_run, root, task_name, gate_file, target_cost, settings.expert_uris, tracking_uri)
+    models = _run(load_run, root, task_name, gate_file, default_gate_target(settings), settings.expert_uris, tracking_uri)
     if models.gate_target is not None and target_cost is None and bias is None:
         settings = replace(settings, target_cost=models.gate_target)
     served = models.run

@@ -40,8 +40,22 @@ def budget_target(settings: ServeSettings, d: np.ndarray) -> float:
     return target
 
 
+def default_gate_target(settings: ServeSettings) -> float | None:
+    """The target the default gate is chosen for: --target-cost, else b . d of --bias (d from the
+    root's manifest), else None (d_max / 2)."""
+    if settings.target_cost is not None or settings.bias is None:
+        return settings.target_cost
+    from pipelines.layout import RunLayout
+    from storage import read_json
+
+    manifest = read_json(RunLayout.of(settings.root, settings.task).manifest())
+    if manifest is None or len(manifest["data_costs"]) != len(settings.bias):
+        return None  # resolve_run or budget_target names what is wrong
+    return float(np.asarray(settings.bias, dtype=np.float64) @ np.asarray(manifest["data_costs"], dtype=np.float64))
+
+
 def resolve(settings: ServeSettings) -> ServedRun:
-    return resolve_run(settings.root, settings.task, settings.gate_file, settings.target_cost,
+    return resolve_run(settings.root, settings.task, settings.gate_file, default_gate_target(settings),
                        settings.expert_uris, settings.tracking_uri)
 
 

@@ -243,3 +243,15 @@ def test_replay_says_in_one_line_what_it_lacks(tmp_path):
     assert len([line for line in out.output.splitlines() if line.startswith("error:")]) == 1
     out = CliRunner().invoke(app, ["replay", "--root", str(tmp_path), "--split", "train"])
     assert out.exit_code == 1 and "--split 'train'" in out.output
+
+
+def test_the_default_gate_is_chosen_for_the_budget_served(tmp_path):
+    """--target-cost, else b . d of --bias (the manifest's d), else d_max / 2 (None here)."""
+    from serving.app import default_gate_target
+
+    (tmp_path / "data" / "superres").mkdir(parents=True)
+    (tmp_path / "data" / "superres" / "manifest.json").write_text(json.dumps({"data_costs": [3072.0, 6144.0, 12288.0]}))
+    base = dict(task="superres", root=str(tmp_path))
+    assert default_gate_target(ServeSettings(**base, target_cost=5000.0)) == 5000.0
+    assert default_gate_target(ServeSettings(**base, bias=(0.5, 0.25, 0.25))) == 0.5 * 3072 + 0.25 * 6144 + 0.25 * 12288
+    assert default_gate_target(ServeSettings(**base)) is None
