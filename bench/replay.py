@@ -1,11 +1,13 @@
 """Serving fidelity benchmark: does the deployed mixture deliver its report row?
 
-For each task with a trained run under --root (`bmoe demo`), each servable method (the sweep's
-best gate of it on validation at d_max / 2) is served by Ray Serve on 127.0.0.1 and the test split
-is replayed through HTTP (serving.replay, what `bmoe replay` runs) at d_max / 2 (the app's own
-target) and d_max / 3 (a per-request override). Printed per row: served performance and mean data
-cost, the same choices scored on the root's cache ("cached": served - cached is the experts as
-served, cached - report the routing), and the report's row for the same gate and target.
+For each task with a trained run under --root (`bmoe demo`), each servable method is served by
+Ray Serve on 127.0.0.1 and the test split is replayed through HTTP (serving.replay, what `bmoe
+replay` runs) at d_max / 2 and d_max / 3: soft and enforce with the sweep's best gate on validation
+trained for each target (an application per target), lagrange's one gate at both (d_max / 2 the
+app's own target, d_max / 3 a per-request override). Printed per row: served performance and mean
+data cost, the same choices scored on the root's cache ("cached": served - cached is the experts
+as served, cached - report the routing), the report's as-served row for the same gate and target
+(what the tolerances apply to) and its batch row (the whole split routed at once).
 
 Run from the repository root:  .venv/bin/python bench/replay.py --root RUN [--task T ...]
 Writes bench/results/replay.json.
@@ -59,7 +61,8 @@ def main() -> None:
                 rep = row.report or {}
                 print(f"{task_name:9s} {args.order:8s} {method:8s} {row.target:8.0f} B: served {row.served['performance']:8.3f} "
                       f"cached {row.cached:8.3f} report {rep.get('performance', float('nan')):8.3f} "
-                      f"diff {row.performance_diff if row.report else float('nan'):+7.3f} | d served "
+                      f"diff {row.performance_diff if row.report else float('nan'):+7.3f} "
+                      f"(batch {rep.get('batch_performance', float('nan')):8.3f}) | d served "
                       f"{row.served['d_mean']:8.0f} report {rep.get('d_mean', float('nan')):8.0f} "
                       f"{100 * row.d_mean_diff if row.report else float('nan'):+5.1f}% | {row.units} units, {row.seconds:.0f} s",
                       flush=True)

@@ -17,6 +17,7 @@ from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
+from serving.stream import DEFAULT_WINDOW, STREAM_SEED, stream_order, streamed_assignment
 from storage import AnyPath, read_table, save_torch
 from tasks import GATE_SPLIT, get_task
 
@@ -188,6 +189,16 @@ def _routing_figures(task, split: SplitData, assignment: np.ndarray, d) -> dict:
             "share": share.tolist()}
 
 
+def as_served(task, split: SplitData, d, d_t: float, val_values: np.ndarray, values: np.ndarray) -> dict:
+    """What a deployment of the gate delivers on `split` at d_t: a fresh router stream's choices
+    (its price calibrated on val_values) with the split's requests in the canonical order
+    (serving.stream), scored as the batch point is. `bmoe replay` sends the same order."""
+    order = stream_order(split.cache[task.request_column].to_numpy(), split.cache["sample_id"].to_numpy())
+    figures = _routing_figures(task, split, streamed_assignment(d, d_t, val_values, values, order), d)
+    return {"performance": figures["performance"], "d_mean": figures["d_mean"], "share": figures["share"],
+            "window": DEFAULT_WINDOW, "stream_seed": STREAM_SEED}
+
+
 def _point(task, split: SplitData, assignment: np.ndarray, d, d_t: float, b=None) -> dict:
     """Mixture metric and data cost actually spent, plus each expert on its assigned inputs."""
     assigned = []
@@ -272,7 +283,10 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
     test_assignment = route(data["test"])
     chosen = {"val_performance": float(best_val["performance"]), "val_objective": float(best),
               "val_d_mean": float(best_val["d_mean"])}
-    point = {**_point(task, data["test"], test_assignment, d, d_t, b), **chosen}
+    log_probs = [torch.log_softmax(gate_logits(task, gate, data[s], device).double(), dim=1).numpy()
+                 for s in ("val", "test")]  # the values a router trades against cost (serving.loading.gate_values)
+    point = {**_point(task, data["test"], test_assignment, d, d_t, b), **chosen,
+             "served": as_served(task, data["test"], d, d_t, *log_probs)}
     return {"points": [point], **chosen, "C_g": c_g, "test_assignment": test_assignment,
             "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
 
@@ -329,6 +343,7 @@ def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], 
         lam_val, lam = calibrate_lambda(val_pred, d, d_t), calibrate_lambda(test_pred, d, d_t)
         assignment = lagrange_assignment(test_pred, d, lam).numpy()
         points.append({**_point(task, data["test"], assignment, d, d_t), "lambda": lam,
+                       "served": as_served(task, data["test"], d, d_t, val_pred, test_pred),
                        **_validation(task, data["val"], lagrange_assignment(val_pred, d, lam_val).numpy(), d, d_t,
                                      p_val)})
     return {"points": points, "C_g": c_g, "val_objective": float(np.mean([p["val_objective"] for p in points])),

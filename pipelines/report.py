@@ -232,7 +232,7 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} | "
                      + ("—" if eff is None else f"{eff:.2f}") + " |")
     standard = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b", "lambda",
-                "hyperparameters"}
+                "hyperparameters", "served"}
     extra = sorted({k for info in summary["methods"].values() for p in info["points"] for k in p} - standard)
     lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄; efficiency "
               "is (rho - rho_random) / (rho_oracle - rho_random), the share of the oracle's gain over random "
@@ -244,6 +244,7 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         for method, info in summary["methods"].items():
             cells = [f"{p[k]:.3f}" if (p := _at(info["points"], v)) and k in p else "—" for k in extra for _, v in columns]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += _served_table(summary, columns)
     lines += [
         "",
         "## Each expert on the inputs the gate gave it (our Table II / VI / IX)",
@@ -270,6 +271,30 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         lines.append("")
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def _served_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
+    """The servable methods as a deployment delivers them (serving.stream): what `bmoe replay`
+    compares an endpoint with, beside the batch rows above."""
+    rows = []
+    for method, info in summary["methods"].items():
+        cells = []
+        for _, v in columns:
+            p = _at(info["points"], v)
+            served = (p or {}).get("served")
+            cells.append(f"{served['performance']:.3f} ({served['performance'] - p['performance']:+.3f}; "
+                         f"d̄ {served['d_mean'] / 1000:.2f})" if served else "—")
+        if any(c != "—" for c in cells):
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "## As served (`bmoe serve`: one request at a time, the streaming budget)", "",
+            "The table above routes the whole test split at once (Algorithm 1's quotas, lagrange's price set on the "
+            "test predictions); a deployment routes each request as it comes, at the price calibrated on validation "
+            "and corrected by the overspend so far. This is the test split sent in `bmoe replay`'s order to a fresh "
+            "router (difference to the row above in brackets): what `bmoe replay` measures an endpoint against.", "",
+            "| method | " + " | ".join(f"{name} ({v / 1000:.2f} kB)" for name, v in columns) + " |",
+            "|---|" + "---|" * len(columns), *rows]
 
 
 def _plot_curves(summary: dict, path: Path) -> Path:

@@ -430,6 +430,8 @@ def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str],
             "assigned_performance", "b"}
     metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
                     if k not in skip and isinstance(v, (int, float))})
+    if "served" in point:  # what a deployment of the gate delivers (serving.stream)
+        metrics.update({"served_performance": point["served"]["performance"], "served_d_mean": point["served"]["d_mean"]})
     return params, {k: float(v) for k, v in metrics.items()}
 
 

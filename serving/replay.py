@@ -8,7 +8,9 @@ into the cache columns its metric reads (tasks.base.TaskBase.served_columns: sup
 served image back into its patches, detection takes the served boxes, action the served class),
 and task.metric scores the split as the report does. Only the rows the root's cache scored are
 counted, so served and report figures cover the same units. The report's row is the served
-gate's own trial in the sweep of the root's report (else its latest), at the same target.
+gate's own trial in the sweep of the root's report (else its latest), at the same target, as
+served (serving.stream: the split streamed through a fresh router in the order replay sends it),
+with the batch row (the whole split routed at once) beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipelines.layout import RunLayout
 from pipelines.runtime import RunConfig, UserError
 from serving.router import TARGET_HEADER
 from serving.loading import reported_sweep
+from serving.stream import STREAM_SEED, request_order
 from storage import as_path, read_json, read_table
 
 SPLITS = ("val", "test")
@@ -46,7 +49,7 @@ class ReplayRow:
     requests: int
     units: int
     served: dict  # performance, d_mean and the metric's secondary figures
-    report: dict | None = None  # the gate's own trial at this target: performance, d_mean
+    report: dict | None = None  # the gate's own trial at this target: performance, d_mean (as served), batch_*
     cached: float | None = None  # the metric of the served choices on the root's cache: what the report's
     # scoring gives for them (served - cached: the experts' fidelity; cached - report: the routing's)
     seconds: float = 0.0
@@ -73,13 +76,14 @@ def endpoint(url: str, task_name: str) -> str:
 
 def replay(root: str, task_name: str, url: str, targets: list[float | None], split: str = "test",
            timeout: float = 300.0, progress: Callable[[str], None] = lambda line: None,
-           tracking_uri: str | None = None, order: str = "shuffled", seed: int = 0) -> list[ReplayRow]:
+           tracking_uri: str | None = None, order: str = "shuffled", seed: int = STREAM_SEED) -> list[ReplayRow]:
     """The split of `root` through the endpoint at `url`, once per target (None: the endpoint's
     default, sent without a header). UserError names what is missing or what the endpoint refused.
     tracking_uri: where a registered gate the endpoint serves (models:/...) is looked up.
-    order: "shuffled" (seeded: the report's figure does not depend on the order, the streaming
-    budget does, and a deployment's consecutive requests are unrelated) or "listed" (the data
-    set's order: UCF-101's lists are sorted by class, a stream's hardest case)."""
+    order: "shuffled" (requests in serving.stream's order for `seed`: with the default seed the
+    order the report's as-served rows were scored in, so a fresh endpoint's choices are the
+    report's unit by unit) or "listed" (the data set's order: UCF-101's lists are sorted by
+    class, a stream's hardest case)."""
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
     if order not in ORDERS:
@@ -94,8 +98,9 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
     costs = task.data_costs()
     names = task.expert_names()
     sources, skipped = _sources(layout, task, split)
-    if order == "shuffled":
-        sources = [sources[k] for k in np.random.default_rng(seed).permutation(len(sources))]
+    if order == "shuffled":  # the order the report's as-served rows assume (serving.stream), for seed 0
+        rank = request_order([str(rows[0][task.request_column]) for _, rows, _ in sources], seed)
+        sources = sorted(sources, key=lambda source: rank[str(source[1][0][task.request_column])])
     cache_rows = read_table(layout.cache(split)).to_pandas().set_index("sample_id", drop=False)
     trial = _trial_of(sweep, _gate_file_of(served_gate["file"], tracking_uri), layout)
     results = []
@@ -133,11 +138,14 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
 
 def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], targets: list[float],
                      port: int = 8000, order: str = "shuffled") -> dict[str, list[ReplayRow]]:
-    """For each method, its best gate on validation at the first target served on 127.0.0.1:port by
-    Ray Serve in this process (the Ray it is connected to), and the test split replayed through it at
-    every target: {method: rows}. One application at a time, shut down after (benchmarks, tests)."""
+    """For each method, the test split replayed at every target through its best gate on validation
+    there, served on 127.0.0.1:port by Ray Serve in this process (the Ray it is connected to):
+    {method: rows}. A gate trained for one target (soft, enforce) gets an application per target;
+    one that serves every target (lagrange) one application, the first target its own (no header)
+    and the others per request. One application at a time, shut down after (benchmarks, tests)."""
     from ray import serve
 
+    from pipelines.methods import method as method_spec
     from serving.app import run
     from serving.loading import best_gate
     from serving.settings import ServeSettings
@@ -145,19 +153,22 @@ def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], target
     layout = RunLayout.of(root, task_name)
     sweep = reported_sweep(layout)
     results = {}
-    for method in methods:
-        trials = [t for t in sweep["trials"] if t["config"]["method"] == method and t.get("gate_file")]
+    for name in methods:
+        trials = [t for t in sweep["trials"] if t["config"]["method"] == name and t.get("gate_file")]
         if not trials:
-            raise UserError(f"sweep {sweep['name']} trained no {method} gate")
-        gate = best_gate(trials, targets[0])
-        settings = ServeSettings(task=task_name, root=str(root), gate_file=str(layout.resolve(gate["gate_file"])),
-                                 target_cost=targets[0])
-        run(settings, host="127.0.0.1", port=port, access_log=False)
-        try:  # the first target is the app's own (no header), the others override it per request
-            results[method] = replay(str(root), task_name, f"http://127.0.0.1:{port}", [None, *targets[1:]],
-                                     order=order)
-        finally:
-            serve.shutdown()
+            raise UserError(f"sweep {sweep['name']} trained no {name} gate")
+        apps = [[t] for t in targets] if method_spec(name).per_target else [list(targets)]
+        results[name] = []
+        for app_targets in apps:
+            gate = best_gate(trials, app_targets[0])
+            settings = ServeSettings(task=task_name, root=str(root), gate_file=str(layout.resolve(gate["gate_file"])),
+                                     target_cost=app_targets[0])
+            run(settings, host="127.0.0.1", port=port, access_log=False)
+            try:
+                results[name] += replay(str(root), task_name, f"http://127.0.0.1:{port}", [None, *app_targets[1:]],
+                                        order=order)
+            finally:
+                serve.shutdown()
     return results
 
 
@@ -230,9 +241,14 @@ def _gate_file_of(served: str, tracking_uri: str | None) -> str:
 
 
 def _report_row(trial: dict | None, target: float) -> dict | None:
+    """The gate's report row at `target`: as served (serving.stream) where the sweep scored it, else
+    the batch row; batch_* always the batch row (Algorithm 1's quotas, lagrange's test price)."""
     for point in (trial or {}).get("points", []):
         if abs(point["d_target"] - target) <= 1e-6 * max(target, 1.0):
-            return {"performance": point["performance"], "d_mean": point["d_mean"], "method": trial["config"]["method"]}
+            row = point.get("served") or point
+            return {"performance": row["performance"], "d_mean": row["d_mean"], "method": trial["config"]["method"],
+                    "as_served": "served" in point, "batch_performance": point["performance"],
+                    "batch_d_mean": point["d_mean"]}
     return None
 
 
@@ -267,16 +283,19 @@ def format_table(rows: list[ReplayRow], metric_name: str) -> str:
              f"{first.units} units scored) "
              f"through the endpoint's {first.gate_method} gate ({first.gate_file})",
              f"metric: {metric_name}; cached: the served choices scored on the root's cache (served - cached: "
-             "the experts as served; cached - report: the routing)",
-             f"{'target (B)':>11} {'served':>9} {'cached':>9} {'report':>9} {'diff':>8} {'served d (B)':>13} {'report d (B)':>13} "
-             f"{'diff':>7} {'seconds':>8}"]
+             "the experts as served; cached - report: the routing); report: the report's as-served row (a fresh "
+             "router, this order); batch: its row for the whole split routed at once",
+             f"{'target (B)':>11} {'served':>9} {'cached':>9} {'report':>9} {'diff':>8} {'batch':>9} {'served d (B)':>13} "
+             f"{'report d (B)':>13} {'diff':>7} {'seconds':>8}"]
     for r in rows:
         rep = r.report or {}
         perf = f"{r.performance_diff:+8.3f}" if r.report else f"{'-':>8}"
         cost = f"{100 * r.d_mean_diff:+6.1f}%" if r.report else f"{'-':>7}"
         lines.append(f"{r.target:>11.0f} {r.served['performance']:>9.3f} {r.cached:>9.3f} {rep.get('performance', float('nan')):>9.3f} "
-                     f"{perf} {r.served['d_mean']:>13.0f} {rep.get('d_mean', float('nan')):>13.0f} {cost} "
-                     f"{r.seconds:>8.1f}")
+                     f"{perf} {rep.get('batch_performance', float('nan')):>9.3f} {r.served['d_mean']:>13.0f} "
+                     f"{rep.get('d_mean', float('nan')):>13.0f} {cost} {r.seconds:>8.1f}")
+    if any(r.report and not r.report["as_served"] for r in rows):
+        lines.append("(report: the batch row, as the sweep predates as-served rows; rerun `bmoe sweep` for them)")
     if any(r.report is None for r in rows):
         lines.append("(no report row: the endpoint's gate is not a trial of the sweep the root's report shows, "
                      "the target is not one of its targets, or the split is not test)")

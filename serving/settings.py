@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from serving.stream import DEFAULT_WINDOW
+
 
 @dataclass(frozen=True)
 class Scaling:
@@ -72,7 +74,7 @@ class ServeSettings:
     max_units: int = 16384  # routing units per request (superres: 64x64 patches); more get HTTP 413
     chunk_units: int = 256  # units the gate and an expert see per call: memory per request stays bounded
     router_threads: int = 2  # per router replica: decoding, gate, P_n and encoding run there, off the event loop
-    window: int = 200  # units in the running budget window reported by /stats
+    window: int = DEFAULT_WINDOW  # units the budget repays an overspend over (and /stats' running window)
     retries: int = 5  # calls to an expert that died mid-request are retried this often
     retry_backoff_s: float = 0.2
     router: Scaling = field(default_factory=lambda: ROUTER_SCALING)

@@ -139,6 +139,7 @@ class TaskBase(abc.ABC):
     target_columns: ClassVar[tuple[str, ...]]  # travel with every P_n shard: the experts' targets
     meta_columns: ClassVar[tuple[str, ...]]  # scalar columns that travel with the gate shard into the cache
     train_columns: ClassVar[tuple[str, ...] | None] = None  # what experts train on; None: target_columns
+    request_column: ClassVar[str] = "sample_id"  # rows sharing it arrive in one served request (superres: an image's patches)
     profiles: ClassVar[dict[str, Any]]  # smoke | demo | paper -> the task's frozen settings dataclass
 
     def __init__(self, settings):

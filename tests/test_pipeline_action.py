@@ -135,11 +135,11 @@ def test_experts_and_cache(run):
 
 def test_sweep_and_report(run):
     from pipelines.report import report
-    from pipelines.sweep import GRIDS, sweep, with_methods
+    from pipelines.sweep import GRIDS, sweep
     from pipelines.sweep import targets as sweep_targets
 
     cfg, _, _, _ = run
-    grid = with_methods(GRIDS["smoke"], "experts,random,heuristic,oracle,enforce,lagrange")  # soft: tests/test_cluster.py
+    grid = GRIDS["smoke"]  # every method: the served mixture is replayed for each servable one
     grid = dataclasses.replace(grid, cpus_per_trial=2)  # what --cpus-per-trial sets
     result = json.loads(sweep(cfg, grid, name="smoke-sweep").read_text())
     # every trial got what the flag asked for, from Ray, and ran where Ray put it (no GPU here)
@@ -156,8 +156,7 @@ def test_sweep_and_report(run):
     assert set(pairs.index) == {(m, t) for m in grid.methods for t in targets} and (pairs == 1).all()
     at = points[points["params.d_target"] == sorted(targets, key=float)[1]]  # methods side by side at one target
     assert set(at["params.method"]) == set(grid.methods)
-    assert {t["config"]["method"] for t in result["trials"]} == {"experts", "random", "heuristic", "oracle",
-                                                                  "enforce", "lagrange"}
+    assert {t["config"]["method"] for t in result["trials"]} == set(grid.methods)
     summary = json.loads(report(cfg).read_text())
     # bmoe compare --format csv: every method at every target, with the gap to the oracle
     from typer.testing import CliRunner
@@ -190,27 +189,27 @@ def test_sweep_and_report(run):
     assert (reports / "assignment.png").stat().st_size > 10_000  # Fig. 9: embeddings by class and by expert
 
 
-def test_the_served_mixture_is_scored_as_the_report_scores_it(run):
-    """Each servable gate of the sweep, served over HTTP at d_max / 2 and sent the test split by
-    `bmoe replay`: every clip scored, top-1 from the responses equal to what the root's cache gives
-    for the same choices (the experts answer as cached), the mean data cost within the streaming
-    budget's guarantee (B / units). Within a point and 2 % of the report row itself does not hold
-    on 84 clips of smoke experts at chance (lagrange here: +4.2 % of the target where the report's price spent
-    -0.7 %): issue 28 stays open on it."""
-    from serving.budget import band
+def test_the_served_mixture_delivers_its_report_row(run):
+    """Each servable gate of the sweep (soft, enforce, lagrange), served over HTTP at d_max / 2 and
+    sent the test split by `bmoe replay`: every clip scored, top-1 from the responses equal to what
+    the root's cache gives for the same choices (the experts answer as cached), and within a point
+    and 2 % of d̄ of the report's as-served row (issue 28's tolerances), which the sweep scored by
+    streaming the split through a fresh router in the order replay sends it."""
+    from pipelines.methods import SERVABLE
     from serving.replay import replay_each_gate
     from serving_http import free_port
 
     cfg = run[0]
     target = float(cfg.task().data_costs().max()) / 2
-    rows = replay_each_gate(cfg.root, "action", ("enforce", "lagrange"), [target], port=free_port())
+    rows = replay_each_gate(cfg.root, "action", SERVABLE, [target], port=free_port())
+    assert set(rows) == set(SERVABLE)
     for method, (row,) in rows.items():
         print(f"replay {method}: served {row.served['performance']:.2f} cached {row.cached:.2f} report "
-              f"{row.report['performance']:.2f}; d {row.served['d_mean']:.0f} report {row.report['d_mean']:.0f}")
-        assert row.report is not None and row.units == run[1]["splits"]["test"]["samples"], row
+              f"{row.report['performance']:.2f} (batch {row.report['batch_performance']:.2f}); d {row.served['d_mean']:.0f} "
+              f"report {row.report['d_mean']:.0f}")
+        assert row.report is not None and row.report["as_served"] and row.units == run[1]["splits"]["test"]["samples"], row
         assert abs(row.served["performance"] - row.cached) <= 1e-9, (method, row.as_dict())
-        bound = band(cfg.task().data_costs(), target, window=200, tolerance=0.05) / row.units
-        assert abs(row.served["d_mean"] - target) <= bound, (method, row.as_dict(), bound)
+        assert abs(row.performance_diff) <= 1.0 and abs(row.d_mean_diff) <= 0.02, (method, row.as_dict())
 
 
 def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):

@@ -64,6 +64,40 @@ def test_controller_follows_the_gate_where_the_budget_allows():
     assert abs(D[routed].mean() - target) / target < 0.01
 
 
+def test_the_stream_order_is_the_listing_s_whatever_order_the_rows_come_in():
+    """serving.stream: a request's units stay together and in sample-id order, the requests'
+    order depends on their keys and the seed only, so a cache and a listing holding the same
+    requests in other orders stream them alike."""
+    from serving.stream import request_order, stream_order
+
+    keys = ["img-b", "img-a", "img-b", "img-c", "img-a", "img-b"]
+    ids = ["img-b/2", "img-a/1", "img-b/1", "img-c/0", "img-a/0", "img-b/0"]
+    order = stream_order(keys, ids)
+    streamed = [ids[i] for i in order]
+    for key in set(keys):  # each request contiguous, its units sorted
+        at = [k for k, sid in enumerate(streamed) if sid.startswith(key)]
+        assert at == list(range(at[0], at[0] + len(at))) and [streamed[k] for k in at] == sorted(streamed[k] for k in at)
+    flipped = stream_order(keys[::-1], ids[::-1])
+    assert [ids[::-1][i] for i in flipped] == streamed
+    rank = request_order(keys)
+    assert sorted(rank.values()) == [0, 1, 2] and [streamed[0].split("/")[0]] == [k for k, r in rank.items() if r == 0]
+    assert len({tuple(request_order([f"k{i}" for i in range(20)], seed).items()) for seed in range(5)}) > 1
+
+
+def test_the_streamed_assignment_is_the_controller_s_choice_in_stream_order():
+    """What the report predicts for a deployment is what a fresh router's controller does when
+    the same values arrive in the same order."""
+    from serving.stream import streamed_assignment
+
+    rng = np.random.default_rng(3)
+    d, val, values = np.array([1024.0, 4096.0, 9216.0]), rng.normal(size=(300, 3)), rng.normal(size=(120, 3))
+    order = rng.permutation(120)
+    predicted = streamed_assignment(d, 4096.0, val, values, order, window=50)
+    direct = BudgetController.calibrated(d, 4096.0, val, window=50).route(values[order])
+    assert np.array_equal(predicted[order], direct)
+    assert not np.array_equal(predicted, BudgetController.calibrated(d, 4096.0, val, window=50).route(values))
+
+
 def test_target_outside_the_feasible_range_names_it():
     with pytest.raises(ValueError, match="outside"):
         BudgetController.calibrated(D, 100.0, np.zeros((10, 3)))

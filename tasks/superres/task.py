@@ -59,6 +59,7 @@ class SuperResTask(TaskBase):
     metric_name = "PSNR (dB, Y channel, border S cropped, per image)"
     target_columns = ("hr", "row", "col", "img_h", "img_w")
     meta_columns = ("row", "col", "img_h", "img_w")
+    request_column = "group"  # an image: its patches are routed in one request
     profiles = PROFILES
     settings: SuperResSettings
 
