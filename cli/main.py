@@ -287,9 +287,10 @@ def replay(task_name: Task = "superres", root: Root = "bmoe-runs",
                                                    "val.")] = "test",
            timeout: Annotated[float, typer.Option(help="Seconds per request.", min=1.0)] = 300.0,
            order: Annotated[str, typer.Option(
-               help="shuffled (seeded by --seed: unrelated consecutive requests, as a deployment sees them) or "
-                    "listed (the data set's order, e.g. UCF-101's sorted by class: a stream's hardest case).")] = "shuffled",
-           seed: Annotated[int, typer.Option(help="Seed of the shuffled order.")] = 0,
+               help="shuffled (seeded by --seed: unrelated consecutive requests, as a deployment sees them; seed 0 "
+                    "is the order the report's as-served rows were scored in) or listed (the data set's order, e.g. "
+                    "UCF-101's sorted by class: a stream's hardest case).")] = "shuffled",
+           seed: Annotated[int, typer.Option(help="Seed of the shuffled order (0: the report's).")] = 0,
            tracking_uri: TrackingUri = None,
            output: Annotated[str, typer.Option("--format", help="table or json.")] = "table"):
     """Send a split of the root through a running endpoint and score the responses with the task's own
