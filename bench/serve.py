@@ -124,7 +124,7 @@ class InProcess:
         import torch
 
         from bmoe.gating import build_gate
-        from serving.budget import BudgetController
+        from bmoe.budget import BudgetController
 
         torch.set_num_threads(1)
         self.models = models

@@ -323,6 +323,37 @@ def _warn_without_gpus(asked: float) -> None:
 
 
 @app.command()
+def verify(task_name: Annotated[Optional[str], typer.Option("--task", help="One task only; default: every task "
+                                                                         "the root holds.")] = None,
+           root: Root = "bmoe-runs"):
+    """Check every file the root recorded (shards, expert weights, caches, the latest sweep's gates)
+    against the size and SHA-256 recorded when it was written; list what is damaged (exit 1) and
+    which stage makes it again."""
+    from pipelines.integrity import verify_root
+    from pipelines.layout import RunLayout
+    from tasks import TASKS
+
+    damaged = 0
+    for name in [task_name] if task_name else list(TASKS):
+        try:
+            layout = RunLayout.of(root, name)
+        except ValueError as err:
+            typer.echo(f"error: --root {err}", err=True)
+            raise typer.Exit(1) from None
+        if not task_name and not layout.manifest().exists():
+            continue
+        problems, checked = verify_root(layout)
+        damaged += len(problems)
+        typer.echo(f"{name}: {checked} file(s) checked, {len(problems)} damaged")
+        for problem in problems:
+            typer.echo(f"  {problem}")
+    if damaged:
+        typer.echo("rerun the stage that made each file (prepare: shards, train-experts: weights, cache: caches, "
+                   "sweep: gates): it makes the damaged ones again", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(task_name: Annotated[Optional[str], typer.Option("--task", help="Run one task only; default: every task.")] = None,
          root: Root = "bmoe-runs", profile: Profile = "demo", data_root: DataRoot = None,
          tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,

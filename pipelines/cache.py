@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipelines.integrity import cache_damage, digest, expert_damage, shard_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import cache_demand, require
 from pipelines.runtime import RunConfig, UserError, ensure_ray
@@ -33,15 +34,22 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
     grows from one to that as Ray can place them."""
     import ray.data
 
-    manifest = require_manifest(cfg)
+    manifest = require_manifest(cfg, "cache")
     task = cfg.task()
     layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
     key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER, "splits": CACHE_SPLITS}
     files = {split: layout.cache(split) for split in SCORED_SPLITS}
-    if read_json(layout.cache_stamp()) == key and all(f.exists() for f in files.values()):
-        print("cache: data and experts unchanged, cache kept")
-        return {split: str(f) for split, f in files.items()}
+    stamp = read_json(layout.cache_stamp()) or {}
+    if {k: v for k, v in stamp.items() if k != "files"} == key and all(f.exists() for f in files.values()):
+        damaged = cache_damage(layout, stamp)
+        if not damaged:
+            print("cache: data and experts unchanged, cache kept")
+            return {split: str(f) for split, f in files.items()}
+        print(f"cache: {damaged[0]}: scoring again")
+    if damaged := shard_damage(layout, manifest, SCORED_SPLITS):
+        raise UserError(f"cache: {damaged[0]} ({len(damaged)} shard file(s) damaged): run `bmoe prepare` to make "
+                        f"them again")
 
     ensure_ray(cfg)
     require(cache_demand(cfg.use_gpu))
@@ -74,7 +82,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
         if missing.any():  # a bug, not user input: every prepared sample must be scored
             raise RuntimeError(f"cache: {int(missing.sum())} {split} samples were not scored by every expert")
         write_table(table, files[split])
-    write_json(layout.cache_stamp(), key)
+    write_json(layout.cache_stamp(), {**key, "files": {split: digest(f) for split, f in files.items()}})
     print(f"cache: {', '.join(f'{s} {len(t)}' for s, t in tables.items())} samples x {len(experts)} experts "
           f"in {time.perf_counter() - started:.1f}s")
     return {split: str(f) for split, f in files.items()}
@@ -101,5 +109,7 @@ def _expert_fingerprints(cfg: RunConfig, task) -> list[str]:
         meta = read_json(cfg.layout.expert_meta(n))
         if meta is None:
             raise UserError(f"expert {n} of task {cfg.task_name} is not trained: run `bmoe train-experts` first")
+        if problem := expert_damage(cfg.layout, n, meta):
+            raise UserError(f"cache: {problem}: run `bmoe train-experts` to train expert {n} again")
         prints.append(meta["fingerprint"])
     return prints

@@ -17,7 +17,7 @@ from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
-from serving.stream import DEFAULT_WINDOW, STREAM_SEED, stream_order, streamed_assignment
+from bmoe.stream import DEFAULT_WINDOW, STREAM_SEED, stream_order, streamed_assignment
 from storage import AnyPath, read_table, save_torch
 from tasks import GATE_SPLIT, get_task
 
@@ -192,7 +192,7 @@ def _routing_figures(task, split: SplitData, assignment: np.ndarray, d) -> dict:
 def as_served(task, split: SplitData, d, d_t: float, val_values: np.ndarray, values: np.ndarray) -> dict:
     """What a deployment of the gate delivers on `split` at d_t: a fresh router stream's choices
     (its price calibrated on val_values) with the split's requests in the canonical order
-    (serving.stream), scored as the batch point is. `bmoe replay` sends the same order."""
+    (bmoe.stream), scored as the batch point is. `bmoe replay` sends the same order."""
     order = stream_order(split.cache[task.request_column].to_numpy(), split.cache["sample_id"].to_numpy())
     figures = _routing_figures(task, split, streamed_assignment(d, d_t, val_values, values, order), d)
     return {"performance": figures["performance"], "d_mean": figures["d_mean"], "share": figures["share"],

@@ -50,6 +50,16 @@ class RunLayout:
     def data(self) -> AnyPath:
         return self._under("data")
 
+    def record_data_root(self, data_root: AnyPath) -> str:
+        """How a manifest records the data root: relative for the root's own embedded data (a
+        copied or moved root keeps reading its own copy), else as given."""
+        return "raw/" + self.task_name if str(data_root) == str(self.raw()) else str(data_root)
+
+    def data_root(self, manifest: dict) -> AnyPath:
+        """The data root a manifest recorded (record_data_root), as a path."""
+        recorded = manifest["data_root"]
+        return self.raw() if recorded == "raw/" + self.task_name else as_path(recorded)
+
     def manifest(self) -> AnyPath:
         return self.data() / "manifest.json"
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from pipelines.identity import check_identity, identity
+from pipelines.integrity import shard_damage
 from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
@@ -50,8 +52,10 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         if cfg.strict and listing.problems:
             raise UserError(listing.problems[0])
 
-    fingerprint = _fingerprint(task, listings)
+    fingerprint = _fingerprint(task, listings, data_root)
     previous = read_manifest(cfg)
+    if previous:  # never remake the shards (and so orphan the experts) of a root made with other settings
+        check_identity(cfg, previous, "prepare")
     if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(layout, previous):
         recorded = [m for info in previous["splits"].values() for m in info["problems"] + info["unreadable"]]
         if cfg.strict and recorded:  # strict holds for the problems the kept shards were made with, too
@@ -64,8 +68,9 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     manifest = {
         "task": task.name,
         "profile": cfg.profile,
-        "data_root": str(data_root),
+        "data_root": layout.record_data_root(data_root),  # relative when it is the root's own (embedded) data
         "fingerprint": fingerprint,
+        "identity": identity(cfg),  # every later stage compares its own (pipelines/identity.py)
         "experts": task.expert_names(),
         "data_costs": [float(c) for c in task.data_costs()],
         # the label set the data root defined (pipelines.runtime.label_options), for later stages
@@ -114,10 +119,13 @@ def read_manifest(cfg: RunConfig) -> dict | None:
     return read_json(cfg.layout.manifest())
 
 
-def require_manifest(cfg: RunConfig) -> dict:
+def require_manifest(cfg: RunConfig, stage: str = "bmoe") -> dict:
+    """The manifest of the root's prepared data, checked against cfg's identity (UserError
+    naming what differs, or that nothing was prepared)."""
     manifest = read_manifest(cfg)
     if manifest is None:
         raise UserError(f"no prepared data for task {cfg.task_name} under {cfg.root}: run `bmoe prepare` first")
+    check_identity(cfg, manifest, stage)
     return manifest
 
 
@@ -260,15 +268,21 @@ def _embedded_data(cfg: RunConfig, task: TaskBase) -> AnyPath:
     return raw
 
 
-def _fingerprint(task: TaskBase, listings: dict) -> str:
-    """Hash of the task settings and every source (with file size and mtime): changes -> redo."""
+def _fingerprint(task: TaskBase, listings: dict, data_root: AnyPath) -> str:
+    """Hash of the task settings and every source (its path under the data root, size and mtime):
+    changes -> redo. Paths are taken relative to the data root, so a copied or moved run root
+    (its embedded data with it) or data root is recognised, not recomputed."""
     digest = hashlib.sha256()
     settings = task.settings
     digest.update(json.dumps(asdict(settings) if is_dataclass(settings) else repr(settings), sort_keys=True,
                              default=str).encode())
+    base = str(data_root).rstrip("/") + "/"
     for split in SPLITS:
         for source in listings[split].sources:
-            digest.update(json.dumps(dict(source, split=split), sort_keys=True, default=str).encode())
+            entry = dict(source, split=split)
+            if str(entry.get("path", "")).startswith(base):
+                entry["path"] = str(entry["path"])[len(base):]
+            digest.update(json.dumps(entry, sort_keys=True, default=str).encode())
         digest.update(json.dumps(listings[split].problems).encode())
     return digest.hexdigest()
 
@@ -298,8 +312,8 @@ def _remove_unlisted_shards(layout, manifest: dict) -> int:
 
 
 def _outputs_intact(layout, manifest: dict) -> bool:
-    """Every shard file the manifest names is there with its size (one listing per shard set),
-    and no file was left unread last time."""
+    """Every shard file the manifest names is there with its size (one listing per shard set)
+    and its SHA-256, and no file was left unread last time."""
     for split, info in manifest.get("splits", {}).items():
         if info.get("unreadable"):
             return False
@@ -310,4 +324,7 @@ def _outputs_intact(layout, manifest: dict) -> bool:
             sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
             if any(sizes.get(f["name"]) != f["bytes"] for f in shard["files"]):
                 return False
-    return True
+    damaged = shard_damage(layout, manifest)
+    if damaged:
+        print(f"prepare: {damaged[0]} ({len(damaged)} shard file(s) damaged): making the shards again")
+    return not damaged

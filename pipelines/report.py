@@ -18,6 +18,7 @@ import numpy as np
 from bmoe.curves import rho, routing_efficiency
 from pipelines.gate_trial import expert_performance
 from pipelines.methods import ALL_TARGET_GATES, BOUNDS, NAMES, PER_TARGET_GATES
+from pipelines.prepare import require_manifest
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.sweep import load_array, load_split
@@ -29,6 +30,7 @@ ORDER = NAMES
 def report(cfg: RunConfig, sweep_file: str | None = None) -> AnyPath:
     """Write the task's report; returns summary.json's path."""
     layout = cfg.layout
+    require_manifest(cfg, "report")  # the root's settings, not another profile's or seed's
     sweep = _load_sweep(cfg, sweep_file)
     made_from = hashlib.sha256(json.dumps(sweep, sort_keys=True).encode()).hexdigest()
     existing = read_json(layout.reports() / "summary.json")
@@ -274,7 +276,7 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
 
 
 def _served_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
-    """The servable methods as a deployment delivers them (serving.stream): what `bmoe replay`
+    """The servable methods as a deployment delivers them (bmoe.stream): what `bmoe replay`
     compares an endpoint with, beside the batch rows above."""
     rows = []
     for method, info in summary["methods"].items():

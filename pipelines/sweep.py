@@ -32,6 +32,7 @@ from pipelines.gate_trial import SplitData, run_trial, save_gate
 from pipelines.methods import HYPERPARAMETERS, METHODS, NAMES, STATIC, TrialConfig, epochs_for_steps
 from pipelines.layout import RunLayout, plain_name
 from pipelines.registry import GATE_ARTIFACT
+from pipelines.integrity import cache_damage, digest, shard_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
@@ -217,7 +218,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
             plain_name(name)
         except ValueError as err:
             raise UserError(f"--name: {err}") from None
-    manifest = require_manifest(cfg)
+    manifest = require_manifest(cfg, "sweep")
     task = cfg.task()
     layout = cfg.layout
     grid = replace(grid or GRIDS[cfg.profile], seed=cfg.seed)  # the run's seed is the sweep's
@@ -226,6 +227,12 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     configs = trial_configs(cfg, grid, d)
     planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
     cache_key = read_json(layout.cache_stamp())
+    if cache_key is not None and (damaged := cache_damage(layout, cache_key)):
+        raise UserError(f"sweep: {damaged[0]}: run `bmoe cache` to make it again")
+    if damaged := shard_damage(layout, manifest, TRIAL_SPLITS, ("gate",)):  # the gates' inputs
+        raise UserError(f"sweep: {damaged[0]} ({len(damaged)} shard file(s) damaged): run `bmoe prepare` to make "
+                        f"them again")
+    cache_key = {k: v for k, v in (cache_key or {}).items() if k != "files"} or None  # what it was made from
     if cache_key is None:
         raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
     key = hashlib.sha256(json.dumps({"grid": _identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
@@ -286,6 +293,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         "val_objective": metrics.get("val_objective"),
                         "trial_dir": result.path, "assignment_file": metrics.get("assignment_file"),
                         "gate_file": metrics.get("gate_file"),
+                        **({"gate_digest": {"bytes": int(metrics["gate_bytes"]), "sha256": metrics["gate_sha256"]}}
+                           if metrics.get("gate_sha256") else {}),
                         "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
                         "device": metrics.get("device")})
     summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
@@ -430,7 +439,7 @@ def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str],
             "assigned_performance", "b"}
     metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
                     if k not in skip and isinstance(v, (int, float))})
-    if "served" in point:  # what a deployment of the gate delivers (serving.stream)
+    if "served" in point:  # what a deployment of the gate delivers (bmoe.stream)
         metrics.update({"served_performance": point["served"]["performance"], "served_d_mean": point["served"]["d_mean"]})
     return params, {k: float(v) for k, v in metrics.items()}
 
@@ -456,7 +465,10 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     gate = result.pop("gate", None)
     trial_id = tune.get_context().get_trial_id()
     if gate is not None:  # the trained gate, for serving (serving/loading.py)
-        final["gate_file"] = layout.relative(save_gate(gate, layout.gate_bundle(sweep_name, trial_id)))
+        saved = save_gate(gate, layout.gate_bundle(sweep_name, trial_id))
+        recorded = digest(saved)  # serving checks the file against it (pipelines/integrity.py)
+        final.update({"gate_file": layout.relative(saved), "gate_bytes": recorded["bytes"],
+                      "gate_sha256": recorded["sha256"]})
     if assignment is not None:
         final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
     final.update({k: result[k] for k in ("val_performance", "val_objective") if k in result})

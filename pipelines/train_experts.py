@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pipelines import registry
+from pipelines.integrity import digest, expert_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
@@ -47,17 +48,20 @@ def train_experts(cfg: RunConfig) -> list[dict]:
     """
     import ray
 
-    manifest = require_manifest(cfg)
+    manifest = require_manifest(cfg, "train-experts")
     task = cfg.task()
     summaries: dict[int, dict] = {}
     todo = []
     for n, name in enumerate(task.expert_names()):
         fingerprint = _fingerprint(manifest, task, n, cfg)
         meta = read_json(cfg.layout.expert_meta(n), {})
-        if meta.get("fingerprint") == fingerprint and cfg.layout.weights(n).exists():
+        problem = expert_damage(cfg.layout, n, meta) if cfg.layout.weights(n).exists() else "missing"
+        if meta.get("fingerprint") == fingerprint and not problem:
             print(f"train-experts: expert {n} ({name}) unchanged, kept {cfg.layout.weights(n)}")
             summaries[n] = meta
         else:
+            if meta.get("fingerprint") == fingerprint:
+                print(f"train-experts: expert {n} ({name}): {problem}: training it again")
             todo.append((n, fingerprint))
     if todo:
         ensure_ray(cfg)
@@ -210,6 +214,7 @@ def _record(cfg: RunConfig, task, n: int, fingerprint: str, state: dict, history
                                 registry.EXPERT_ARTIFACT, tags={"expert": name, "fingerprint": fingerprint,
                                                                 "profile": cfg.profile})
     summary = {"expert": n, "name": name, "fingerprint": fingerprint, "weights": layout.relative(layout.weights(n)),
+               "weights_digest": digest(layout.weights(n)),  # checked before the weights are trusted (integrity.py)
                "mlflow_run_id": run_id,
                "registered": f"models:/{version.name}/{version.version}", "seconds": round(seconds, 2), "final": history[-1] if history else {}}
     write_json(layout.expert_meta(n), summary)

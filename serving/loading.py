@@ -18,6 +18,7 @@ import numpy as np
 
 from pipelines import registry
 from pipelines.gate_inputs import GateInputs
+from pipelines.integrity import expert_damage
 from pipelines.prepare import shard_files
 from pipelines.layout import RunLayout
 from pipelines.methods import METHODS, SERVABLE
@@ -160,8 +161,9 @@ def gate_values(gate, bundle: dict, x) -> np.ndarray:
 def resolve_run(root: str, task_name: str, gate_file: str | None = None, target: float | None = None,
                 expert_uris: list[str] | tuple[str, ...] | None = None,
                 tracking_uri: str | None = None) -> ServedRun:
-    """Find and check every part of a run; UserError names what is missing. Reads the gate file
-    (kilobytes), never the experts' weights.
+    """Find and check every part of a run; UserError names what is missing or damaged. Reads the
+    gate file (kilobytes) and hashes the root's expert weights against their records (it never
+    loads them: each replica does).
 
     gate_file: a path, or a registry URI (models:/bmoe-<task>-gate@best-d4096; pipelines/registry.py).
     expert_uris: registry or run URIs (models:/bmoe-<task>-expert-<n>/3, runs:/<id>/expert) to
@@ -198,6 +200,8 @@ def resolve_run(root: str, task_name: str, gate_file: str | None = None, target:
             if not weights.exists():
                 raise UserError(f"expert {n} ({name}) of task {task_name} has no checkpoint {weights}: "
                                 "run `bmoe train-experts` first")
+            if problem := expert_damage(layout, n, read_json(layout.expert_meta(n))):
+                raise UserError(f"{problem}: run `bmoe train-experts` to train expert {n} ({name}) again")
             sources.append(str(weights))
         sources = tuple(sources)
     if read_json(layout.manifest()) is None:

@@ -9,7 +9,7 @@ served image back into its patches, detection takes the served boxes, action the
 and task.metric scores the split as the report does. Only the rows the root's cache scored are
 counted, so served and report figures cover the same units. The report's row is the served
 gate's own trial in the sweep of the root's report (else its latest), at the same target, as
-served (serving.stream: the split streamed through a fresh router in the order replay sends it),
+served (bmoe.stream: the split streamed through a fresh router in the order replay sends it),
 with the batch row (the whole split routed at once) beside it.
 """
 
@@ -29,7 +29,7 @@ from pipelines.layout import RunLayout
 from pipelines.runtime import RunConfig, UserError
 from serving.router import TARGET_HEADER
 from serving.loading import reported_sweep
-from serving.stream import STREAM_SEED, request_order
+from bmoe.stream import STREAM_SEED, request_order
 from storage import as_path, read_json, read_table
 
 SPLITS = ("val", "test")
@@ -80,7 +80,7 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
     """The split of `root` through the endpoint at `url`, once per target (None: the endpoint's
     default, sent without a header). UserError names what is missing or what the endpoint refused.
     tracking_uri: where a registered gate the endpoint serves (models:/...) is looked up.
-    order: "shuffled" (requests in serving.stream's order for `seed`: with the default seed the
+    order: "shuffled" (requests in bmoe.stream's order for `seed`: with the default seed the
     order the report's as-served rows were scored in, so a fresh endpoint's choices are the
     report's unit by unit) or "listed" (the data set's order: UCF-101's lists are sorted by
     class, a stream's hardest case)."""
@@ -98,7 +98,7 @@ def replay(root: str, task_name: str, url: str, targets: list[float | None], spl
     costs = task.data_costs()
     names = task.expert_names()
     sources, skipped = _sources(layout, task, split)
-    if order == "shuffled":  # the order the report's as-served rows assume (serving.stream), for seed 0
+    if order == "shuffled":  # the order the report's as-served rows assume (bmoe.stream), for seed 0
         rank = request_order([str(rows[0][task.request_column]) for _, rows, _ in sources], seed)
         sources = sorted(sources, key=lambda source: rank[str(source[1][0][task.request_column])])
     cache_rows = read_table(layout.cache(split)).to_pandas().set_index("sample_id", drop=False)
@@ -182,7 +182,8 @@ def _sources(layout: RunLayout, task, split: str) -> tuple[list[tuple[dict, list
     if not cache.exists():
         raise UserError(f"no cache of the {split} split under {layout.root}: run `bmoe cache` first")
     scored = set(read_table(cache, ["sample_id"]).column("sample_id").to_pylist())
-    listing = task.list_sources(manifest["data_root"], split)
+    data_root = layout.data_root(manifest)
+    listing = task.list_sources(data_root, split)
     wanted = {"sample_id", "group", *task.target_columns, *task.meta_columns}  # not the P_n: memory
     kept, skipped = [], []
     for source in listing.sources:
@@ -197,7 +198,7 @@ def _sources(layout: RunLayout, task, split: str) -> tuple[list[tuple[dict, list
         else:
             skipped.append(f"{source['path']}: not in the {split} cache")
     if not kept:
-        raise UserError(f"none of the {split} split's sources under {manifest['data_root']} is in the cache "
+        raise UserError(f"none of the {split} split's sources under {data_root} is in the cache "
                         f"of {layout.root}")
     return kept, skipped
 
@@ -241,7 +242,7 @@ def _gate_file_of(served: str, tracking_uri: str | None) -> str:
 
 
 def _report_row(trial: dict | None, target: float) -> dict | None:
-    """The gate's report row at `target`: as served (serving.stream) where the sweep scored it, else
+    """The gate's report row at `target`: as served (bmoe.stream) where the sweep scored it, else
     the batch row; batch_* always the batch row (Algorithm 1's quotas, lagrange's test price)."""
     for point in (trial or {}).get("points", []):
         if abs(point["d_target"] - target) <= 1e-6 * max(target, 1.0):

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serving import wire
-from serving.budget import BudgetController, merge_summaries
+from bmoe.budget import BudgetController, merge_summaries
 from serving.loading import ServedRun, gate_values, load_gate, replica_device
 from serving.settings import ServeSettings
 

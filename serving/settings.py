@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from serving.stream import DEFAULT_WINDOW
+from bmoe.stream import DEFAULT_WINDOW
 
 
 @dataclass(frozen=True)

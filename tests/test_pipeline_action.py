@@ -231,3 +231,64 @@ def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):
     points = mlflow.search_runs(experiment_names=["bmoe-action"], filter_string="tags.`bmoe.point` = 'rerun-sweep'")
     assert len(trials) == 1 and len(points) == points["params.d_target"].nunique() > 1
 
+
+
+def test_a_copied_root_keeps_every_stage_and_damage_is_named_and_made_again(run, tmp_path, capsys):
+    """A copy of the finished root (cp -a) reruns every stage as kept. Then, on the copy: 64 bytes
+    flipped in a shard, a truncated cache and truncated expert weights are each named in one line
+    by `bmoe verify` and by the stage that would read them, and the stage that made each file makes
+    it again, leaving a root that verifies clean."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from pipelines.cache import cache
+    from pipelines.prepare import prepare
+    from pipelines.report import report
+    from pipelines.sweep import GRIDS, sweep
+    from pipelines.train_experts import train_experts
+    from serving.loading import resolve_run
+
+    cfg = dataclasses.replace(run[0], root=str(tmp_path / "copy"))
+    shutil.copytree(run[0].root, cfg.root)  # contents and modification times
+    capsys.readouterr()
+    prepare(cfg), train_experts(cfg), cache(cfg), sweep(cfg, GRIDS["smoke"], name="smoke-sweep"), report(cfg)
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and out.count("unchanged, kept") == 3 and "cache kept" in out, out
+    assert "already complete" in out and "up to date" in out, out
+
+    def verify() -> tuple[int, list[str]]:
+        result = CliRunner().invoke(app, ["verify", "--task", "action", "--root", cfg.root])
+        return result.exit_code, result.output.strip().splitlines()
+
+    assert verify()[0] == 0
+    layout = cfg.layout
+    shard = layout.shards("test", "p0") / run[1]["splits"]["test"]["shards"]["p0"]["files"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 64])
+    shard.write_bytes(bytes(data))
+    (layout.cache("val")).write_bytes(layout.cache("val").read_bytes()[:100])
+    weights = layout.weights(0)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, lines = verify()
+    assert code == 1 and any(str(shard) in line and "SHA-256" in line for line in lines), lines
+    assert any(str(layout.cache("val")) in line for line in lines) and any(str(weights) in line for line in lines)
+
+    for stage, expected in ((["sweep"], "run `bmoe cache`"), (["cache"], "run `bmoe train-experts`")):
+        result = CliRunner().invoke(app, [*stage, "--task", "action", "--root", cfg.root, "--profile", "smoke",
+                                          "--data-root", str(run[0].data_root)])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert expected in result.output, result.output
+    with pytest.raises(UserError, match="run `bmoe train-experts` to train expert 0"):
+        resolve_run(cfg.root, "action")
+
+    capsys.readouterr()
+    prepare(cfg)  # the damaged shard: the shards made again (the data is unchanged: the experts' inputs too)
+    train_experts(cfg)  # the truncated weights: that expert trained again, the others kept
+    cache(cfg)  # the truncated cache: scored again
+    out = capsys.readouterr().out
+    assert "damaged): making the shards again" in out and "training it again" in out and "scoring again" in out, out
+    assert out.count("unchanged, kept") == 2, out
+    code, lines = verify()
+    assert code == 0 and lines[0].endswith(" 0 damaged"), lines

@@ -5,6 +5,7 @@ tests/test_cluster.py on a two-node cluster with the run root in an S3 bucket.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -51,6 +52,51 @@ def test_prepare_writes_shards_per_expert_and_is_idempotent(run, capsys):
     again = prepare(cfg)
     assert again["created"] == manifest["created"]
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, asked", [
+    (["train-experts", "-o", "scales=2,3,4"], "this run asks for -o scales=2,3,4"),
+    (["train-experts", "--seed", "1"], "this run asks for --seed 1"),
+    (["cache", "--profile", "demo"], "this run asks for --profile demo"),
+    (["prepare", "-o", "scales=4,3"], "this run asks for -o scales=4,3"),
+    (["sweep", "--seed", "1"], "this run asks for --seed 1"),
+])
+def test_a_stage_with_other_settings_is_refused_in_one_line(run, args, asked):
+    """A root records the profile, settings and seed it was prepared with; a stage asked for
+    others says so in one line, naming both and the ways out, and leaves the root as it was."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cfg, manifest = run
+    local = Path(cfg.root.removeprefix("file://"))
+    before = sorted(str(p) for p in local.rglob("*"))
+    command, *rest = args
+    if "--profile" not in rest:
+        rest += ["--profile", "smoke"]
+    out = CliRunner().invoke(app, [command, "--task", "superres", "--root", cfg.root, *rest])
+    assert out.exit_code == 1, out.output
+    message = out.output.strip()
+    assert len(message.splitlines()) == 1 and asked in message, message
+    assert "made with" in message and "another --root" in message, message
+    assert sorted(str(p) for p in local.rglob("*")) == before
+    assert json.loads((local / "data" / "superres" / "manifest.json").read_text())["created"] == manifest["created"]
+
+
+def test_a_copied_root_is_recognised_not_prepared_again(run, tmp_path, capsys):
+    """The fingerprint holds the sources' paths under the data root, not the run root's own path:
+    a copy of a root (its embedded data inside it) prepares nothing."""
+    import shutil
+
+    from pipelines.prepare import prepare
+
+    cfg, manifest = run
+    copy = tmp_path / "copied"
+    shutil.copytree(cfg.root.removeprefix("file://"), copy)  # copy2: contents and modification times, as cp -a
+    capsys.readouterr()
+    again = prepare(dataclasses.replace(cfg, root=str(copy)))
+    assert "nothing to do" in capsys.readouterr().out
+    assert again["created"] == manifest["created"] and again["data_root"] == "raw/superres"
 
 
 def test_an_expert_fit_whose_worker_dies_resumes_from_its_last_checkpoint(run):

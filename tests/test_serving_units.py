@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from serving import wire
-from serving.budget import BudgetController, merge_summaries, window_bound
+from bmoe.budget import BudgetController, merge_summaries, window_bound
 from serving.settings import ServeSettings
 
 D = np.array([3072.0, 64 * 64 / 9 * 12, 12288.0])  # the superres experts' data costs (x4, x3, x2)
@@ -65,10 +65,10 @@ def test_controller_follows_the_gate_where_the_budget_allows():
 
 
 def test_the_stream_order_is_the_listing_s_whatever_order_the_rows_come_in():
-    """serving.stream: a request's units stay together and in sample-id order, the requests'
+    """bmoe.stream: a request's units stay together and in sample-id order, the requests'
     order depends on their keys and the seed only, so a cache and a listing holding the same
     requests in other orders stream them alike."""
-    from serving.stream import request_order, stream_order
+    from bmoe.stream import request_order, stream_order
 
     keys = ["img-b", "img-a", "img-b", "img-c", "img-a", "img-b"]
     ids = ["img-b/2", "img-a/1", "img-b/1", "img-c/0", "img-a/0", "img-b/0"]
@@ -87,7 +87,7 @@ def test_the_stream_order_is_the_listing_s_whatever_order_the_rows_come_in():
 def test_the_streamed_assignment_is_the_controller_s_choice_in_stream_order():
     """What the report predicts for a deployment is what a fresh router's controller does when
     the same values arrive in the same order."""
-    from serving.stream import streamed_assignment
+    from bmoe.stream import streamed_assignment
 
     rng = np.random.default_rng(3)
     d, val, values = np.array([1024.0, 4096.0, 9216.0]), rng.normal(size=(300, 3)), rng.normal(size=(120, 3))

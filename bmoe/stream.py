@@ -3,7 +3,7 @@ the streaming budget's choice for every unit in that order.
 
 A report's batch rows (Algorithm 1 over the whole test split, lagrange's price set on the test
 predictions) see every test input before routing any; a deployment cannot. Its router prices
-each unit as it comes (serving.budget), from the price calibrated on validation and the overspend
+each unit as it comes (bmoe.budget), from the price calibrated on validation and the overspend
 so far, so its choices depend on the order of the stream. The sweep scores each servable gate's
 test split once more through this prediction, in one canonical order (requests shuffled with a
 seed, each request's units in the order the router routes them), and `bmoe replay` sends the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.budget import BudgetController
+from bmoe.budget import BudgetController
 
 __all__ = ["DEFAULT_WINDOW", "STREAM_SEED", "request_order", "stream_order", "streamed_assignment"]
 
