@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 PROFILES = ("smoke", "demo", "paper")
 RAY_SOCKET_SUFFIX = len("/session_2026-12-05_13-32-58_213021_2408100/sockets/plasma_store")  # below Ray's temp dir
@@ -120,6 +121,8 @@ def ensure_ray(cfg: RunConfig) -> None:
     import ray
     import ray.data
 
+    from pipelines import ray_watchdog
+
     quiet_environment()
     # Ray Data logs every operator at INFO; the stages print their own progress lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -149,7 +152,23 @@ def ensure_ray(cfg: RunConfig) -> None:
     if not cfg.layout.is_remote and len(str(temp)) + RAY_SOCKET_SUFFIX <= 107:
         temp.mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(temp)
+    records = _local_ray_records(cfg)
+    if records is not None:
+        killed = sum(ray_watchdog.clean_stale(r) for r in sorted(records.glob("local-ray-*.json")))
+        if killed:
+            print(f"ray: stopped {killed} process(es) a killed stage on this root left behind")
+    before = ray_watchdog.children(os.getpid())
     ray.init(**kwargs)
+    if records is not None:  # the local Ray goes with this driver, however it ends (pipelines/ray_watchdog.py)
+        ray_watchdog.start(records / f"local-ray-{os.getpid()}.json", ray_watchdog.children(os.getpid()) - before)
+
+
+def _local_ray_records(cfg: RunConfig) -> Path | None:
+    """Where the watchdogs of local Rays started on `cfg`'s root record their processes: a local
+    root's (an object-store root keeps none: /proc is this machine's), on Linux."""
+    if cfg.layout.is_remote or not os.path.isdir("/proc"):
+        return None
+    return Path(str(cfg.layout.ray_temp()))
 
 
 def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:

@@ -222,13 +222,14 @@ class Router:
         raw = request.headers.get(TARGET_HEADER) or request.query_params.get(TARGET_QUERY)
         if raw is None:
             return self.target
+        shown = raw if len(raw) <= 100 else raw[:100] + f"... ({len(raw)} characters)"  # never echoed back whole
         try:
             target = float(raw)
         except ValueError:
-            raise HTTPError(400, f"target cost {raw!r} is not a number of bytes") from None
+            raise HTTPError(400, f"target cost {shown!r} is not a number of bytes") from None
         lo, hi = float(self.d.min()), float(self.d.max())
         if not (np.isfinite(target) and lo <= target <= hi):
-            raise HTTPError(400, f"target cost {raw} is outside the feasible range [{lo:g}, {hi:g}] bytes")
+            raise HTTPError(400, f"target cost {shown} is outside the feasible range [{lo:g}, {hi:g}] bytes")
         return target
 
     def _controller(self, target: float) -> BudgetController:

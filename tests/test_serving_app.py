@@ -82,6 +82,8 @@ def test_bad_inputs_get_4xx_json_and_the_app_keeps_serving(server):
         assert status == code and message in out["error"] and "\n" not in out["error"], (code, out)
     status, out = call(f"{server}/superres/predict?target_cost=99", good)
     assert status == 400 and "feasible range" in out["error"]
+    status, out = call(f"{server}/superres/predict", good, headers={"X-BMoE-Target-Cost": "9" * 10_000})
+    assert status == 400 and "(10000 characters)" in out["error"] and len(out["error"]) < 300, out  # not echoed whole
     status, out = call(f"{server}/superres/predict", good)
     assert status == 200, out
     status, stats = call(f"{server}/superres/stats")
