@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from pipelines.runtime import PROFILES, RunConfig, UserError, label_options, quiet_environment
+from pipelines.runtime import PROFILES, RunConfig, UserError, label_options, quiet_environment, resource_problem
 from storage import StoragePath
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # serve hosts that keep the server on this machine
@@ -94,6 +94,18 @@ def _run(stage: Callable, *args, **kwargs):
         return stage(*args, **kwargs)
     except (UserError, BadInput, UnsafeFile) as err:
         typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as err:  # a full disk or a refused write anywhere: one line, the rest re-raised
+        configs = args[0] if args and isinstance(args[0], list) else args[:1]
+        cfg = next((c for c in configs if isinstance(c, RunConfig)), None)
+        try:
+            tracking = cfg.mlflow_uri if cfg else None
+        except UserError:
+            tracking = None
+        problem = resource_problem(err, cfg.root if cfg else None, tracking)
+        if problem is None:
+            raise
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -14,6 +14,40 @@ PROFILES = ("smoke", "demo", "paper")
 RAY_SOCKET_SUFFIX = len("/session_2026-12-05_13-32-58_213021_2408100/sockets/plasma_store")  # below Ray's temp dir
 
 
+def resource_problem(err: BaseException, root: str | None = None, tracking_uri: str | None = None) -> str | None:
+    """One line for a full disk or a refused write anywhere under a stage (a shard, MLflow's
+    sqlite, Tune's state; raised here or on a Ray worker), naming the path and what was kept;
+    None for any other error."""
+    import errno
+
+    seen, current = set(), err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        text = str(current)
+        if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "disk is full" in text:
+            where = getattr(current, "filename", None) or (tracking_uri if "database" in text and tracking_uri else root)
+            return (f"no space left on the device holding {where}{_free_space(where)}: what finished is kept "
+                    f"under {root}; free some space and rerun the same command to go on from there")
+        if code in (errno.EACCES, errno.EROFS):
+            return (f"writing {current.filename or root} is refused ({os.strerror(code)}): what finished is kept "
+                    f"under {root}; make it writable and rerun the same command to go on from there")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _free_space(where) -> str:
+    import shutil
+
+    path = str(where or "").removeprefix("sqlite:///")
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return f" ({shutil.disk_usage(path or '.').free / 2**20:.1f} MiB free)"
+    except OSError:
+        return ""
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file); the CLI prints it as one line."""
 
