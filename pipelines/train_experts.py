@@ -27,7 +27,7 @@ import torch
 
 from pipelines import registry
 from pipelines.integrity import digest, expert_damage
-from pipelines.prepare import require_manifest, shard_files
+from pipelines.prepare import read_manifest, require_manifest, shard_files
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
@@ -131,7 +131,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
     task = cfg.task()
 
-    manifest = require_manifest(cfg)
+    manifest = read_manifest(cfg)  # train_experts checked it, and the root's identity, before any fit
 
     def read(split: str):  # the manifest's files: a prepare that failed half-way left others beside them
         return ray.data.read_parquet([str(f) for f in shard_files(cfg.layout, manifest, split, f"p{n}")],

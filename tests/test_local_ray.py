@@ -39,8 +39,11 @@ def test_sigkill_of_a_stage_leaves_no_process_of_its_ray(tmp_path):
         assert len(processes) >= 5 and proc.poll() is None, (processes, proc.poll())
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        time.sleep(10)
-        left = [int(pid) for pid, start in processes.items() if (s := ray_watchdog._stat(int(pid))) and s[1] == start]  # noqa: SLF001
+        deadline, left = time.monotonic() + 10, [0]
+        while left and time.monotonic() < deadline:  # within 10 s: polled, so a quick cleanup ends the wait
+            time.sleep(0.5)
+            left = [int(pid) for pid, start in processes.items()
+                    if (s := ray_watchdog._stat(int(pid))) and s[1] == start]  # noqa: SLF001
         assert not left, left
         assert not list((root / "ray").glob("local-ray-*.json"))  # the record goes with them
     finally:
