@@ -288,7 +288,7 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
     point = {**_point(task, data["test"], test_assignment, d, d_t, b), **chosen,
              "served": as_served(task, data["test"], d, d_t, *log_probs)}
     return {"points": [point], **chosen, "C_g": c_g, "test_assignment": test_assignment,
-            "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist())}
+            "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist(), val_values=torch.from_numpy(log_probs[0]))}
 
 
 def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_val) -> dict:
@@ -347,13 +347,16 @@ def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], 
                        **_validation(task, data["val"], lagrange_assignment(val_pred, d, lam_val).numpy(), d, d_t,
                                      p_val)})
     return {"points": points, "C_g": c_g, "val_objective": float(np.mean([p["val_objective"] for p in points])),
-            "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std))}
+            "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std),
+                                val_values=torch.from_numpy(val_pred))}
 
 
 def gate_bundle(gate: Gate, config: TrialConfig, **extra) -> dict:
     """A trained gate as plain values and tensors (torch.load(weights_only=True) reads it back):
     what serving needs to rebuild it and its task. extra: score_mean/score_std (lagrange: the
-    gate predicts standardised scores), d_target and bias (soft/enforce)."""
+    gate predicts standardised scores), d_target and bias (soft/enforce), val_values (M, N): the
+    values a router trades against cost on the validation split, on which its budget calibrates
+    (a replica then starts without reading the split, and prices as the report's as-served rows)."""
     return {"task": config.task_name, "profile": config.profile, "options": dict(config.options),
             "method": config.method, "width": float(config.width),
             "state_dict": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}, **extra}

@@ -163,22 +163,30 @@ def _tune_config(grid: SweepGrid, configs: list[TrialConfig]):
         return ({"trial": tune.grid_search([c.as_tune() for c in configs])},
                 tune.TuneConfig(reuse_actors=True, max_concurrent_trials=grid.max_concurrent or None,
                                 scheduler=scheduler), len(configs))
-    search = PointSearch(search_points(configs), grid, grid.search, grid.num_samples)
-    # A sequential searcher learns only from finished trials: as many at once as the cluster runs.
-    limited = ConcurrencyLimiter(search, max_concurrent=grid.max_concurrent or _trial_slots(grid))
+    points = search_points(configs)
+    search = PointSearch(points, grid, grid.search, grid.num_samples)
+    limit = grid.max_concurrent or search_concurrency(grid, len(points), _cluster_resources())
+    limited = ConcurrencyLimiter(search, max_concurrent=limit)
     return ({}, tune.TuneConfig(reuse_actors=True, search_alg=PointSearchGenerator(limited),
                                 num_samples=search.total, scheduler=scheduler), search.total)
 
 
-def _trial_slots(grid: SweepGrid) -> int:
-    """How many trials the cluster's CPUs (and GPUs) run at once with the grid's resources."""
+def search_concurrency(grid: SweepGrid, points: int, resources: dict) -> int:
+    """Trials a searched sweep keeps in flight: as many as the cluster's CPUs (and GPUs) run now,
+    and never fewer than one per (method, d_t) point. Each point has its own sequential searcher,
+    which learns only from its finished trials, so one trial per point costs the search nothing;
+    and an autoscaling cluster that starts without the GPUs the trials ask for (none counted here)
+    sees every point's trial pending, the demand that makes it add nodes."""
+    slots = resources.get("CPU", 1) / grid.cpus_per_trial
+    if grid.gpus_per_trial:
+        slots = min(slots, resources.get("GPU", 0) / grid.gpus_per_trial)
+    return max(1, int(slots), points)
+
+
+def _cluster_resources() -> dict:
     import ray
 
-    total = ray.cluster_resources()
-    slots = total.get("CPU", 1) / grid.cpus_per_trial
-    if grid.gpus_per_trial:
-        slots = min(slots, total.get("GPU", 0) / grid.gpus_per_trial)
-    return max(1, int(slots))
+    return ray.cluster_resources()
 
 
 def _identity(grid: SweepGrid) -> dict:

@@ -214,13 +214,15 @@ def resolve_run(root: str, task_name: str, gate_file: str | None = None, target:
 
 def load_gate(run: ServedRun, device="cpu") -> tuple:
     """(gate, bundle, val_values): the gate in eval mode on `device`, its bundle (state_dict
-    included, on the CPU) and its values (M, N) on the validation split's gate inputs, streamed
-    from the shards in batches."""
+    included, on the CPU) and its values (M, N) on the validation split's gate inputs: saved in
+    the bundle by the sweep, else (older gates) computed from the shards in batches."""
     from pipelines.gate_trial import EVAL_BATCH
 
     gate, bundle = _read_gate(run.gate_file, run.tracking_uri)
     bundle["state_dict"] = {k: v.clone() for k, v in gate.state_dict().items()}
     gate = gate.to(device)
+    if bundle.get("val_values") is not None:  # saved by the sweep: no pass over the split at start
+        return gate, bundle, np.asarray(bundle["val_values"], dtype=np.float64)
     task = run.task()
     layout = RunConfig(task_name=run.task_name, root=run.root).layout
     val_gate = GateInputs(shard_files(layout, read_json(layout.manifest()), "val", "gate"))

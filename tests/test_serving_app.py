@@ -247,3 +247,28 @@ def test_gate_and_experts_can_come_from_the_registry_as_plain_weights_only(run_r
         with pytest.raises(UserError, match=said):
             load_run(root, "superres", gate_file, expert_uris=[bad, *uris[1:]], tracking_uri=uri)
     assert not marker.exists()
+
+
+def test_a_replica_prices_with_the_validation_values_its_gate_was_saved_with(run_root, tmp_path):
+    """A gate saved with its validation values (as the sweep saves it): a router replica takes
+    them and reads no shard to start (the split's gate shards are moved away meanwhile); a gate
+    saved without them still gets them computed from the split."""
+    import shutil
+    from pathlib import Path
+
+    from serving.loading import load_gate, resolve_run
+    from storage import load_torch, save_torch
+
+    root, gate_file = run_root
+    computed = load_gate(resolve_run(str(root), "superres", gate_file=gate_file))[2]
+    assert computed.shape[1] == 3 and len(computed) > 0
+    bundle = load_torch(Path(gate_file))
+    saved = np.random.default_rng(0).normal(size=computed.shape)
+    save_torch({**bundle, "val_values": torch.from_numpy(saved)}, tmp_path / "gate.pt")
+    shards = RunConfig(task_name="superres", root=str(root)).layout.shards("val", "gate")
+    shutil.move(shards, tmp_path / "moved")
+    try:
+        values = load_gate(resolve_run(str(root), "superres", gate_file=str(tmp_path / "gate.pt")))[2]
+    finally:
+        shutil.move(tmp_path / "moved", shards)
+    assert np.array_equal(values, saved)

@@ -230,6 +230,20 @@ def test_asha_compares_trials_only_within_their_point():
     pickle.loads(pickle.dumps(asha))  # Tune saves the scheduler with the experiment
 
 
+def test_a_searched_sweep_is_not_capped_by_the_gpus_present_at_start():
+    """An autoscaling cluster that starts with no GPU node: a GPU search still keeps one trial per
+    (method, d_t) point pending (the demand that adds GPU nodes); a cluster with room runs more."""
+    import dataclasses
+
+    from pipelines.sweep import GRIDS, search_concurrency
+
+    grid = dataclasses.replace(GRIDS["demo"], search="optuna", cpus_per_trial=1.0, gpus_per_trial=0.25)
+    assert search_concurrency(grid, points=21, resources={"CPU": 2.0}) == 21  # no GPU yet
+    assert search_concurrency(grid, points=21, resources={"CPU": 64.0, "GPU": 8.0}) == 32  # 8 GPUs / 0.25
+    assert search_concurrency(dataclasses.replace(grid, gpus_per_trial=0.0), points=3,
+                              resources={"CPU": 2.0}) == 3
+
+
 @pytest.mark.parametrize("method", ["soft", "enforce"])
 def test_at_an_end_of_the_budget_range_every_input_goes_to_that_expert_untrained(data, method):
     """b is one-hot at d_min and d_max: nothing for a gate to choose, so none is trained or saved."""
