@@ -1,9 +1,11 @@
 """The mixture served by Ray Serve through real HTTP on 127.0.0.1, as a client sees it under
 load: 400 requests at concurrency 16 with an expert replica killed mid-run lose none, the router
 and the busiest expert scale out under the load and back in when idle, and /stats sums the router
-replicas' counters. Superres (many units per request) and detection (one); action's clips go
-through Serve over HTTP in tests/test_pipeline_action.py (`bmoe replay` of its test split), and
-every task's 2,000-request runs are bench/serve.py."""
+replicas' counters. Superres, whose requests carry many units: the router and the expert
+deployments are the same code for every task, action's one-unit requests go through Serve over
+HTTP in tests/test_pipeline_action.py (`bmoe replay` of its test split, every servable gate),
+detection's request and response hooks are tested in tests/test_serving_detection.py, and every
+task's 2,000-request runs and replays are bench/serve.py and bench/replay.py."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ FAST = dict(min_replicas=1, max_replicas=2, upscale_delay_s=1, downscale_delay_s
             look_back_period_s=2, num_cpus=0.2, health_check_period_s=1)
 
 
-@pytest.fixture(scope="module", params=("superres", "detection"))
+@pytest.fixture(scope="module", params=("superres",))
 def served(request, tmp_path_factory, ray_session):
     from ray import serve
 
