@@ -36,6 +36,7 @@ from pipelines.integrity import cache_damage, digest, shard_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
+from pipelines.split_cache import node_local, node_local_files
 from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch, PointSearchGenerator
 from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import GATE_SPLIT, SCORED_SPLITS
@@ -199,9 +200,21 @@ TRIAL_SPLITS = SCORED_SPLITS  # what a trial reads: the experts' own train split
 
 
 def split_inputs(layout: RunLayout, manifest: dict, splits: tuple[str, ...] = TRIAL_SPLITS) -> dict[str, dict]:
-    """Where each split's cache and gate shards are: what a trial reads, on its own node."""
-    return {split: {"cache_file": layout.cache(split), "gate_files": shard_files(layout, manifest, split, "gate")}
+    """Where each split's cache and gate shards are, with the size and SHA-256 the root recorded
+    for each file: what a trial reads, on its own node (read_split)."""
+    cached = (read_json(layout.cache_stamp()) or {}).get("files", {})
+    return {split: {"cache_file": layout.cache(split), "cache_record": cached.get(split),
+                    "gate_files": shard_files(layout, manifest, split, "gate"),
+                    "gate_records": manifest["splits"][split]["shards"]["gate"]["files"]}
             for split in splits}
+
+
+def read_split(where: dict, n_experts: int, full: bool = True) -> SplitData:
+    """One split of split_inputs, read on this node: from the node's checked copy of each file
+    when the root is an object store, fetched once for every trial on the node
+    (pipelines/split_cache.py), else in place."""
+    return gate_trial.load_split(node_local(where["cache_file"], where["cache_record"]),
+                                 node_local_files(where["gate_files"], where["gate_records"]), n_experts, full)
 
 
 def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -> SplitData:
@@ -209,9 +222,8 @@ def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -
     manifest = manifest or require_manifest(cfg)
     if not cfg.layout.cache(split).exists():
         raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
-    where = split_inputs(cfg.layout, manifest, (split,))[split]
     try:
-        return gate_trial.load_split(where["cache_file"], where["gate_files"], len(task.expert_names()))
+        return read_split(split_inputs(cfg.layout, manifest, (split,))[split], len(task.expert_names()))
     except gate_trial.CacheMismatch as err:
         raise UserError(str(err)) from None
 
@@ -263,10 +275,12 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     # Trials read their splits themselves, streamed from the root on their own node: only paths travel.
     inputs = split_inputs(layout, manifest)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name),
+        tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name,
+                             tracking=GateTracking(cfg.mlflow_uri, f"bmoe-{cfg.task_name}")),
         grid.trial_resources())
     path = layout.tune_experiment(name)
-    callbacks = [_ResumableMLflowLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri, experiment_name=f"bmoe-{cfg.task_name}",
+    callbacks = [_ResumableMLflowLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri,
+                                        experiment_name=f"bmoe-{cfg.task_name}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
     run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
@@ -304,6 +318,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         **({"gate_digest": {"bytes": int(metrics["gate_bytes"]), "sha256": metrics["gate_sha256"]}}
                            if metrics.get("gate_sha256") else {}),
                         "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
+                        "trial_seconds": metrics.get("trial_seconds"),
                         "device": metrics.get("device")})
     summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
@@ -377,10 +392,11 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
         super().log_trial_start(trial)
         if fresh:
             import mlflow
-            from mlflow.entities import Param
+            from mlflow.entities import Param, RunTag
 
             mlflow.MlflowClient(self.tracking_uri).log_batch(
-                self._trial_runs[trial], params=[Param(k, v) for k, v in self.settings.items()])
+                self._trial_runs[trial], params=[Param(k, v) for k, v in self.settings.items()],
+                tags=[RunTag(TRIAL_ID_TAG, trial.trial_id)])  # how the trial's worker finds its run
 
     def log_trial_end(self, trial, failed: bool = False):
         result = trial.last_result or {}
@@ -390,12 +406,13 @@ class _ResumableMLflowLogger(MLflowLoggerCallback):
             client = mlflow.MlflowClient(self.tracking_uri)
             run_id = self._trial_runs[trial]
             gate_file = result.get("gate_file")
-            if gate_file:
+            if gate_file and not result.get("gate_logged"):  # the worker could not reach the store itself
                 gate = self.layout.resolve(gate_file)
                 with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
                     local = Path(tmp) / gate.name
                     local.write_bytes(gate.read_bytes())
                     client.log_artifact(run_id, str(local), GATE_ARTIFACT)
+            if gate_file:
                 client.set_tag(run_id, "bmoe.gate_file", gate_file)  # how the report finds the run to register
             self._log_points(client, trial, run_id, trial.config["trial"], json.loads(result["points_json"]),
                              float(result.get("C_g") or 0))
@@ -452,19 +469,57 @@ def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str],
     return params, {k: float(v) for k, v in metrics.items()}
 
 
-def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str) -> None:
-    """Tune function trainable: read the splits (streamed from the root, on this node), run the
-    trial, then report its final record. The trained gate and the test assignment are written
-    to the run root from the node the trial runs on, and recorded relative to the root."""
+TRIAL_ID_TAG = "bmoe.trial_id"  # on each trial's MLflow run: its Tune trial id
+RUN_LOOKUP_SECONDS = 60.0  # how long a trial's worker looks for the run the driver opens for it
+
+
+@dataclass(frozen=True)
+class GateTracking:
+    """Where a trial's worker logs its trained gate: straight to a tracking server's artifact
+    store (http(s) URIs), so a thousand gates never pass through the Tune driver. A local store
+    (sqlite, a folder) is the driver's own disk: the driver logs the gate there."""
+
+    uri: str
+    experiment: str
+
+    @property
+    def direct(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    def log_gate(self, sweep_name: str, trial_id: str, local: Path) -> bool:
+        """Log `local` as the gate artifact of the trial's run; False when the run was not found."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        deadline = time.monotonic() + RUN_LOOKUP_SECONDS
+        while experiment is not None:
+            found = client.search_runs([experiment.experiment_id], max_results=1,
+                                       filter_string=f"tags.`bmoe.sweep` = '{sweep_name}' and "
+                                                     f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'")
+            if found:
+                client.log_artifact(found[0].info.run_id, str(local), GATE_ARTIFACT)
+                return True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return False
+
+
+def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str,
+               tracking: GateTracking) -> None:
+    """Tune function trainable: read the splits (a node-local copy when the root is an object
+    store), run the trial, then report its final record. The trained gate and the test
+    assignment are written to the run root from the node the trial runs on, and recorded
+    relative to the root; the gate goes to the tracking server from here too (GateTracking)."""
     import ray
     from ray import tune
 
+    started = time.perf_counter()
     trial = TrialConfig.from_tune(config["trial"])  # Tune's dict, typed at the edge
     assigned = ray.get_runtime_context().get_assigned_resources()
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # the CPUs Ray gave this trial
-    data = {split: gate_trial.load_split(where["cache_file"], where["gate_files"], n_experts,
-                                         full=split != GATE_SPLIT)
-            for split, where in inputs.items()}
+    data = {split: read_split(where, n_experts, full=split != GATE_SPLIT) for split, where in inputs.items()}
     result = run_trial(trial, data)
     final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0),
              "assigned_cpu": float(assigned.get("CPU", 0)), "assigned_gpu": float(assigned.get("GPU", 0)),
@@ -473,10 +528,14 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     gate = result.pop("gate", None)
     trial_id = tune.get_context().get_trial_id()
     if gate is not None:  # the trained gate, for serving (serving/loading.py)
-        saved = save_gate(gate, layout.gate_bundle(sweep_name, trial_id))
-        recorded = digest(saved)  # serving checks the file against it (pipelines/integrity.py)
+        saved = layout.gate_bundle(sweep_name, trial_id)
+        with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
+            local = save_gate(gate, Path(tmp) / saved.name)
+            write_bytes(saved, local.read_bytes())
+            recorded = digest(local)  # serving checks the file against it (pipelines/integrity.py)
+            logged = tracking.direct and tracking.log_gate(sweep_name, trial_id, local)
         final.update({"gate_file": layout.relative(saved), "gate_bytes": recorded["bytes"],
-                      "gate_sha256": recorded["sha256"]})
+                      "gate_sha256": recorded["sha256"], "gate_logged": float(bool(logged))})
     if assignment is not None:
         final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
     final.update({k: result[k] for k in ("val_performance", "val_objective") if k in result})
@@ -486,6 +545,7 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
                       **{f"u_{n}": u for n, u in enumerate(point["share"])}})
     else:
         final["mean_test_performance"] = float(np.mean([p["performance"] for p in result["points"]]))
+    final["trial_seconds"] = time.perf_counter() - started  # the trial's own work (bench/scale.py's overhead)
     tune.report(final)
 
 

@@ -233,6 +233,21 @@ def write_bytes(path: AnyPath, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def copy_file(local: Path, dest: AnyPath) -> None:
+    """A local file to `dest`, streamed in 4 MB pieces (never whole in memory); a local dest
+    appears complete or not at all."""
+    if isinstance(dest, StoragePath):
+        with open(local, "rb") as src, dest.open("wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, dest)
+
+
 def write_text(path: AnyPath, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -154,6 +154,8 @@ def test_the_bucket_holds_the_complete_run(runs, cluster):
     trained = [r for r in children if r.data.params.get("trial/method") in ("soft", "enforce", "lagrange")]
     gated = [r for r in trained if r.data.metrics.get("C_g")]  # at d_min and d_max (b one-hot) no gate is trained
     assert gated and all(client.list_artifacts(r.info.run_id, "gate") for r in gated)
+    # logged by the trial's worker on the worker node, straight to the server (not via the Tune driver)
+    assert all(r.data.metrics.get("gate_logged") == 1.0 for r in gated)
     per_target = [r for r in trained if r.data.params["trial/method"] != "lagrange"]
     assert per_target and all({"d_mean", "C_g", "test_performance"} <= set(r.data.metrics) for r in per_target)
     # one run per (method, d_t) on the server, every method with the same keys (static ones nested under their trial)

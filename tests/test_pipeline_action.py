@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.gate_inputs import GateInputs
+from pipelines.prepare import shard_files
 from pipelines.runtime import RunConfig, UserError
 from tasks import get_task
 from tasks.action import synthetic
@@ -131,6 +133,19 @@ def test_experts_and_cache(run):
             correct = table[f"pred_{n}"] == table["label"]
             assert (correct == (table[f"score_{n}"] == 1.0)).all()
         assert len([c for c in table.columns if c.startswith("emb") and c.endswith("_0")]) > 0
+        # rows in the order of the split's gate shards: what trials stream their inputs in
+        gate = GateInputs(shard_files(cfg.layout, manifest, split, "gate"))
+        assert table["sample_id"].tolist() == gate.sample_ids().astype(str).tolist()
+
+
+def test_the_cache_scores_only_the_splits_something_reads(run):
+    from pipelines.sweep import TRIAL_SPLITS
+
+    cfg, manifest, _, files = run
+    assert set(files) == set(TRIAL_SPLITS) and "train" not in files  # the experts' own split: the largest
+    written = sorted(p.stem for p in cfg.layout.cache("gate").parent.glob("*.parquet"))
+    assert written == sorted(TRIAL_SPLITS)
+    assert manifest["splits"]["train"]["samples"] > 0
 
 
 def test_sweep_and_report(run):

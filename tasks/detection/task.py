@@ -257,7 +257,7 @@ class DetectionTask(TaskBase):
         the packed detections, the image's own AP@[.5:.95] (the oracle's weighted score), its objects."""
         dets = metrics.pack(rows, np.float32)
         size = (int(meta["img_w"]), int(meta["img_h"]))
-        return {"dets": dets, "score": self._pooled.image_ap(int(meta["image_id"]), size, meta["gt"], dets),
+        return {"dets": dets, "score": metrics.image_ap(int(meta["image_id"]), size, meta["gt"], dets),
                 "objects": int((metrics.unpack_gt(meta["gt"])[:, 5] == 0).sum())}
 
     def _inputs(self, n: int, batch: dict, flip: bool) -> tuple[list[torch.Tensor], list[dict]]:
