@@ -151,8 +151,8 @@ def train_experts(task_name: Task = "superres", root: Root = "bmoe-runs", profil
 def cache(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profile = "demo",
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
           gpu: Gpu = False,
-          actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: one per GPU with --gpu, "
-                                                   "else one); the pool scales up to it.", min=0)] = 0):
+          actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: with --gpu, one per "
+                                                   "GPU the cluster has or adds; else one).", min=0)] = 0):
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 
