@@ -1,11 +1,15 @@
-"""Scale benchmark: superres on DIV2K-sized images (2040x1356, 651 patches of 64x64 each).
+"""Scale benchmark: each stage's memory as its input grows, and Ray Data's prepare against a loop.
 
-DIV2K cannot be downloaded here, so the bench draws procedural images of DIV2K's size (the
-embedded data's generator) and writes them as PNG in DIV2K's folder layout, with `n` images in
-train and 2 each in val and test. The `paper` profile keeps them at full size.
+Part stages (bench/scale_stages.py says how): for each task (superres, detection, action), the
+peak RSS of the driver and of the largest Ray worker in prepare, cache, one sweep trial and a
+Serve router replica's start, at 1x and 4x input at the paper's sizes, each in a fresh process.
 
-Part 1, prepare: for n = 8, 32, 96 (--sizes), (a) pipelines.prepare.prepare (Ray Data, one
-streaming pass) and (b) a single-process loop doing the same work on the same files (task.load
+Parts bytes and sweep (bench/scale_io.py, when it is there): the bytes a sweep trial reads from
+an object-store root, and Ray Tune's cost per trial over --sweep-trials trials.
+
+Part prepare, superres on DIV2K-sized images (2040x1356, 651 patches of 64x64 each): for n = 8,
+32, 96 train images (--sizes; 2 each in val and test), (a) pipelines.prepare.prepare (Ray Data,
+one streaming pass) and (b) a single-process loop doing the same work on the same files (task.load
 of every image, pipelines.shard_writer.ShardWriter with the same target sizes), measured side
 by side; afterwards every shard set of both is read back and checked equal row by row. A
 sampler thread records, every 0.2 s, the RSS of this process (Ray's driver) and of the largest
@@ -14,15 +18,12 @@ process (its time and peak RSS are its own), and so does the check.
 Ray is started once and warmed up on a 2-image set first (workers import the task once per
 process, as on a long-lived cluster); its start-up time is reported apart.
 
-Part 2, a sweep trial: an `enforce` trial (the demo grid's batch size, width and lr) on the
-train split of the 8-image and the 32-image runs (1x and 4x), each in a fresh process that
-streams its inputs from the shards (pipelines.gate_trial.load_split + run_trial, as a Tune
-trial does, without Tune), with its wall time and peak RSS. Its experts are trained once, for
-one epoch at width 0.25, on the 8-image run and scored over both runs by the cache stage:
-the trial's cost does not depend on how good they are.
+DIV2K, COCO and UCF-101 cannot be downloaded here: the inputs are synthetic, of their sizes
+and in their layouts, so the real readers run on them.
 
-Run from the repository root:  .venv/bin/python bench/scale.py [--sizes 8,32,96]
-Writes bench/results/scale.json.
+Run from the repository root:  nice -n 10 .venv/bin/python bench/scale.py [--part stages,bytes,sweep,prepare]
+--part picks the parts (default all); a run records its parts in bench/results/scale.json and
+keeps what it did not run; --quick (stages on small inputs) and --skip-loop only print.
 """
 
 from __future__ import annotations
@@ -34,94 +35,21 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.scale_stages import OPTIONS, TASKS, MemorySampler, fresh_process, write_images  # noqa: E402
 from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
-from tasks import GATE_SPLIT, SOURCE_SPLITS, SPLITS  # noqa: E402
+from tasks import SPLITS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
-HEIGHT, WIDTH = 1356, 2040  # a DIV2K-sized image: 21 x 31 = 651 patches
-OPTIONS = {"expert_width": 0.25, "epochs": 1}  # the experts only feed the trial bench (part 2)
-TRIAL = {"method": "enforce", "batch_size": 64, "lr": 1e-3, "width": 0.5, "epochs": 2, "seed": 0}
+PARTS = ("stages", "bytes", "sweep", "prepare")
 
 
-# -- data ---------------------------------------------------------------------------------------
-
-def write_images(root: Path, n_train: int, n_eval: int = 2) -> Path:
-    """n_train (+ 2 x n_eval) procedural 2040x1356 PNGs in DIV2K's layout under root."""
-    from tasks.superres.synthetic import procedural_image, write_div2k_tree
-
-    splits = {}
-    for split, count in (("train", n_train), ("val", n_eval), ("test", n_eval)):
-        splits[split] = [(f"{split}{i:04d}", procedural_image(np.random.default_rng([7, SOURCE_SPLITS.index(split), i]),
-                                                             HEIGHT, WIDTH)) for i in range(count)]
-    return write_div2k_tree(root, splits)
-
-
-# -- memory -------------------------------------------------------------------------------------
-
-class MemorySampler:
-    """Peak RSS of this process and of the largest Ray worker, and peak /dev/shm growth."""
-
-    def __init__(self, period: float = 0.2):
-        import psutil
-
-        self.psutil, self.period = psutil, period
-        self.me = psutil.Process()
-        self._stop = threading.Event()
-        self.shm_base = self._shm()
-        self.driver = self.worker = self.shm = 0
-
-    @staticmethod
-    def _shm() -> int:
-        return shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0
-
-    def _sample(self) -> None:
-        self.driver = max(self.driver, self.me.memory_info().rss)
-        for child in self.me.children(recursive=True):
-            try:
-                if child.name().startswith("ray::") or "default_worker" in " ".join(child.cmdline()[:3]):
-                    self.worker = max(self.worker, child.memory_info().rss)
-            except self.psutil.Error:
-                continue
-        self.shm = max(self.shm, self._shm() - self.shm_base)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self._sample()
-
-    def __enter__(self) -> "MemorySampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def figures(self) -> dict:
-        return {"driver_rss_mb": round(self.driver / 2**20, 1), "largest_worker_rss_mb": round(self.worker / 2**20, 1),
-                "object_store_shm_mb": round(self.shm / 2**20, 1)}
-
-
-# -- part 1: prepare ----------------------------------------------------------------------------
-
-def _helper(*args: str) -> dict:
-    """This script in a fresh process (a loop prepare, a check, a trial); its last line's JSON."""
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
+# -- part prepare: Ray Data against a loop ----------------------------------------------------
 
 def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -129,7 +57,7 @@ def _peak_rss_mb() -> float:
 
 def loop_in_process(data_root: str, out: str) -> dict:
     cfg = RunConfig(task_name="superres", root=str(Path(out) / "unused"), profile="paper", data_root=data_root,
-                    task_options=OPTIONS)
+                    task_options=OPTIONS["superres"])
     import ray.data.block  # noqa: F401  imports done before the clock starts, as Ray's warm workers have them
 
     import pipelines.prepare  # noqa: F401
@@ -186,7 +114,7 @@ def bench_prepare(work: Path, n: int, loop: bool = True) -> dict:
 
     data_root = write_images(work / f"div2k-{n}", n)
     cfg = RunConfig(task_name="superres", root=str(work / f"run-{n}"), profile="paper", data_root=str(data_root),
-                    task_options=OPTIONS)
+                    task_options=OPTIONS["superres"])
     result = {"images": {"train": n, "val": 2, "test": 2}}
     with MemorySampler() as ray_memory:
         started = time.perf_counter()
@@ -203,10 +131,10 @@ def bench_prepare(work: Path, n: int, loop: bool = True) -> dict:
     loop_out = work / f"loop-{n}"
     # The loop and the check each run in a fresh process: their memory is their own, and what
     # the check reads back never inflates the driver's figures of the next size.
-    loop = _helper("--loop", cfg.data_root, str(loop_out))
+    loop = fresh_process(__file__, "--loop", cfg.data_root, str(loop_out))
     result["loop_seconds"] = loop["seconds"]
     result["loop_memory"] = {"process_rss_mb": loop["peak_rss_mb"]}
-    result["rows_checked_equal"] = _helper("--compare", str(cfg.layout.data()), str(loop_out))["rows"]
+    result["rows_checked_equal"] = fresh_process(__file__, "--compare", str(cfg.layout.data()), str(loop_out))["rows"]
     shutil.rmtree(loop_out)
     result["ray_patches_per_s"] = round(patches / result["ray_seconds"], 1)
     result["loop_patches_per_s"] = round(patches / result["loop_seconds"], 1)
@@ -216,77 +144,97 @@ def bench_prepare(work: Path, n: int, loop: bool = True) -> dict:
     return result
 
 
-# -- part 2: a sweep trial ----------------------------------------------------------------------
+def bench_prepares(work: Path, sizes: list[int], loop: bool) -> dict:
+    """Part prepare: Ray started and warmed up once, then every size; the part's keys."""
+    import ray
 
-def trial_in_process(root: str) -> dict:
-    """One enforce trial on the run at `root`, streamed from its shards; run in a fresh process."""
-    import torch
+    from pipelines.runtime import ensure_ray
 
-    from pipelines.gate_trial import load_split, run_trial
-    from pipelines.methods import TrialConfig
-    from pipelines.prepare import require_manifest
-    from pipelines.sweep import split_inputs, targets
-
-    torch.set_num_threads(1)  # a trial with --cpus-per-trial 1
-    cfg = RunConfig(task_name="superres", root=root, profile="paper", task_options=OPTIONS)
-    task = cfg.task()
-    inputs = split_inputs(cfg.layout, require_manifest(cfg))
-    import psutil
-
-    baseline = round(psutil.Process().memory_info().rss / 2**20, 1)  # with its imports, before any data
     started = time.perf_counter()
-    with MemorySampler(period=0.05) as memory:
-        n = len(task.expert_names())
-        data = {split: load_split(where["cache_file"], where["gate_files"], n, full=split != GATE_SPLIT)
-                for split, where in inputs.items()}
-        d = task.data_costs()
-        config = {"task": "superres", "profile": "paper", "options": OPTIONS, **TRIAL,
-                  "d_target": targets(d, 7)[3]}
-        result = run_trial(TrialConfig.from_tune(config), data, report=lambda metrics: None)
-    return {"gate_rows": len(data[GATE_SPLIT].cache), "seconds": round(time.perf_counter() - started, 2),
-            "peak_rss_mb": memory.figures()["driver_rss_mb"], "rss_before_data_mb": baseline,
-            "test_performance": result["points"][0]["performance"]}
+    ensure_ray(RunConfig(root=str(work / "ray-root")))
+    ray_start = round(time.perf_counter() - started, 2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        bench_prepare(work, 2)  # warm-up: the workers import the task once
+        by_n = {n: bench_prepare(work, n, loop=loop) for n in sizes}
+    finally:
+        ray.shutdown()  # now, not at exit: its session folder is under the scratch folder removed before
+
+    def ratio(a: int, b: int, key: str) -> float | None:
+        if a in by_n and b in by_n:
+            return round(by_n[b]["ray_memory"][key] / max(by_n[a]["ray_memory"][key], 1e-9), 3)
+        return None
+
+    return {"ray_start_seconds": ray_start, "prepare": list(by_n.values()),
+            "ray_over_loop": {n: row.get("ray_over_loop") for n, row in by_n.items()},
+            "memory_96_over_32": {key: ratio(32, 96, key) for key in ("driver_rss_mb", "largest_worker_rss_mb",
+                                                                      "object_store_shm_mb")}}
 
 
-def experts_and_cache(work: Path, sizes: list[int]) -> None:
-    """Experts trained once on the smallest run; the cache stage scores every run with them."""
-    from pipelines.cache import cache
-    from pipelines.train_experts import train_experts
-
-    first = RunConfig(task_name="superres", root=str(work / f"run-{sizes[0]}"), profile="paper", task_options=OPTIONS)
-    train_experts(first)
-    for n in sizes:
-        cfg = RunConfig(task_name="superres", root=str(work / f"run-{n}"), profile="paper", task_options=OPTIONS)
-        if n != sizes[0]:
-            shutil.copytree(first.layout.expert(0).parent, cfg.layout.expert(0).parent, dirs_exist_ok=True)
-        cache(cfg)
+def trial_summary(trials: list[dict]) -> dict:
+    """The superres trial at 4x against 1x (the keys of the trial part the stages replaced)."""
+    one, four = trials
+    return {"trial_memory_4x_over_1x": round(four["peak_rss_mb"] / one["peak_rss_mb"], 3),
+            "trial_memory_growth_mb": [round(r["peak_rss_mb"] - r["rss_before_data_mb"], 1) for r in trials],
+            "trial_time_4x_over_1x": round(four["seconds"] / one["seconds"], 3)}
 
 
-def bench_trials(work: Path, sizes: list[int]) -> list[dict]:
-    rows = []
-    for n in sizes:
-        row = {"train_images": n, **_helper("--trial-root", str(work / f"run-{n}"))}
-        print(f"trial n={n:3d}: {row['gate_rows']} gate-training patches  {row['seconds']:6.1f}s  "
-              f"peak RSS {row['peak_rss_mb']:.0f} MB ({row['rss_before_data_mb']:.0f} MB before reading data)", flush=True)
-        rows.append(row)
-    return rows
+def run_parts(args, parts: list[str], work: Path) -> dict:
+    """Every part asked for, in an order that keeps one Ray at a time: the stages' fresh
+    processes first, the prepare part (Ray in this process) last."""
+    record: dict = {}
+    tasks = tuple(args.tasks.split(","))
+    if "stages" in parts:
+        from bench.scale_stages import bench_stages, table
+
+        record.update(bench_stages(work / "stages", tasks, args.quick))
+        print(table(record["stages"]), flush=True)
+        if "trial" in record:
+            record["summary"] = trial_summary(record["trial"])
+    if {"bytes", "sweep"} & set(parts) and not Path(__file__).with_name("scale_io.py").exists():
+        print("parts bytes and sweep: bench/scale_io.py is not there, skipped", flush=True)
+    elif {"bytes", "sweep"} & set(parts):
+        from bench import scale_io
+
+        if "bytes" in parts:
+            record["trial_bytes"] = scale_io.trial_bytes(work / "bytes")
+        if "sweep" in parts:
+            record["sweep"] = scale_io.thousand_trial_sweep(work / "sweep", args.sweep_trials)
+    if "prepare" in parts:
+        prepared = bench_prepares(work, [int(s) for s in args.sizes.split(",")], loop=not args.skip_loop)
+        record.update({k: prepared[k] for k in ("ray_start_seconds", "prepare")})
+        record["summary"] = {**record.get("summary", {}),
+                             **{k: prepared[k] for k in ("ray_over_loop", "memory_96_over_32")}}
+    return record
+
+
+def recorded_with(record: dict) -> dict:
+    """The recorded results with this run's parts in place: other tasks' stage rows, and other
+    parts, are kept."""
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if "stages" in record:
+        ran = {row["task"] for row in record["stages"]}
+        record["stages"] = [r for r in previous.get("stages", []) if r["task"] not in ran] + record["stages"]
+        record["stage_inputs"] = {**previous.get("stage_inputs", {}), **record["stage_inputs"]}
+    if "summary" in record:
+        record["summary"] = {**previous.get("summary", {}), **record["summary"]}
+    return {**previous, **record}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", default=",".join(PARTS), help="parts to run, comma-separated (default: all)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="tasks of part stages (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="part stages on small inputs: checks the bench, "
+                                                             "records nothing")
+    parser.add_argument("--sweep-trials", type=int, default=1000, help="trials of part sweep")
     parser.add_argument("--sizes", default="8,32,96", help="train images per prepare run (comma-separated)")
-    parser.add_argument("--trial-sizes", default="8,32", help="runs whose train split the trial bench uses (1x, 4x)")
-    parser.add_argument("--skip-loop", action="store_true", help="Ray Data prepare only (no loop, no check)")
-    parser.add_argument("--skip-trials", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-loop", action="store_true", help="part prepare: Ray Data only (no loop, no check)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
-    parser.add_argument("--trial-root", default=None, help=argparse.SUPPRESS)  # the helper processes
-    parser.add_argument("--loop", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", nargs=2, default=None, help=argparse.SUPPRESS)  # the helper processes
     parser.add_argument("--compare", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_environment()
-    if args.trial_root:
-        print(json.dumps(trial_in_process(args.trial_root)))
-        return
     if args.loop:
         print(json.dumps(loop_in_process(*args.loop)))
         return
@@ -295,62 +243,31 @@ def main() -> None:
 
         print(json.dumps({"rows": same_shards(Path(args.compare[0]), Path(args.compare[1]))}))
         return
+    parts = args.part.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
-    import ray
-
-    from pipelines.runtime import ensure_ray
-
-    sizes = [int(s) for s in args.sizes.split(",")]
-    trial_sizes = [int(s) for s in args.trial_sizes.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="bmoe-scale-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     try:
-        started = time.perf_counter()
-        ensure_ray(RunConfig(root=str(work / "ray-root")))
-        ray_start = round(time.perf_counter() - started, 2)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        bench_prepare(work, 2)  # warm-up: the workers import the task once
-        prepare_rows = [bench_prepare(work, n, loop=not args.skip_loop) for n in sizes]
-        trial_rows = []
-        if not args.skip_trials:
-            experts_and_cache(work, trial_sizes)
-            trial_rows = bench_trials(work, trial_sizes)
+        record = run_parts(args, parts, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    by_n = {row["images"]["train"]: row for row in prepare_rows}
-
-    def ratio(a: int, b: int, key: str) -> float | None:
-        if a in by_n and b in by_n:
-            return round(by_n[b]["ray_memory"][key] / max(by_n[a]["ray_memory"][key], 1e-9), 3)
-        return None
-
-    summary = {
-        "ray_over_loop": {n: row.get("ray_over_loop") for n, row in by_n.items()},
-        "memory_96_over_32": {key: ratio(32, 96, key) for key in ("driver_rss_mb", "largest_worker_rss_mb",
-                                                                  "object_store_shm_mb")},
-        "trial_memory_4x_over_1x": round(trial_rows[-1]["peak_rss_mb"] / trial_rows[0]["peak_rss_mb"], 3)
-        if len(trial_rows) > 1 else None,
-        "trial_memory_growth_mb": [round(r["peak_rss_mb"] - r["rss_before_data_mb"], 1) for r in trial_rows],
-        "trial_time_4x_over_1x": round(trial_rows[-1]["seconds"] / trial_rows[0]["seconds"], 3)
-        if len(trial_rows) > 1 else None,
-    }
-    record = {
-        "when": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "ray_start_seconds": ray_start,
-        "prepare": prepare_rows,
-        "trial": trial_rows,
-        "summary": summary,
-    }
-    if args.skip_loop or args.skip_trials:  # a partial run: printed, the recorded results kept
+    load = [round(x, 2) for x in os.getloadavg()]
+    record = {"when": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "load_average": load},
+              "load_average": load, "seconds": round(time.perf_counter() - started, 1), **record}
+    if args.quick or args.skip_loop:  # a check or a partial part: printed, the recorded results kept
         print(json.dumps(record, indent=2))
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"load average {os.getloadavg()}; written {RESULTS}")
+    RESULTS.write_text(json.dumps(recorded_with(record), indent=2))
+    print(json.dumps(record.get("summary", {}), indent=2))
+    print(f"load average {load}; {record['seconds']:.0f}s; written {RESULTS}")
 
 
 if __name__ == "__main__":

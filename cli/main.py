@@ -152,11 +152,15 @@ def cache(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profi
           data_root: DataRoot = None, tracking_uri: TrackingUri = None, option: Options = None, seed: Seed = 0,
           gpu: Gpu = False,
           actors: Annotated[int, typer.Option(help="Most scorer actors per expert (0: with --gpu, one per "
-                                                   "GPU the cluster has or adds; else one).", min=0)] = 0):
+                                                   "GPU the cluster has or adds; else one).", min=0)] = 0,
+          batch_size: Annotated[int, typer.Option(help="Inputs a scorer takes at once: its memory (0: the task's, "
+                                                       "superres 256 patches, detection 16 images, action 8 clips).",
+                                                  min=0)] = 0):
     """Stage 3: every frozen expert scores every sample once (Ray Data actor pool)."""
     from pipelines.cache import cache as stage
 
-    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, use_gpu=gpu, seed=seed), actors=actors)
+    _run(stage, _config(task_name, root, profile, data_root, tracking_uri, option, use_gpu=gpu, seed=seed), actors=actors,
+         batch_size=batch_size)
 
 
 @app.command()

@@ -36,17 +36,19 @@ CACHE_SPLITS = "scored"  # SCORED_SPLITS only (older caches scored train too)
 MERGE_ROWS = 4096  # rows the driver holds while it writes a split's cache
 
 
-def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, str]:
+def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 0) -> dict[str, str]:
     """Write the per-sample cache of every split; returns the file of each split. actors: the
     most scorer actors per expert (0: with --gpu, as many as the cluster's GPUs take, growing as
-    an autoscaling cluster adds GPU nodes; else one); the pool grows from one as Ray places them."""
+    an autoscaling cluster adds GPU nodes; else one); the pool grows from one as Ray places them.
+    batch_size: inputs a scorer takes at once (0: the task's score_batch)."""
     import ray.data
 
     manifest = require_manifest(cfg, "cache")
     task = cfg.task()
     layout = cfg.layout
     experts = _expert_fingerprints(cfg, task)
-    key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER, "splits": CACHE_SPLITS}
+    key = {"data": manifest["fingerprint"], "experts": experts, "order": CACHE_ORDER, "splits": CACHE_SPLITS,
+           "metric": task.metric_name}  # another metric, another per-sample score: scored again
     files = {split: layout.cache(split) for split in SCORED_SPLITS}
     stamp = read_json(layout.cache_stamp()) or {}
     if {k: v for k, v in stamp.items() if k != "files"} == key and all(f.exists() for f in files.values()):
@@ -77,7 +79,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 256) -> dict[str, s
                                            "options": cfg.task_options, "n": n, "weights": str(layout.weights(n)),
                                            "use_gpu": cfg.use_gpu},
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or (None if cfg.use_gpu else 1)),
-                    batch_size=batch_size,
+                    batch_size=batch_size or task.score_batch,
                     batch_format="numpy",
                     num_gpus=1 if cfg.use_gpu else 0,
                 )

@@ -29,9 +29,10 @@ def digest(path: AnyPath) -> dict:
     return {"bytes": size, "sha256": sha.hexdigest()}
 
 
-def damage(path: AnyPath, recorded: dict | None) -> str | None:
+def damage(path: AnyPath, recorded: dict | None, content: bool = True) -> str | None:
     """Why `path` is not the file recorded ({bytes, sha256}), or None when it is (or nothing was
-    recorded: roots from before the records)."""
+    recorded: roots from before the records). content=False: presence and size only, for
+    readers that check the SHA-256 as they fetch (pipelines/split_cache.py)."""
     if not recorded or "sha256" not in recorded:
         return None
     if not path.exists():
@@ -39,14 +40,14 @@ def damage(path: AnyPath, recorded: dict | None) -> str | None:
     size = path.stat().st_size
     if size != recorded["bytes"]:
         return f"{path} has {size} bytes where {recorded['bytes']} were written"
-    if digest(path)["sha256"] != recorded["sha256"]:
+    if content and digest(path)["sha256"] != recorded["sha256"]:
         return f"{path} is damaged: its SHA-256 differs from the one recorded when it was written"
     return None
 
 
-def shard_damage(layout, manifest: dict, splits=None, parts=None) -> list[str]:
+def shard_damage(layout, manifest: dict, splits=None, parts=None, content: bool = True) -> list[str]:
     """The manifest's shard files (of `splits` and `parts`, default all) that are not as prepare
-    wrote them."""
+    wrote them (content: see damage)."""
     problems = []
     for split, info in manifest.get("splits", {}).items():
         if splits is not None and split not in splits:
@@ -56,16 +57,16 @@ def shard_damage(layout, manifest: dict, splits=None, parts=None) -> list[str]:
                 continue
             folder = layout.shards(split, part)
             for f in shard["files"]:
-                problem = damage(folder / f["name"], f)
+                problem = damage(folder / f["name"], f, content)
                 if problem:
                     problems.append(problem)
     return problems
 
 
-def cache_damage(layout, stamp: dict | None) -> list[str]:
-    """The cache files whose digests the cache stamp records and that differ."""
+def cache_damage(layout, stamp: dict | None, content: bool = True) -> list[str]:
+    """The cache files whose digests the cache stamp records and that differ (content: see damage)."""
     files = (stamp or {}).get("files", {})
-    return [p for split, recorded in files.items() if (p := damage(layout.cache(split), recorded))]
+    return [p for split, recorded in files.items() if (p := damage(layout.cache(split), recorded, content))]
 
 
 def expert_damage(layout, n: int, meta: dict | None) -> str | None:

@@ -140,6 +140,10 @@ class TaskBase(abc.ABC):
     meta_columns: ClassVar[tuple[str, ...]]  # scalar columns that travel with the gate shard into the cache
     train_columns: ClassVar[tuple[str, ...] | None] = None  # what experts train on; None: target_columns
     request_column: ClassVar[str] = "sample_id"  # rows sharing it arrive in one served request (superres: an image's patches)
+    # inputs an expert scores at once in the cache stage: a scorer's memory is this many inputs'
+    # activations, so it is set per task (a paper-size VGG16 SSD300 needs 50-70 MB per image, a
+    # 160-frame motion clip 126 MB: 256 of them were 13-32 GB per actor, bench/scale.py)
+    score_batch: ClassVar[int] = 256
     profiles: ClassVar[dict[str, Any]]  # smoke | demo | paper -> the task's frozen settings dataclass
 
     def __init__(self, settings):

@@ -216,8 +216,8 @@ def test_pooled_cocoeval_equals_plain_cocoeval(samples, tree):
                     "category_id": int(r[5])}
                    for i, n in enumerate(assignment) for r in metrics.unpack_dets(cache[f"dets_{n}"][i])]
         plain = metrics.coco_map(ground, results)
-        assert pooled["performance"] == pytest.approx(plain["map"], abs=1e-12)
-        assert pooled["map50"] == pytest.approx(plain["map50"], abs=1e-12)
+        assert pooled["performance"] == pytest.approx(plain["map50"], abs=1e-12)  # AP@0.5, as the paper scores
+        assert pooled["map_50_95"] == pytest.approx(plain["map"], abs=1e-12)
         assert 0 < plain["map"] < 1
     best = [task.metric(cache, np.full(len(cache), n))["performance"] for n in range(3)]
     assert best[0] < best[1] < best[2]  # more boxes found, higher mAP

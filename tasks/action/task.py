@@ -85,6 +85,7 @@ class ActionTask(TaskBase):
     target_columns = ("label",)
     meta_columns = ("label",)
     profiles = PROFILES
+    score_batch = 8  # about 1 GB of 160-frame clips at 224 px (TaskBase.score_batch)
     settings: ActionSettings
 
     def check_settings(self) -> None:

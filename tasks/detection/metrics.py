@@ -138,13 +138,13 @@ class PooledCOCOEval:
         evaluator.evalImgs = [per_image[j].get(c) for c in categories for j in range(len(image_ids))]
         return _stats(evaluator)
 
-def image_ap(image_id: int, size, gt: bytes, dets: bytes) -> float:
-    """AP@[.5:.95] of one image on its own (0 where it has no ground truth). Its match is not
+def image_ap50(image_id: int, size, gt: bytes, dets: bytes) -> float:
+    """AP@0.5 of one image on its own (0 where it has no ground truth). Its match is not
     kept: a scorer sees each image once, and keeping every match grew a cache actor by about
     50-100 KB per image (gigabytes over COCO)."""
     if unpack_gt(gt)[:, 5].min(initial=1) > 0:  # no ground truth, or crowds only
         return 0.0
-    return PooledCOCOEval().evaluate([image_id], [size], [gt], [dets])["map"]
+    return PooledCOCOEval().evaluate([image_id], [size], [gt], [dets])["map50"]
 
 
 def coco_map(ground: COCO, results: list[dict]) -> dict[str, float]:
