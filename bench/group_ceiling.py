@@ -56,7 +56,8 @@ def group_router(task_name: str, root: str, seed: int) -> dict:
     from bmoe.routing import oracle_assignment
     from pipelines.gate_trial import sample_weights
     from pipelines.runtime import RunConfig
-    from pipelines.sweep import load_split, targets
+    from pipelines.grid import targets
+    from pipelines.sweep import load_split
     from storage import read_json
     from tasks import GATE_SPLIT
 

@@ -64,7 +64,8 @@ def _epoch(task, gates, train, val, losses, b, batch: int, gen, device) -> None:
 def measure(root: str, task_name: str, k: int, epochs: int) -> dict:
     from bmoe.bias import select_bias
     from pipelines.gate_trial import expert_performance
-    from pipelines.sweep import GRIDS, load_split
+    from pipelines.grid import GRIDS
+    from pipelines.sweep import load_split
     from tasks import GATE_SPLIT
 
     cfg = RunConfig(task_name=task_name, root=root, profile="demo")

@@ -155,7 +155,8 @@ def trial_in_process(task: str, inputs_file: str) -> dict:
 
     from pipelines.gate_trial import run_trial
     from pipelines.methods import TrialConfig
-    from pipelines.sweep import read_split, targets
+    from pipelines.grid import targets
+    from pipelines.sweep import read_split
     from tasks import get_task
 
     torch.set_num_threads(1)  # a trial with --cpus-per-trial 1
@@ -246,7 +247,7 @@ def trial_bytes(work: Path) -> list[dict]:
 
 def _search_points(root: Path) -> int:
     """(method, d_t) points of an enforce sweep on the superres smoke root (pipelines/sweep.py)."""
-    from pipelines.sweep import GRIDS, search_points, trial_configs, with_methods
+    from pipelines.grid import GRIDS, search_points, trial_configs, with_methods
 
     cfg = RunConfig(task_name="superres", root=str(root), profile="smoke")
     grid = with_methods(GRIDS["smoke"], "enforce")

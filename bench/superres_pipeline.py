@@ -199,7 +199,8 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
 
     from pipelines.gate_trial import _train_biased_gate, expert_performance
     from pipelines.methods import TrialConfig
-    from pipelines.sweep import GRIDS, TRIAL_SPLITS, load_split, targets
+    from pipelines.grid import GRIDS, targets
+    from pipelines.sweep import TRIAL_SPLITS, load_split
     from pipelines.train_experts import load_expert
 
     task = get_task(cfg.task_name, cfg.profile)

@@ -183,7 +183,8 @@ def sweep(task_name: Task = "superres", root: Root = "bmoe-runs", profile: Profi
               help="none, or asha: stop soft/enforce trials that trail their target's others on the per-epoch "
                    "validation objective.")] = None):
     """Stage 4: Ray Tune trains gates from the cache; MLflow parent run + one child per trial."""
-    from pipelines.sweep import GRIDS, sweep as stage, with_methods
+    from pipelines.grid import GRIDS, with_methods
+    from pipelines.sweep import sweep as stage
 
     cfg = _config(task_name, root, profile, data_root, tracking_uri, option, tracking=True, seed=seed)
     grid = _run(with_methods, GRIDS[cfg.profile], methods)

@@ -11,6 +11,9 @@ root's tune/ storage path; trials write their gates and test assignments to the 
 whichever node runs them. Interrupt a sweep and rerun the same command, on any machine that
 sees the root: it resumes with Tuner.restore, and finished trials are neither rerun nor logged
 twice. A sweep whose record is complete is not run again.
+
+The search space is pipelines/grid.py; the MLflow record pipelines/tracking.py; this module runs
+the trials (Tune, the trainable, the splits each trial reads).
 """
 
 from __future__ import annotations
@@ -20,138 +23,28 @@ import io
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines import gate_trial
 from pipelines.gate_trial import SplitData, run_trial, save_gate
-from pipelines.methods import HYPERPARAMETERS, METHODS, NAMES, STATIC, TrialConfig, epochs_for_steps
-from pipelines.layout import RunLayout, plain_name
-from pipelines.registry import GATE_ARTIFACT
+from pipelines.grid import GRIDS, SweepGrid, grid_identity, search_points, trial_configs, with_gate_steps
 from pipelines.integrity import cache_damage, digest, shard_damage
+from pipelines.layout import RunLayout, plain_name
+from pipelines.methods import TrialConfig
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
+from pipelines.search import PerPointASHA, PointSearch, PointSearchGenerator
 from pipelines.split_cache import DamagedDownload, node_local, node_local_files
-from pipelines.search import SCHEDULERS, SEARCHES, PerPointASHA, PointSearch, PointSearchGenerator
+from pipelines.tracking import GateTracking, SweepLogger, close_lost_trials, close_orphaned_runs, parent_run
 from storage import AnyPath, read_json, write_bytes, write_json
 from tasks import GATE_SPLIT, SCORED_SPLITS
 
 MAX_TRIAL_FAILURES = 2  # a trial whose worker or node dies is restarted this many times
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    """The search space, as plain values beside the code that uses them."""
-
-    methods: tuple[str, ...] = STATIC + tuple(n for n in NAMES if n not in STATIC)  # static first
-    points: int = 7  # d_t grid over [d_min, d_max]; d_max/2 and d_max/3 are added for the tables
-    epochs: int = 20  # with gate_steps: the most any trial takes (ASHA's horizon), derived by with_gate_steps
-    gate_steps: int = 0  # 0: train gates for `epochs`; else for this many optimizer steps (the task's gate_steps)
-    batch_sizes: tuple[int, ...] = (128,)
-    lrs: tuple[float, ...] = (1e-4,)
-    widths: tuple[float, ...] = (1.0,)
-    w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
-    # enforce's own lrs (empty: lrs). Its gate learns only through the expert Algorithm 1 assigns
-    # each input, and which lr trains it well varied with the data (action demo, routing
-    # efficiency at 1e-3 and 3e-3: 0.47 and 0.60 on one draw, 0.58 and 0.31 on another), so
-    # validation picks per target.
-    enforce_lrs: tuple[float, ...] = ()
-    seed: int = 0  # the RunConfig's (--seed): trial initialisations, random quotas, searchers
-    search: str = "grid"  # grid | random | optuna (pipelines/search.py)
-    num_samples: int = 1  # trials per (method, d_t) point when searching
-    scheduler: str = "none"  # none | asha
-    lr_range: tuple[float, float] = (1e-4, 1e-2)  # searched log-uniformly
-    w_bias_range: tuple[float, float] = (0.1, 100.0)  # searched log-uniformly (soft)
-    grace_epochs: int = 1  # ASHA: epochs every trial gets
-    reduction_factor: float = 2.0  # ASHA: 1/reduction_factor of a rung's trials go on
-    max_concurrent: int = 0  # 0: as many as the cluster's resources allow
-    cpus_per_trial: float = 1.0  # each trial's torch threads too
-    gpus_per_trial: float = 0.0  # e.g. 0.25: four trials share a GPU; the gate and its batches go there
-
-    def __post_init__(self):
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_concurrent < 0:
-            raise ValueError("--cpus-per-trial must be positive, --gpus-per-trial and --max-concurrent-trials "
-                             "not negative")
-        if self.search not in SEARCHES:
-            raise ValueError(f"--search {self.search!r}: choose from {', '.join(SEARCHES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler {self.scheduler!r}: choose from {', '.join(SCHEDULERS)}")
-        if self.num_samples < 1 or self.grace_epochs < 1 or self.reduction_factor <= 1:
-            raise ValueError("--num-samples and the grace epochs must be at least 1, the reduction factor above 1")
-        if self.search == "grid" and self.num_samples != 1:
-            raise ValueError("--num-samples needs --search random or optuna (a grid runs each point once)")
-
-    def trial_resources(self) -> dict[str, float]:
-        """What each trial asks Ray for (tune.with_resources)."""
-        return {"cpu": self.cpus_per_trial, **({"gpu": self.gpus_per_trial} if self.gpus_per_trial else {})}
-
-
-GRIDS = {
-    "smoke": SweepGrid(points=3, epochs=2, batch_sizes=(16,), lrs=(1e-3,), widths=(0.25,), w_biases=(1.0,)),
-    "demo": SweepGrid(points=5, epochs=12, batch_sizes=(32,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0, 100.0),
-                      enforce_lrs=(1e-3, 3e-3)),
-    "paper": SweepGrid(),  # the paper: batch 128, lr 1e-4, 20 epochs, w_bias cross-validated
-}
-
-
-def targets(d: np.ndarray, points: int) -> list[float]:
-    """points d_t evenly over [d_min, d_max], plus d_max/2 and d_max/3 where they lie inside."""
-    lo, hi = float(d.min()), float(d.max())
-    grid = set(np.round(np.linspace(lo, hi, points), 6).tolist())
-    grid |= {round(hi / k, 6) for k in (2, 3) if lo <= hi / k <= hi}
-    return sorted(grid)
-
-
-def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialConfig]:
-    """Every trial of the sweep: per method (pipelines/methods.py), one trial for every target or
-    one per target, times the grid of the hyperparameters the method has."""
-    ts = tuple(targets(d, grid.points))
-    configs = []
-    for name in grid.methods:
-        try:
-            spec = METHODS[name]
-        except KeyError:
-            raise UserError(f"unknown method {name!r}; choose from {', '.join(NAMES)}") from None
-        base = {"task_name": cfg.task_name, "profile": cfg.profile, "options": dict(cfg.task_options), "seed": grid.seed,
-                "epochs": grid.epochs, "steps": grid.gate_steps, "method": name}
-        where = [{"d_target": d_t} for d_t in ts] if spec.per_target else [{"targets": ts}]
-        if not spec.trains_gate:
-            configs += [TrialConfig(**base, **at) for at in where]
-            continue
-        w_biases = grid.w_biases if "w_bias" in spec.searched else (0.0,)
-        lrs = grid.enforce_lrs if name == "enforce" and grid.enforce_lrs else grid.lrs
-        configs += [TrialConfig(**base, **at, batch_size=M, lr=lr, width=width, w_bias=w)
-                    for at in where for M in grid.batch_sizes for lr in lrs for width in grid.widths
-                    for w in w_biases]
-    return configs
-
-
-def with_gate_steps(grid: SweepGrid, steps: int, gate_rows: int) -> SweepGrid:
-    """The grid training gates for `steps` optimizer steps (the task's gate_steps; 0 keeps the
-    grid's epochs): the paper states gate training in steps (20k for detection, 80k for action at
-    batch 128), which mean the same on any data size where epochs do not. Each trial derives its
-    own epochs from its batch size (TrialConfig.epochs_on); the grid's epochs become the most
-    any trial takes, ASHA's horizon."""
-    if not steps:
-        return grid
-    return replace(grid, gate_steps=steps, epochs=max(epochs_for_steps(steps, M, gate_rows) for M in grid.batch_sizes))
-
-
-def search_points(configs: list[TrialConfig]) -> list[dict]:
-    """The grid points of a search: the trial configs without their hyperparameters, once each."""
-    points, seen = [], set()
-    for config in configs:
-        point = {k: v for k, v in config.as_tune().items() if k not in HYPERPARAMETERS}
-        key = json.dumps(point, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            points.append(point)
-    return points
 
 
 def _tune_config(grid: SweepGrid, configs: list[TrialConfig]):
@@ -188,12 +81,6 @@ def _cluster_resources() -> dict:
     import ray
 
     return ray.cluster_resources()
-
-
-def _identity(grid: SweepGrid) -> dict:
-    """What names a sweep: its search space, not the resources it ran with (a sweep resumed
-    on other machines is the same sweep)."""
-    return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")}
 
 
 TRIAL_SPLITS = SCORED_SPLITS  # what a trial reads: the experts' own train split is not among them
@@ -258,7 +145,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     cache_key = {k: v for k, v in (cache_key or {}).items() if k != "files"} or None  # what it was made from
     if cache_key is None:
         raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
-    key = hashlib.sha256(json.dumps({"grid": _identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
+    key = hashlib.sha256(json.dumps({"grid": grid_identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
                                     sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"sweep-{key}"
     out = layout.sweep_record(name)
@@ -271,7 +158,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     ensure_ray(cfg)
     require(trial_demand(grid.trial_resources()))
     experiment_id = ensure_mlflow(cfg)
-    parent = _parent_run(name, experiment_id, grid, cfg)
+    parent = parent_run(name, experiment_id, grid, cfg)
     for split in SCORED_SPLITS:
         if not layout.cache(split).exists():
             raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
@@ -283,7 +170,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         grid.trial_resources())
     path = layout.tune_experiment(name)
     resuming = tune.Tuner.can_restore(path)
-    callbacks = [_ResumableMLflowLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri,
+    callbacks = [SweepLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri,
                                         experiment_name=f"bmoe-{cfg.task_name}",
                                         tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
     run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
@@ -293,7 +180,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
         print(f"sweep: resuming {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        _close_orphaned_runs(experiment_id, name)
+        close_orphaned_runs(experiment_id, name)
         param_space, tune_config, trials = _tune_config(grid, configs)
         how = "grid" if grid.search == "grid" else f"{grid.search} search, {grid.num_samples} per point"
         print(f"sweep: {name}: {trials} trials ({', '.join(grid.methods)}; {planned} points; {how}"
@@ -328,7 +215,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         "trial_seconds": metrics.get("trial_seconds"),
                         "device": metrics.get("device")})
     if resuming:
-        _close_lost_trials(experiment_id, name, {result.metrics.get("trial_id") for result in results})
+        close_lost_trials(experiment_id, name, {result.metrics.get("trial_id") for result in results})
     summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
                "mlflow_parent_run": parent, "experiment_id": experiment_id,
                "seconds": round(time.perf_counter() - started, 1), "complete": True,
@@ -342,215 +229,6 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     stopped = f" ({summary['stopped_early']} stopped early by ASHA)" if summary["stopped_early"] else ""
     print(f"sweep: {len(records)} trials done{stopped} in {summary['seconds']}s -> {out}")
     return out
-
-
-def _parent_run(name: str, experiment_id: str, grid: SweepGrid, cfg: RunConfig) -> str:
-    """The sweep's parent MLflow run, reused when the sweep resumes."""
-    import mlflow
-
-    found = mlflow.search_runs([experiment_id], filter_string=f"tags.`bmoe.sweep_parent` = '{name}'",
-                               output_format="list")
-    if found:
-        return found[0].info.run_id
-    with mlflow.start_run(run_name=name, tags={"bmoe.sweep_parent": name, "bmoe.stage": "sweep"}) as run:
-        mlflow.log_params({**{f"grid.{k}": str(v) for k, v in asdict(grid).items()}, **cfg.as_params()})
-        return run.info.run_id
-
-
-def _close_orphaned_runs(experiment_id: str, name: str) -> None:
-    """A sweep starting over without its Tune state (tune/ lost, the tracking store kept) would
-    log a second run per trial under the same parent: the first start's trial and point runs are
-    deleted first (MLflow's soft delete: hidden from searches and the UI, restorable until
-    `mlflow gc`), so the sweep's parent holds one run per trial, and compare counts each once."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    old = {r.info.run_id for tag in ("bmoe.sweep", "bmoe.point") for r in mlflow.search_runs(
-        [experiment_id], filter_string=f"tags.`{tag}` = '{name}'", output_format="list")}
-    for run_id in old:
-        client.delete_run(run_id)
-    if old:
-        print(f"sweep: {name} starts over (no Tune state to resume): its {len(old)} earlier MLflow trial and point "
-              "runs are marked deleted (restorable with `mlflow runs restore`)")
-
-
-def _close_lost_trials(experiment_id: str, name: str, kept: set[str]) -> None:
-    """A driver killed between a trial's end and Tune's next save of its experiment loses that
-    trial: the restored search issues it again under a new id. The lost trial's MLflow runs
-    (its own and its points') are marked deleted, so the sweep's parent holds one run per trial."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    lost = [r for r in mlflow.search_runs([experiment_id], filter_string=f"tags.`bmoe.sweep` = '{name}'",
-                                          output_format="list")
-            if r.data.tags.get(TRIAL_ID_TAG) and r.data.tags[TRIAL_ID_TAG] not in kept]
-    for run in lost:
-        trial = run.data.tags["trial_name"]
-        points = mlflow.search_runs([experiment_id], output_format="list",
-                                    filter_string=f"tags.`bmoe.point` = '{name}' and tags.trial_name = '{trial}'")
-        for run_id in {run.info.run_id, *(p.info.run_id for p in points)}:
-            client.delete_run(run_id)
-    if lost:
-        print(f"sweep: {len(lost)} trial(s) finished before the interruption but were lost from Tune's saved state "
-              "and ran again: their first MLflow runs are marked deleted")
-
-
-class _ResumableMLflowLogger(MLflowLoggerCallback):
-    """One MLflow run per trial, across resumes: a trial restarted by Tuner.restore logs into
-    the run its first attempt opened instead of opening a second one. A trial's trained gate
-    (written to the root by the trial) is logged as an artifact of its run when it ends."""
-
-    def __init__(self, layout: RunLayout, settings: dict[str, str], **kwargs):
-        super().__init__(**kwargs)
-        self.layout = layout
-        self.settings = settings  # the run's full settings (RunConfig.as_params), on every trial's run
-
-    def log_trial_start(self, trial):
-        """The trial's run, opened once with its tags and every param in one request (Ray's
-        logger sends each param on its own), or found again (a restored sweep's trial)."""
-        import mlflow
-        from mlflow.entities import Param
-        from ray._private.dict import flatten_dict
-
-        if trial in self._trial_runs:
-            return
-        client = mlflow.MlflowClient(self.tracking_uri)
-        # looked for in every sweep, not only a restored one: looking only on restore, a searched
-        # sweep with ASHA stopped by `ray job stop` and resumed logged two runs for two trials
-        found = client.search_runs(
-            [self.mlflow_util.experiment_id], max_results=1,
-            filter_string=f"tags.`bmoe.sweep` = '{self.tags['bmoe.sweep']}' and tags.trial_name = '{trial}'")
-        if found:
-            self._trial_runs[trial] = found[0].info.run_id
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return
-        run = client.create_run(self.mlflow_util.experiment_id, run_name=str(trial), tags={
-            **self.tags, "trial_name": str(trial), TRIAL_ID_TAG: trial.trial_id})  # how its worker finds it
-        self._trial_runs[trial] = run.info.run_id
-        params = {**{k: str(v) for k, v in flatten_dict(trial.config).items()}, **self.settings}
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-
-    def log_trial_result(self, iteration: int, trial, result: dict):
-        """The trial's own figures in one request. Ray's logger sends each key of a result on
-        its own (a SQLite commit each), Tune's bookkeeping (config/*, pid, timestamp) included:
-        that was 55-62 % of the driver's time and left the trial slots idle 60 % of a
-        thousand-trial sweep (bench/scale_io.py)."""
-        import mlflow
-        from mlflow.entities import Metric
-        from ray.tune.result import AUTO_RESULT_KEYS
-
-        stamp, step = int(time.time() * 1000), int(result.get("training_iteration") or 0)
-        metrics = [Metric(k, float(v), stamp, step) for k, v in result.items()
-                   if k not in AUTO_RESULT_KEYS and isinstance(v, (int, float)) and np.isfinite(v)]
-        if metrics:
-            mlflow.MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
-
-    def log_trial_end(self, trial, failed: bool = False):
-        result = trial.last_result or {}
-        if not failed and "points_json" in result:
-            import mlflow
-
-            client = mlflow.MlflowClient(self.tracking_uri)
-            run_id = self._trial_runs[trial]
-            gate_file = result.get("gate_file")
-            if gate_file and not result.get("gate_logged"):  # the worker could not reach the store itself
-                gate = self.layout.resolve(gate_file)
-                with tempfile.TemporaryDirectory(prefix="bmoe-gate-") as tmp:
-                    local = Path(tmp) / gate.name
-                    local.write_bytes(gate.read_bytes())
-                    client.log_artifact(run_id, str(local), GATE_ARTIFACT)
-            if gate_file:
-                client.set_tag(run_id, "bmoe.gate_file", gate_file)  # how the report finds the run to register
-            self._log_points(client, trial, run_id, trial.config["trial"], json.loads(result["points_json"]),
-                             float(result.get("C_g") or 0))
-        elif not failed and result.get("done"):  # stopped by the scheduler: not a candidate anywhere
-            import mlflow
-
-            mlflow.MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "bmoe.stopped_early", "true")
-        super().log_trial_end(trial, failed)
-
-    def _log_points(self, client, trial, run_id: str, config: dict, points: list[dict], c_g: float) -> None:
-        """One MLflow run per (method, d_t) point with the same keys for every method (see
-        point_record): the trial's own run when it has one target (soft, enforce), else a run per
-        target nested under the trial's run (static methods, lagrange), made once across resumes.
-        All carry the tag bmoe.point = <sweep>, so one search lines the methods up."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        sweep = self.tags["bmoe.sweep"]
-        experiment = client.get_experiment_by_name(self.experiment_name).experiment_id
-        for point in points:
-            params, metrics = point_record(config, point, c_g)
-            target = run_id
-            if len(points) > 1:
-                found = client.search_runs(
-                    [experiment], filter_string=f"tags.`bmoe.point` = '{sweep}' and tags.trial_name = '{trial}' "
-                                                f"and params.d_target = '{params['d_target']}'")
-                if found:  # logged before an interruption: not twice
-                    continue
-                target = client.create_run(experiment, run_name=f"{trial}-d{params['d_target']}", tags={
-                    "mlflow.parentRunId": run_id, "trial_name": str(trial), "bmoe.stage": "sweep-point"}).info.run_id
-            stamp = int(time.time() * 1000)
-            client.log_batch(target, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
-                             params=[Param(k, v) for k, v in params.items()], tags=[RunTag("bmoe.point", sweep)])
-            if target != run_id:
-                client.set_terminated(target)
-
-
-def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str], dict[str, float]]:
-    """The keys every method's point carries in MLflow: params method, d_target (one string per
-    target for every method, so params.d_target = '...' lines them up) and the hyperparameters
-    the method has; metrics val_performance, test_performance, d_mean, u_<n>, C_g and the task's
-    secondary metrics as test_<name>."""
-    params = {"method": config["method"], "d_target": f"{float(point['d_target']):.6g}"}
-    params.update({k: str(config[k]) for k in ("lr", "batch_size", "width", "w_bias") if k in config})
-    metrics = {"val_performance": point.get("val_performance", float("nan")),
-               "val_objective": point.get("val_objective", point.get("val_performance", float("nan"))),
-               "test_performance": point["performance"], "d_mean": point["d_mean"], "C_g": c_g,
-               **{f"u_{n}": u for n, u in enumerate(point.get("share", []))}}
-    skip = {"d_target", "d_mean", "performance", "val_performance", "val_objective", "val_d_mean", "share",
-            "assigned_performance", "b"}
-    metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
-                    if k not in skip and isinstance(v, (int, float))})
-    if "served" in point:  # what a deployment of the gate delivers (bmoe.stream)
-        metrics.update({"served_performance": point["served"]["performance"], "served_d_mean": point["served"]["d_mean"]})
-    return params, {k: float(v) for k, v in metrics.items()}
-
-
-TRIAL_ID_TAG = "bmoe.trial_id"  # on each trial's MLflow run: its Tune trial id
-RUN_LOOKUP_SECONDS = 60.0  # how long a trial's worker looks for the run the driver opens for it
-
-
-@dataclass(frozen=True)
-class GateTracking:
-    """Where a trial's worker logs its trained gate: straight to a tracking server's artifact
-    store (http(s) URIs), so a thousand gates never pass through the Tune driver. A local store
-    (sqlite, a folder) is the driver's own disk: the driver logs the gate there."""
-
-    uri: str
-    experiment: str
-
-    @property
-    def direct(self) -> bool:
-        return self.uri.startswith(("http://", "https://"))
-
-    def log_gate(self, sweep_name: str, trial_id: str, local: Path) -> bool:
-        """Log `local` as the gate artifact of the trial's run; False when the run was not found."""
-        import mlflow
-
-        client = mlflow.MlflowClient(self.uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        deadline = time.monotonic() + RUN_LOOKUP_SECONDS
-        while experiment is not None:
-            found = client.search_runs([experiment.experiment_id], max_results=1,
-                                       filter_string=f"tags.`bmoe.sweep` = '{sweep_name}' and "
-                                                     f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'")
-            if found:
-                client.log_artifact(found[0].info.run_id, str(local), GATE_ARTIFACT)
-                return True
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        return False
 
 
 def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str,
@@ -607,12 +285,3 @@ def load_array(path: AnyPath) -> np.ndarray:
     return np.load(io.BytesIO(path.read_bytes()))
 
 
-def with_methods(grid: SweepGrid, methods: str | None) -> SweepGrid:
-    """The grid restricted to a comma-separated list of methods (CLI)."""
-    if not methods:
-        return grid
-    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
-    return replace(grid, methods=chosen)

@@ -54,7 +54,7 @@ def test_a_trial_wrong_for_its_method_is_refused_when_made(bad, message):
 
 
 def test_the_sweeps_trials_follow_the_table():
-    from pipelines.sweep import GRIDS, trial_configs
+    from pipelines.grid import GRIDS, trial_configs
 
     cfg = RunConfig(task_name="superres", root="/unused", profile="demo")
     d = cfg.task().data_costs()

@@ -89,7 +89,8 @@ def test_the_paper_profile_runs_every_stage(task_name, tmp_path, ray_session, ca
     from pipelines.cache import cache
     from pipelines.prepare import prepare
     from pipelines.report import report
-    from pipelines.sweep import GRIDS, sweep
+    from pipelines.grid import GRIDS
+    from pipelines.sweep import sweep
     from pipelines.train_experts import train_experts
 
     data_root = TREES[task_name](tmp_path / "data")

@@ -150,8 +150,9 @@ def test_the_cache_scores_only_the_splits_something_reads(run):
 
 def test_sweep_and_report(run):
     from pipelines.report import report
-    from pipelines.sweep import GRIDS, sweep
-    from pipelines.sweep import targets as sweep_targets
+    from pipelines.grid import GRIDS
+    from pipelines.sweep import sweep
+    from pipelines.grid import targets as sweep_targets
 
     cfg, _, _, _ = run
     grid = GRIDS["smoke"]  # every method: the served mixture is replayed for each servable one
@@ -232,7 +233,8 @@ def test_a_sweep_rerun_without_its_tune_state_logs_each_trial_once(run, capsys):
     marked deleted, so the parent holds one run per trial and one point per target."""
     import shutil
 
-    from pipelines.sweep import GRIDS, sweep, with_methods
+    from pipelines.grid import GRIDS, with_methods
+    from pipelines.sweep import sweep
 
     cfg, _, _, _ = run
     grid = with_methods(GRIDS["smoke"], "random")
@@ -261,7 +263,8 @@ def test_a_copied_root_keeps_every_stage_and_damage_is_named_and_made_again(run,
     from pipelines.cache import cache
     from pipelines.prepare import prepare
     from pipelines.report import report
-    from pipelines.sweep import GRIDS, sweep
+    from pipelines.grid import GRIDS
+    from pipelines.sweep import sweep
     from pipelines.train_experts import train_experts
     from serving.loading import resolve_run
 

@@ -114,7 +114,7 @@ def test_point_search_samples_every_point_alike_and_survives_a_restore(tmp_path)
     from ray.tune.search import Searcher
 
     from pipelines.search import PointSearch
-    from pipelines.sweep import GRIDS, search_points
+    from pipelines.grid import GRIDS, search_points
 
     grid = GRIDS["smoke"]
     points = search_points([_config("random", targets=[1.0, 2.0]),
@@ -170,7 +170,7 @@ def test_a_restored_search_issues_again_the_trials_its_experiment_lost(ray_sessi
     from ray.tune.search import ConcurrencyLimiter
 
     from pipelines.search import PointSearch, PointSearchGenerator
-    from pipelines.sweep import GRIDS, search_points
+    from pipelines.grid import GRIDS, search_points
 
     def finishing(config):  # defined here: Ray's workers cannot import a test module
         import os
@@ -235,7 +235,8 @@ def test_a_searched_sweep_is_not_capped_by_the_gpus_present_at_start():
     (method, d_t) point pending (the demand that adds GPU nodes); a cluster with room runs more."""
     import dataclasses
 
-    from pipelines.sweep import GRIDS, search_concurrency
+    from pipelines.grid import GRIDS
+    from pipelines.sweep import search_concurrency
 
     grid = dataclasses.replace(GRIDS["demo"], search="optuna", cpus_per_trial=1.0, gpus_per_trial=0.25)
     assert search_concurrency(grid, points=21, resources={"CPU": 2.0}) == 21  # no GPU yet
