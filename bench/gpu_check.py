@@ -48,10 +48,10 @@ def export(root_template: str, out: Path) -> None:
     and cached losses and scores of the gate split."""
     import pandas as pd
 
-    from pipelines.prepare import require_manifest, shard_files
+    from pipelines.expert_rows import read_unit, read_units
+    from pipelines.prepare import require_manifest
     from pipelines.runtime import RunConfig
     from pipelines.sweep import load_split
-    from storage import read_table
 
     out.mkdir(parents=True, exist_ok=True)
     for name in TASKS:
@@ -59,8 +59,8 @@ def export(root_template: str, out: Path) -> None:
         task, manifest = cfg.task(), require_manifest(cfg)
         arrays = {}
         for n in range(len(task.expert_names())):
-            table = pd.concat([read_table(f).to_pandas() for f in shard_files(cfg.layout, manifest, "train", f"p{n}")])
-            rows = table.iloc[:BATCH]
+            units = read_units(cfg.layout, manifest, "train", n)
+            rows = pd.concat([t.to_pandas() for t in read_unit(units[0], ["x", *task.target_columns])]).iloc[:BATCH]
             for column in ("x", *task.target_columns):
                 arrays[f"e{n}/{column}"] = _stack(rows[column].to_numpy())
         gate = load_split(cfg, task, "gate")

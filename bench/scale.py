@@ -7,6 +7,10 @@ Serve router replica's start, at 1x and 4x input at the paper's sizes, each in a
 Parts bytes and sweep (bench/scale_io.py, when it is there): the bytes a sweep trial reads from
 an object-store root, and Ray Tune's cost per trial over --sweep-trials trials.
 
+Part shards: for each task, one 1x prepare of part stages' inputs; from the Parquet footers,
+the bytes of every shard set, and for every target column the sets that store it and its bytes
+(each target must be stored once: superres's HR patch is the gate input itself).
+
 Part prepare, superres on DIV2K-sized images (2040x1356, 651 patches of 64x64 each): for n = 8,
 32, 96 train images (--sizes; 2 each in val and test), (a) pipelines.prepare.prepare (Ray Data,
 one streaming pass) and (b) a single-process loop doing the same work on the same files (task.load
@@ -21,7 +25,7 @@ process, as on a long-lived cluster); its start-up time is reported apart.
 DIV2K, COCO and UCF-101 cannot be downloaded here: the inputs are synthetic, of their sizes
 and in their layouts, so the real readers run on them.
 
-Run from the repository root:  nice -n 10 .venv/bin/python bench/scale.py [--part stages,bytes,sweep,prepare]
+Run from the repository root:  nice -n 10 .venv/bin/python bench/scale.py [--part stages,bytes,sweep,shards,prepare]
 --part picks the parts (default all); a run records its parts in bench/results/scale.json and
 keeps what it did not run; --quick (stages on small inputs) and --skip-loop only print.
 """
@@ -46,7 +50,7 @@ from pipelines.runtime import RunConfig, quiet_environment  # noqa: E402
 from tasks import SPLITS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
-PARTS = ("stages", "bytes", "sweep", "prepare")
+PARTS = ("stages", "bytes", "sweep", "shards", "prepare")
 
 
 # -- part prepare: Ray Data against a loop ----------------------------------------------------
@@ -171,6 +175,50 @@ def bench_prepares(work: Path, sizes: list[int], loop: bool) -> dict:
                                                                       "object_store_shm_mb")}}
 
 
+# -- part shards: each target stored once ---------------------------------------------------------
+
+def shard_bytes(task_name: str, root: Path) -> dict:
+    """From the manifest and the footers of a prepared root: bytes per shard set, and per target
+    column the sets storing it (the gate column counted for the target it is) and its bytes."""
+    import pyarrow.parquet as pq
+
+    layout = RunConfig(task_name=task_name, root=str(root)).layout
+    manifest = json.loads(layout.manifest().read_text())
+    sets: dict[str, int] = {}
+    columns: dict[str, dict[str, int]] = {}  # column -> {set: compressed bytes}
+    for split, info in manifest["splits"].items():
+        for part, shard in info["shards"].items():
+            for f in shard["files"]:
+                sets[part] = sets.get(part, 0) + f["bytes"]
+                meta = pq.read_metadata(layout.shards(split, part) / f["name"])
+                for g in range(meta.num_row_groups):
+                    for c in range(meta.num_columns):
+                        chunk = meta.row_group(g).column(c)
+                        name = chunk.path_in_schema.split(".")[0]
+                        held = columns.setdefault(name, {})
+                        held[part] = held.get(part, 0) + chunk.total_compressed_size
+    targets = {target: {"stored_in": sorted(columns[column]), "bytes": sum(columns[column].values())}
+               for target, column in manifest["targets"].items()}
+    return {"task": task_name, "samples": sum(info["samples"] for info in manifest["splits"].values()),
+            "set_bytes": sets, "total_bytes": sum(sets.values()), "targets": targets,
+            "copies": max(len(t["stored_in"]) for t in targets.values())}
+
+
+def bench_shards(work: Path, tasks: tuple[str, ...], quick: bool) -> list[dict]:
+    from bench.scale_stages import WRITERS, stage
+
+    rows = []
+    for task_name in tasks:
+        data = WRITERS[task_name](work / f"{task_name}-data", 1, quick)
+        stage("prepare", task_name, work / task_name, data, quick)
+        rows.append(shard_bytes(task_name, work / task_name))
+        row = rows[-1]
+        print(f"shards {task_name}: {row['total_bytes'] / 1e6:.1f} MB for {row['samples']} samples; "
+              + ", ".join(f"{t} {v['bytes'] / 1e6:.2f} MB in {'+'.join(v['stored_in'])}" for t, v in row["targets"].items()),
+              flush=True)
+    return rows
+
+
 def trial_summary(trials: list[dict]) -> dict:
     """The superres trial at 4x against 1x (the keys of the trial part the stages replaced)."""
     one, four = trials
@@ -200,6 +248,8 @@ def run_parts(args, parts: list[str], work: Path) -> dict:
             record["trial_bytes"] = scale_io.trial_bytes(work / "bytes")
         if "sweep" in parts:
             record["sweep"] = scale_io.thousand_trial_sweep(work / "sweep", args.sweep_trials)
+    if "shards" in parts:
+        record["shards"] = bench_shards(work / "shards", tasks, args.quick)
     if "prepare" in parts:
         prepared = bench_prepares(work, [int(s) for s in args.sizes.split(",")], loop=not args.skip_loop)
         record.update({k: prepared[k] for k in ("ray_start_seconds", "prepare")})

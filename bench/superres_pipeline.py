@@ -100,13 +100,14 @@ def load_expert_inputs(cfg: RunConfig, task, split: str, sample_ids) -> dict:
 
     out = {"x": []}
     for n in range(len(task.expert_names())):
-        columns = ["sample_id", "x"] + (list(task.target_columns) if n == 0 else [])
-        frame = read_table(cfg.layout.shards(split, f"p{n}"), columns).to_pandas().set_index("sample_id").loc[sample_ids]
+        frame = read_table(cfg.layout.shards(split, f"p{n}"), ["sample_id", "x"]).to_pandas()
+        frame = frame.set_index("sample_id").loc[sample_ids]
         out["x"].append(torch.as_tensor(np.stack(frame["x"].to_numpy())))
-        if n == 0:
-            out["hr"] = torch.as_tensor(np.stack(frame["hr"].to_numpy()))
-            for c in ("row", "col", "img_h", "img_w"):
-                out[c] = frame[c].to_numpy()
+    frame = read_table(cfg.layout.shards(split, "target"), ["sample_id", *task.target_columns]).to_pandas()
+    frame = frame.set_index("sample_id").loc[sample_ids]
+    out["hr"] = torch.as_tensor(np.stack(frame["hr"].to_numpy()))
+    for c in ("row", "col", "img_h", "img_w"):
+        out[c] = frame[c].to_numpy()
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipelines.expert_rows import expert_dataset
 from pipelines.integrity import cache_damage, digest, expert_damage, shard_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import cache_demand, require
@@ -72,8 +73,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 0) -> dict[str, str
         try:
             for n in range(len(experts)):
                 # one pass per expert over all splits: one actor pool, one model load per actor
-                paths = [str(f) for split in SCORED_SPLITS for f in shard_files(layout, manifest, split, f"p{n}")]
-                stream = ray.data.read_parquet(paths, include_paths=True).map_batches(
+                stream = expert_dataset(layout, manifest, SCORED_SPLITS, n, with_split=True).map_batches(
                     _ExpertScorer,
                     fn_constructor_kwargs={"task_name": cfg.task_name, "profile": cfg.profile,
                                            "options": cfg.task_options, "n": n, "weights": str(layout.weights(n)),
@@ -105,8 +105,8 @@ def _write_by_split(stream, n: int, tmp: Path, scored: dict[str, list[Path]]) ->
     counts = {split: 0 for split in scored}
     try:
         for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-            split_of = np.array([p.rsplit("/", 3)[-3] for p in batch.column("path").to_pylist()])  # .../<split>/p<n>/<file>
-            batch = batch.drop_columns(["path"])
+            split_of = np.array(batch.column("split").to_pylist())
+            batch = batch.drop_columns(["split"])
             batch = batch.rename_columns([c if c == "sample_id" else f"{c}_{n}" for c in batch.column_names])
             for split in np.unique(split_of):
                 part = batch.filter(pa.array(split_of == split))
@@ -192,7 +192,7 @@ class _ExpertScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             columns = self.task.evaluate(self.n, self.model, batch, self.device)
-        return {"sample_id": batch["sample_id"], "path": batch["path"], **columns}
+        return {"sample_id": batch["sample_id"], "split": batch["split"], **columns}
 
 
 def _expert_fingerprints(cfg: RunConfig, task) -> list[str]:

@@ -56,7 +56,9 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
     previous = read_manifest(cfg)
     if previous:  # never remake the shards (and so orphan the experts) of a root made with other settings
         check_identity(cfg, previous, "prepare")
-    if previous and previous.get("fingerprint") == fingerprint and _outputs_intact(layout, previous):
+    # (a manifest without "targets" is an earlier bmoe's: its targets are in every P_n set)
+    if previous and previous.get("fingerprint") == fingerprint \
+            and previous.get("targets") == ShardColumns.of(task).targets() and _outputs_intact(layout, previous):
         recorded = [m for info in previous["splits"].values() for m in info["problems"] + info["unreadable"]]
         if cfg.strict and recorded:  # strict holds for the problems the kept shards were made with, too
             raise UserError(f"{recorded[0]} (recorded by the prepare of {previous['created']}; "
@@ -73,6 +75,7 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
         "identity": identity(cfg),  # every later stage compares its own (pipelines/identity.py)
         "experts": task.expert_names(),
         "data_costs": [float(c) for c in task.data_costs()],
+        "targets": ShardColumns.of(task).targets(),  # each target's column in the gate set (pipelines/expert_rows.py)
         # the label set the data root defined (pipelines.runtime.label_options), for later stages
         "label_options": {k: cfg.task_options[k] for k in label_options(cfg.task_name, cfg.profile, cfg.data_root)
                           if cfg.data_root and k in cfg.task_options},

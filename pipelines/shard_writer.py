@@ -39,28 +39,36 @@ class ShardColumns:
     """Which columns of a sample row go to which shard set (the task's contract, tasks/base.py)."""
 
     data_costs: tuple[float, ...]  # d_n, one shard set p<n> per expert
-    target_columns: tuple[str, ...]  # travel with every P_n shard
-    meta_columns: tuple[str, ...]  # travel with the gate shard
+    target_columns: tuple[str, ...]  # stored once, in the gate set, for every expert
+    meta_columns: tuple[str, ...]  # travel with the gate shard into the cache
+    gate_target: str | None = None  # the target the gate input is (superres: the HR patch), stored as `gate`
 
     @classmethod
     def of(cls, task) -> "ShardColumns":
-        return cls(tuple(float(c) for c in task.data_costs()), tuple(task.target_columns), tuple(task.meta_columns))
+        return cls(tuple(float(c) for c in task.data_costs()), tuple(task.target_columns), tuple(task.meta_columns),
+                   task.gate_target)
 
     def parts(self) -> list[str]:
         return [f"p{n}" for n in range(len(self.data_costs))] + ["gate"]
 
+    def targets(self) -> dict[str, str]:
+        """Where each target is stored in the gate set: {target: column} (the manifest keeps it)."""
+        return {c: "gate" if c == self.gate_target else c for c in self.target_columns}
+
     def split(self, block):
         """{part: pyarrow Table} of one block of sample rows: p<n> holds x<n> as `x`, enc<n> as
-        `encoded_bytes` and the constant `data_cost_bytes`; gate holds the gate input and meta."""
+        `encoded_bytes` and the constant `data_cost_bytes`; gate holds the gate input, the meta
+        columns and the targets, once for all experts (pipelines/expert_rows.py reads them
+        beside a p<n>)."""
         import pyarrow as pa
 
         keys = ["sample_id", "group"]
         tables = {}
         for n, cost in enumerate(self.data_costs):
-            part = block.select([*keys, *self.target_columns, f"x{n}", f"enc{n}"])
-            part = part.rename_columns([*keys, *self.target_columns, "x", "encoded_bytes"])
+            part = block.select([*keys, f"x{n}", f"enc{n}"]).rename_columns([*keys, "x", "encoded_bytes"])
             tables[f"p{n}"] = part.append_column("data_cost_bytes", pa.array(np.full(len(part), cost)))
-        tables["gate"] = block.select([*keys, "gate", *self.meta_columns])
+        stored = dict.fromkeys([*self.meta_columns, *(c for c in self.targets().values() if c != "gate")])
+        tables["gate"] = block.select([*keys, "gate", *stored])
         return tables
 
 
@@ -150,7 +158,7 @@ class ShardWriter:
         counts = pc.value_counts(block.column("source_id"))
         self.source_rows.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
         for part, table in self.columns.split(block).items():
-            if part != "gate":
+            if part in self.encoded_bytes:
                 self.encoded_bytes[part] += int(pc.sum(table.column("encoded_bytes")).as_py() or 0)
             pending = self._pending[part]
             if pending and not pending[0].schema.equals(table.schema):

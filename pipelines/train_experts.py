@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from pipelines import registry
+from pipelines.expert_rows import expert_dataset
 from pipelines.integrity import digest, expert_damage
-from pipelines.prepare import read_manifest, require_manifest, shard_files
+from pipelines.prepare import read_manifest, require_manifest
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
@@ -134,8 +135,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     manifest = read_manifest(cfg)  # train_experts checked it, and the root's identity, before any fit
 
     def read(split: str):  # the manifest's files: a prepare that failed half-way left others beside them
-        return ray.data.read_parquet([str(f) for f in shard_files(cfg.layout, manifest, split, f"p{n}")],
-                                     columns=["x", *(task.train_columns or task.target_columns)])
+        return expert_dataset(cfg.layout, manifest, [split], n, ["x", *(task.train_columns or task.target_columns)])
 
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # blocks in their (seeded) order, not as their reads finish

@@ -136,7 +136,8 @@ class TaskBase(abc.ABC):
 
     name: ClassVar[str]  # the registry's key: --task NAME
     metric_name: ClassVar[str]  # e.g. "PSNR (dB, Y channel)"
-    target_columns: ClassVar[tuple[str, ...]]  # travel with every P_n shard: the experts' targets
+    target_columns: ClassVar[tuple[str, ...]]  # the experts' targets, stored once in the gate shard
+    gate_target: ClassVar[str | None] = None  # a target the gate input is (superres: "hr"), not stored twice
     meta_columns: ClassVar[tuple[str, ...]]  # scalar columns that travel with the gate shard into the cache
     train_columns: ClassVar[tuple[str, ...] | None] = None  # what experts train on; None: target_columns
     request_column: ClassVar[str] = "sample_id"  # rows sharing it arrive in one served request (superres: an image's patches)

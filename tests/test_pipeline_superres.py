@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -46,6 +47,11 @@ def test_prepare_writes_shards_per_expert_and_is_idempotent(run, capsys):
             files = info["shards"][part]["files"]
             assert all((cfg.layout.shards(split, part) / f["name"]).exists() for f in files)
             assert sum(f["rows"] for f in files) == info["samples"] and all(len(f["sha256"]) == 64 for f in files)
+        # each target once: the HR patch is the gate input, in no P_n set (a quarter of the bytes)
+        assert manifest["targets"]["hr"] == "gate"
+        for n in range(3):
+            first = cfg.layout.shards(split, f"p{n}") / info["shards"][f"p{n}"]["files"][0]["name"]
+            assert set(pq.read_schema(first).names) == {"sample_id", "group", "x", "encoded_bytes", "data_cost_bytes"}
         # PNG bytes of the LR patch grow with resolution, as the data costs do
         enc = info["mean_encoded_bytes"]
         assert enc["p0"] < enc["p1"] < enc["p2"]

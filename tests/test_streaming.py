@@ -4,11 +4,14 @@ streaming reader of gate inputs (order, last partial batch, stored dtype kept, b
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.expert_rows import expert_dataset
 from pipelines.gate_inputs import GateInputs
+from pipelines.layout import RunLayout
 from pipelines.shard_writer import MB, ShardColumns, ShardSizes, ShardWriter, merge_written, rows_to_block
 from storage import StoragePath
 
@@ -24,9 +27,9 @@ def _rows(source: str, count: int, start: int = 0) -> list[dict]:
 COLUMNS = ShardColumns(data_costs=(12.0, 48.0), target_columns=("hr", "row", "col"), meta_columns=("row", "col"))
 
 
-def _write(folder, sizes: ShardSizes, blocks: list[list[dict]], prefix: str = "w") -> dict:
-    folders = {part: folder / part for part in COLUMNS.parts()}
-    writer = ShardWriter(folders, COLUMNS, sizes, prefix=prefix)
+def _write(folder, sizes: ShardSizes, blocks: list[list[dict]], prefix: str = "w", columns=COLUMNS) -> dict:
+    folders = {part: folder / part for part in columns.parts()}
+    writer = ShardWriter(folders, columns, sizes, prefix=prefix)
     for rows in blocks:
         writer.add(rows_to_block(rows))
     return writer.close()
@@ -53,10 +56,64 @@ def test_shard_writer_rolls_files_at_the_target_size_and_records_rows_and_checks
             assert meta.num_rows == f["rows"] and meta.num_row_groups >= 1
     assert not list(tmp_path.rglob(".*partial"))  # every file was renamed into place
     p1 = pq.read_table(tmp_path / "p1").to_pandas()
-    assert set(p1.columns) == {"sample_id", "group", "hr", "row", "col", "x", "encoded_bytes", "data_cost_bytes"}
+    assert set(p1.columns) == {"sample_id", "group", "x", "encoded_bytes", "data_cost_bytes"}
     assert (p1["data_cost_bytes"] == 48.0).all()
+    gate = pq.read_table(tmp_path / "gate").to_pandas()  # the targets, once for every expert
+    assert set(gate.columns) == {"sample_id", "group", "gate", "hr", "row", "col"}
+    assert list(gate["sample_id"]) == list(p1["sample_id"])
     gate = GateInputs(sorted((tmp_path / "gate").glob("*.parquet")))
     assert list(gate.sample_ids()) == [r["sample_id"] for r in _rows("a", 150) + _rows("b", 90)]
+
+
+def _manifest(folder, written: dict, columns: ShardColumns) -> tuple[RunLayout, dict]:
+    """A layout whose train split's shard sets are `folder`/<part>, and its manifest."""
+    layout = RunLayout.of(folder.parent.parent.parent, "t")
+    return layout, {"targets": columns.targets(), "splits": {"train": {"shards": {
+        part: {"files": files} for part, files in written["files"].items()}}}}
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_an_expert_reads_its_inputs_beside_the_targets_stored_once(tmp_path, request, store, ray_session):
+    from pipelines.expert_rows import read_unit, read_units
+
+    """p0's rows are small and the gate rows, which hold the targets, large: the sets close files
+    and row groups at other rows, and each row still meets its own target, in order, over
+    several writers. "hr" is the gate input here (gate_target), stored once."""
+    folder = (tmp_path if store == "local" else request.getfixturevalue("s3_bucket")) / "data" / "t" / "train"
+    sizes = ShardSizes(file_mb=9_000 / MB, row_group_mb=2_500 / MB)
+    rows = [_rows("a", 70), _rows("b", 50, start=70)], [_rows("c", 40, start=120)]
+    columns = ShardColumns(COLUMNS.data_costs, COLUMNS.target_columns, COLUMNS.meta_columns, gate_target="hr")
+    written = merge_written([_write(folder, sizes, blocks, f"w{i}", columns) for i, blocks in enumerate(rows)])
+    assert len(written["files"]["gate"]) > len(written["files"]["p0"])  # boundaries differ
+    layout, manifest = _manifest(folder, written, columns)
+    assert manifest["targets"]["hr"] == "gate"
+    for columns in (None, ["x", "hr"]):
+        if store == "local":  # through Ray Data; the S3 settings are this process's only: read here
+            tables = ray_session.get(expert_dataset(layout, manifest, ["train"], 0, columns,
+                                                    with_split=columns is None).to_arrow_refs())
+        else:
+            tables = [t for unit in read_units(layout, manifest, "train", 0)
+                      for t in read_unit(unit, columns, with_split=columns is None)]
+        table = pa.concat_tables(tables).to_pandas()
+        expected = [r for blocks in rows for block in blocks for r in block]
+        assert len(table) == len(expected)
+        assert np.array_equal(np.stack(table["hr"].to_numpy())[:, 0, 0, 0], [r["gate"][0, 0, 0] for r in expected])
+        if columns is None:
+            assert list(table["sample_id"]) == [r["sample_id"] for r in expected]
+            assert set(table["split"]) == {"train"} and (table["data_cost_bytes"] == 12.0).all()
+        else:
+            assert list(table.columns) == ["x", "hr"]
+
+
+def test_an_earlier_layout_with_targets_in_every_set_asks_for_a_new_prepare(tmp_path):
+    from pipelines.expert_rows import read_units
+    from pipelines.runtime import UserError
+
+
+    layout = RunLayout.of(tmp_path, "t")
+    with pytest.raises(UserError, match="bmoe prepare"):
+        read_units(layout, {"splits": {"train": {"shards": {"p0": {"files": []}, "gate": {"files": []}}}}},  # no "targets"
+                   "train", 0)
 
 
 def test_shard_writer_writes_to_an_object_store(s3_bucket):
@@ -155,7 +212,6 @@ class _RunsCode:
 
 def test_a_planted_pickled_column_is_refused_and_never_unpickled(tmp_path, stream):
     """Whoever can write to a shared root must not run code in sweep, cache or serve."""
-    import pyarrow as pa
     from ray.data._internal.object_extensions.arrow import ArrowPythonObjectArray
 
     from storage import UnsafeFile, read_table

@@ -58,6 +58,7 @@ class SuperResTask(TaskBase):
     name = "superres"
     metric_name = "PSNR (dB, Y channel, border S cropped, per image)"
     target_columns = ("hr", "row", "col", "img_h", "img_w")
+    gate_target = "hr"  # the gate sees the HR patch the experts are scored against: stored once, as "gate"
     meta_columns = ("row", "col", "img_h", "img_w")
     request_column = "group"  # an image: its patches are routed in one request
     profiles = PROFILES
