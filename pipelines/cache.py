@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.expert_rows import expert_dataset
+from pipelines.expert_rows import expert_dataset, require_targets
 from pipelines.integrity import cache_damage, digest, expert_damage, shard_damage
 from pipelines.prepare import require_manifest, shard_files
 from pipelines.resources import cache_demand, require
@@ -58,6 +58,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 0) -> dict[str, str
             print("cache: data and experts unchanged, cache kept")
             return {split: str(f) for split, f in files.items()}
         print(f"cache: {damaged[0]}: scoring again")
+    require_targets(layout, manifest)
     if damaged := shard_damage(layout, manifest, SCORED_SPLITS):
         raise UserError(f"cache: {damaged[0]} ({len(damaged)} shard file(s) damaged): run `bmoe prepare` to make "
                         f"them again")

@@ -34,12 +34,17 @@ def expert_dataset(layout, manifest: dict, splits, n: int, columns: list[str] | 
         .map_batches(reader, batch_size=1, batch_format="pyarrow", zero_copy_batch=True)
 
 
-def read_units(layout, manifest: dict, split: str, n: int) -> list[dict]:
-    """One read task per p<n> file: its path, the gate files' row ranges that hold the same
-    rows, and where the targets are stored in them."""
+def require_targets(layout, manifest: dict) -> None:
+    """UserError unless the manifest says where the targets are (an earlier bmoe's did not)."""
     if "targets" not in manifest:
         raise UserError(f"the shards under {layout.root} keep their targets in every P_n set (an earlier "
                         f"bmoe's layout): run `bmoe prepare` to store them once")
+
+
+def read_units(layout, manifest: dict, split: str, n: int) -> list[dict]:
+    """One read task per p<n> file: its path, the gate files' row ranges that hold the same
+    rows, and where the targets are stored in them."""
+    require_targets(layout, manifest)
     shards = manifest["splits"][split]["shards"]
     x_files, t_files = shards[f"p{n}"]["files"], shards["gate"]["files"]
     x_folder, t_folder = layout.shards(split, f"p{n}"), layout.shards(split, "gate")

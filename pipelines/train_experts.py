@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipelines import registry
-from pipelines.expert_rows import expert_dataset
+from pipelines.expert_rows import expert_dataset, require_targets
 from pipelines.integrity import digest, expert_damage
 from pipelines.prepare import read_manifest, require_manifest
 from pipelines.resources import require, train_demand
@@ -65,6 +65,7 @@ def train_experts(cfg: RunConfig) -> list[dict]:
                 print(f"train-experts: expert {n} ({name}): {problem}: training it again")
             todo.append((n, fingerprint))
     if todo:
+        require_targets(cfg.layout, manifest)  # kept experts need no shards: an earlier layout is fine for them
         ensure_ray(cfg)
         task.check_pretrained()  # pretrained parts it cannot get: one line here, not a traceback from a worker
         require(train_demand(todo[0][0], cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker))
