@@ -148,9 +148,6 @@ def count_macs(module: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return int(total)
 
 
-GATE_METHODS = ("soft", "enforce")
-
-
 def enforced_gates(logits: torch.Tensor, b) -> torch.Tensor:
     """Softmax gates (eq. 1) over the experts with a non-zero quota only.
 
@@ -162,24 +159,53 @@ def enforced_gates(logits: torch.Tensor, b) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~usable, float("-inf")), dim=1)
 
 
-def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias: float = 0.0,
-              baseline: bool = True):
-    """The gate's training objective on a batch, L = mean_i sum_n G[i, n] * (loss[i, n] - c_i).
+def _input_centred(losses: torch.Tensor, b) -> torch.Tensor:
+    """Each input's losses less its mean over the experts b can use."""
+    usable = torch.as_tensor(np.asarray(b, dtype=np.float64) > 0, device=losses.device)
+    k = usable.sum().clamp_min(1)
+    return losses - (losses * usable).sum(dim=1, keepdim=True) / k  # input means, (M, 1)
 
-    soft: G from the sparse gates (eq. 3), plus the bias loss (eq. 5) on the utility (eq. 4).
-    enforce: G is the soft gates (eq. 1) masked by Algorithm 1's assignment; task loss only.
+
+def soft_loss(logits: torch.Tensor, losses: torch.Tensor, b, w_bias: float = 0.0, baseline: bool = True):
+    """Soft bias regularisation: G from the sparse gates (eq. 3), plus the bias loss (eq. 5) on
+    the utility (eq. 4); with the baseline, c_i = input i's mean loss over the usable experts
+    (as in REINFORCE), so G[i, n] grows where expert n does better than average on input i."""
+    if baseline:
+        losses = _input_centred(losses, b)
+    G = sparse_gates(logits)  # (M, N)
+    task = (G * losses).sum(dim=1).mean()
+    return task + bias_loss(utility(G), b, w_bias), G.argmax(dim=1)
+
+
+def enforce_loss(logits: torch.Tensor, losses: torch.Tensor, b, w_bias: float = 0.0, baseline: bool = True):
+    """Batchwise bias enforcement: G is the soft gates (eq. 1) masked by Algorithm 1's
+    assignment; task loss only (w_bias unused). With the baseline the losses are double-centred
+    over the batch and the usable experts (input and expert means removed): with quotas fixed,
+    both means add a constant to every feasible assignment's total, so the best assignment is
+    unchanged; what remains is which inputs gain most from which expert, the ranking Algorithm 1
+    needs. (A per-input baseline alone always favours the dearer expert and saturates.)"""
+    if baseline:
+        losses = _input_centred(losses, b)
+        losses = losses - losses.mean(dim=0, keepdim=True)  # expert means over the batch, (1, N)
+    probs = enforced_gates(logits, b)  # (M, N) eq. 1 over the experts b can use
+    assignment = enforce_bias(probs, b).to(probs.device)  # Algorithm 1 (decided on the CPU)
+    G = probs * nn.functional.one_hot(assignment, probs.shape[1]).to(probs.dtype)
+    return (G * losses).sum(dim=1).mean(), assignment
+
+
+OBJECTIVES = {"soft": soft_loss, "enforce": enforce_loss}  # the paper's two ways to train a biased gate
+GATE_METHODS = tuple(OBJECTIVES)
+
+
+def gate_loss(logits: torch.Tensor, losses: torch.Tensor, objective: str, b, w_bias: float = 0.0,
+              baseline: bool = True):
+    """The gate's training objective on a batch, L = mean_i sum_n G[i, n] * (loss[i, n] - c_i),
+    with `objective` a key of OBJECTIVES (soft_loss, enforce_loss say what G and c are).
 
     With cached losses, G only scales each input's loss, so the plain objective (baseline=False,
     c = 0) is smallest when the gate values of the chosen experts shrink, whoever is chosen:
     measured on superres, the softmax saturates within a few epochs and the routing stops
-    changing. The baseline removes that degenerate optimum:
-      soft: c_i = mean loss of input i over the usable experts (as in REINFORCE), so G[i, n]
-        grows where expert n does better than average on input i;
-      enforce: the losses are double-centred over the batch and the usable experts (input and
-        expert means removed). With quotas fixed, both means add a constant to every feasible
-        assignment's total, so the best assignment is unchanged; what remains is which inputs
-        gain most from which expert, the ranking Algorithm 1 needs. (A per-input baseline alone
-        always favours the dearer expert and saturates the same way.)
+    changing. The baseline removes that degenerate optimum.
 
     Args:
         logits: (M, N) gate outputs.
@@ -187,33 +213,22 @@ def gate_loss(logits: torch.Tensor, losses: torch.Tensor, method: str, b, w_bias
     Returns:
         (loss, assignment): scalar loss and the (M,) experts the batch was routed to.
     """
-    usable = torch.as_tensor(np.asarray(b, dtype=np.float64) > 0, device=losses.device)
-    if baseline:
-        k = usable.sum().clamp_min(1)
-        losses = losses - (losses * usable).sum(dim=1, keepdim=True) / k  # input means, (M, 1)
-        if method == "enforce":
-            losses = losses - losses.mean(dim=0, keepdim=True)  # expert means over the batch, (1, N)
-    if method == "soft":
-        G = sparse_gates(logits)  # (M, N)
-        task = (G * losses).sum(dim=1).mean()
-        return task + bias_loss(utility(G), b, w_bias), G.argmax(dim=1)
-    if method == "enforce":
-        probs = enforced_gates(logits, b)  # (M, N) eq. 1 over the experts b can use
-        assignment = enforce_bias(probs, b).to(probs.device)  # Algorithm 1 (decided on the CPU)
-        G = probs * nn.functional.one_hot(assignment, probs.shape[1]).to(probs.dtype)
-        return (G * losses).sum(dim=1).mean(), assignment
-    raise ValueError(f"unknown gate training method {method!r}; expected one of {GATE_METHODS}")
+    try:
+        loss = OBJECTIVES[objective]
+    except KeyError:
+        raise ValueError(f"unknown gate training method {objective!r}; expected one of {GATE_METHODS}") from None
+    return loss(logits, losses, b, w_bias, baseline)
 
 
 def gate_step(gate: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-              losses: torch.Tensor, method: str, b, w_bias: float = 0.0) -> dict:
+              losses: torch.Tensor, objective: str, b, w_bias: float = 0.0) -> dict:
     """One optimiser step of the gate on cached expert losses; the experts never run.
 
     Returns the batch's loss and the fraction of inputs routed to each expert.
     """
     gate.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, assignment = gate_loss(gate(x), losses, method, b, w_bias)
+    loss, assignment = gate_loss(gate(x), losses, objective, b, w_bias)
     loss.backward()
     optimizer.step()
     n = losses.shape[1]

@@ -49,7 +49,9 @@ def calibrate_lambda(pred_scores, d, d_target: float, iters: int = 60) -> float:
     hi = (span + 1.0) / gap  # any larger lambda routes everything to the cheapest expert
     lo = -hi  # any smaller one routes everything to the dearest
     if mean_cost(lo) <= d_target:
-        return lo
+        # everything may go to the dearest; if argmax routing already sends it there, that is no
+        # price either (found by hypothesis: one input, d_t = d_max)
+        return 0.0 if mean_cost(0.0) >= mean_cost(lo) else lo
     for _ in range(iters):
         mid = (lo + hi) / 2
         if mean_cost(mid) <= d_target:

@@ -147,9 +147,9 @@ def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[Target
             out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=perf,
                                    val_performance=run.data.metrics.get("val_performance"),
                                    d_mean=run.data.metrics["d_mean"],
-                                   routing_efficiency=routing_efficiency(perf, ref.get("random"), ref.get("oracle")),
+                                   routing_efficiency=routing_efficiency(perf, *(ref.get(m) for m in BOUNDS)),
                                    rho=rho.get(method),
-                                   rho_efficiency=routing_efficiency(rho.get(method), rho.get("random"), rho.get("oracle"))))
+                                   rho_efficiency=routing_efficiency(rho.get(method), *(rho.get(m) for m in BOUNDS))))
     return out
 
 
@@ -171,7 +171,9 @@ def format_side_by_side(points: list[TargetPoint]) -> str:
                 eff = "" if p is None or p.routing_efficiency is None else f" ({p.routing_efficiency:.2f})"
                 row += f"{'—' if p is None else f'{p.test_performance:.3f}{eff}':>{width}}"
             lines.append(f"  {d_t / 1000:>8.2f}" + row)
-        first = {m: next(p for p in mine if p.method == m) for m in methods}
+        first: dict[str, TargetPoint] = {}
+        for p in mine:  # a method's rho is on each of its points: its first one
+            first.setdefault(p.method, p)
         lines.append(f"  {'rho':>8}" + "".join(f"{_num(first[m].rho):>{width}}" for m in methods))
         lines.append(f"  {'rho eff':>8}" + "".join(f"{_num(first[m].rho_efficiency, 2):>{width}}" for m in methods))
     lines += ["", "routing efficiency: (p - p_random) / (p_oracle - p_random); rho: eq. 11 (— until `bmoe report`)."]

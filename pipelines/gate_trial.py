@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 
 from pipelines.gate_inputs import GateInputs
-from pipelines.methods import STATIC, TrialConfig
+from pipelines.methods import Method, TrialConfig
 
 from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
 from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
-from bmoe.routing import enforce_bias, oracle_assignment, quotas, random_assignment
+from bmoe.routing import enforce_bias
 from bmoe.stream import DEFAULT_WINDOW, STREAM_SEED, stream_order, streamed_assignment
 from storage import AnyPath, read_table, save_torch
 from tasks import GATE_SPLIT, get_task
@@ -102,17 +102,6 @@ def gate_logits(task, gate, split: SplitData, device: torch.device) -> torch.Ten
     return torch.cat(out) if out else torch.zeros((0, split.losses.shape[1]))
 
 
-def heuristic_difficulty(task, split: SplitData) -> np.ndarray | None:
-    """(M,) the task's hand-made difficulty, batch by batch; None when it has none."""
-    parts = []
-    for _, x in split.gate_inputs.batches(EVAL_BATCH):
-        value = task.heuristic(x)
-        if value is None:
-            return None
-        parts.append(np.asarray(value))
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
 def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, device: torch.device | None = None) -> dict:
     """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits,
     training on `device` (default: the GPU Ray gave this trial, else the CPU); reports per-epoch
@@ -125,8 +114,8 @@ def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, devi
     task = get_task(config.task_name, config.profile, config.options)
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])
-    if config.method in STATIC:
-        points = [_static_point(task, config.method, data, d, p_val, d_t, config.seed) for d_t in config.targets]
+    if not config.spec.trains_gate:
+        points = [_static_point(task, config.spec, data, d, p_val, d_t, config.seed) for d_t in config.targets]
         return {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
     train = _train_biased_gate if config.spec.per_target else _train_lagrange_gate
     return train(task, config, data, d, p_val, report, device or trial_device())
@@ -139,45 +128,19 @@ def expert_performance(task, split: SplitData) -> np.ndarray:
     return np.array([task.metric(split.cache, np.full(M, n))["performance"] for n in range(n_experts)])
 
 
-def _static_point(task, method: str, data: dict[str, SplitData], d, p_val, d_t: float, seed: int) -> dict:
+def _static_point(task, spec: Method, data: dict[str, SplitData], d, p_val, d_t: float, seed: int) -> dict:
     """One target of a static method on test, with its performance on validation beside it (the
     same rule applied to the validation split), so every method's points carry the same keys."""
     b = select_bias(d, p_val, d_t)
     test = data["test"]
-    if method == "experts":  # the LP mix of single experts: every figure is b . (the experts' figures)
+    if spec.rule is None:  # the LP mix of single experts: every figure is b . (the experts' figures)
         M = len(test.cache)
         per_expert = [task.metric(test.cache, np.full(M, n)) for n in range(len(d))]
         mixed = {key: float(sum(bn * m[key] for bn, m in zip(b, per_expert))) for key in per_expert[0]}
         return {"d_target": d_t, "d_mean": float(b @ d), **mixed, "share": b.tolist(), "b": b.tolist(),
                 "val_performance": float(b @ p_val), "val_objective": budget_objective(b @ p_val, b @ d, d_t, p_val)}
-    point = _point(task, test, _static_assignment(task, method, test, d, b, d_t, seed), d, d_t, b)
-    return {**point, **_validation(task, data["val"], _static_assignment(task, method, data["val"], d, b, d_t, seed),
-                                   d, d_t, p_val)}
-
-
-def _static_assignment(task, method: str, split: SplitData, d, b, d_t: float, seed: int) -> np.ndarray:
-    M = len(split.cache)
-    if method == "random":
-        return random_assignment(M, b, torch.Generator().manual_seed(seed)).numpy()
-    if method == "oracle":
-        return oracle_assignment(split.scores * sample_weights(task, split)[:, None], d, d_t).numpy()
-    difficulty = heuristic_difficulty(task, split)  # heuristic
-    if difficulty is None:
-        raise ValueError(f"task {task.name} has no heuristic router")
-    return quantile_assignment(difficulty, b, d)
-
-
-def quantile_assignment(difficulty: np.ndarray, b, d) -> np.ndarray:
-    """Exact quotas K_n; the easiest inputs go to the cheapest expert, the hardest to the dearest."""
-    K = quotas(len(difficulty), b)
-    by_cost = np.argsort(d, kind="stable")
-    order = np.argsort(difficulty, kind="stable")  # easiest first
-    assignment = np.empty(len(difficulty), dtype=np.int64)
-    start = 0
-    for n in by_cost:
-        assignment[order[start:start + K[n]]] = n
-        start += K[n]
-    return assignment
+    point = _point(task, test, spec.rule(task, test, d, b, d_t, seed), d, d_t, b)
+    return {**point, **_validation(task, data["val"], spec.rule(task, data["val"], d, b, d_t, seed), d, d_t, p_val)}
 
 
 def _routing_figures(task, split: SplitData, assignment: np.ndarray, d) -> dict:
@@ -242,7 +205,7 @@ def _batches(split: SplitData, batch: int, gen: torch.Generator):
 
 def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
                        device: torch.device) -> dict:
-    method, d_t = config.method, float(config.d_target)
+    spec, d_t = config.spec, float(config.d_target)
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     if np.count_nonzero(b > 1e-9) == 1:
         return _single_expert_trial(task, data, d, d_t, b, p_val)
@@ -259,7 +222,7 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
 
     def route(split: SplitData) -> np.ndarray:
         logits = gate_logits(task, gate, split, device)
-        if method == "enforce":  # test batches are routed with the same quotas
+        if spec.routes_with_quotas:  # test batches are routed with the same quotas
             return enforce_bias(enforced_gates(logits, b), b).numpy()
         return logits.argmax(dim=1).numpy()
 
@@ -268,10 +231,10 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
         total, steps = 0.0, 0
         for idx, x in _batches(train, batch, gen):
             stats = gate_step(gate, optimizer, augment(task, to_device(task, x, device), gen),
-                              losses[torch.from_numpy(idx).to(device)], method, b, config.w_bias)
+                              losses[torch.from_numpy(idx).to(device)], spec.objective, b, config.w_bias)
             total, steps = total + stats["loss"], steps + 1
         val = _routing_figures(task, data["val"], route(data["val"]), d)
-        objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val, two_sided=method == "soft")
+        objective = budget_objective(val["performance"], val["d_mean"], d_t, p_val, two_sided=spec.two_sided_budget)
         report({"epoch": epoch, "train_loss": total / max(steps, 1), "val_performance": val["performance"],
                 "val_objective": objective, "val_d_mean": val["d_mean"],
                 **{f"val_u_{n}": u for n, u in enumerate(val["share"])}})

@@ -94,7 +94,7 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialC
             configs += [TrialConfig(**base, **at) for at in where]
             continue
         w_biases = grid.w_biases if "w_bias" in spec.searched else (0.0,)
-        lrs = grid.enforce_lrs if name == "enforce" and grid.enforce_lrs else grid.lrs
+        lrs = grid.enforce_lrs if spec.own_lrs and grid.enforce_lrs else grid.lrs
         configs += [TrialConfig(**base, **at, batch_size=M, lr=lr, width=width, w_bias=w)
                     for at in where for M in grid.batch_sizes for lr in lrs for width in grid.widths
                     for w in w_biases]

@@ -1,5 +1,6 @@
-"""The selection methods a sweep compares, and what each one is, in one table: sweep, search,
-gate_trial, report, compare and serving ask it instead of listing method names themselves.
+"""The selection methods a sweep compares, what each one is and how it behaves, in one table:
+sweep, search, gate_trial, report, compare and serving ask it instead of comparing method names
+(pipelines/README.md: adding a method).
 
 A trial is a TrialConfig: typed, checked when made, and turned into Tune's plain dict only at
 the edge (sweep's param_space, the search's suggestions, the sweep record's JSON).
@@ -8,11 +9,58 @@ the edge (sweep's param_space, the search's suggestions, the sweep record's JSON
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+
+HEURISTIC_BATCH = 1024  # gate inputs per call of a task's heuristic
+
+
+def _random_rule(task, split, d, b, d_t: float, seed: int) -> np.ndarray:
+    """Random selection with exact quotas K_n = M b_n."""
+    import torch
+
+    from bmoe.routing import random_assignment
+
+    return random_assignment(len(split.cache), b, torch.Generator().manual_seed(seed)).numpy()
+
+
+def _oracle_rule(task, split, d, b, d_t: float, seed: int) -> np.ndarray:
+    """Every expert's per-input score known, weighted as the task's metric pools them."""
+    from bmoe.routing import oracle_assignment
+
+    return oracle_assignment(split.scores * task.sample_weights(split.cache)[:, None], d, d_t).numpy()
+
+
+def _heuristic_rule(task, split, d, b, d_t: float, seed: int) -> np.ndarray:
+    """The task's hand-made difficulty per input, with random's quotas: easiest inputs cheapest."""
+    parts = []
+    for _, x in split.gate_inputs.batches(HEURISTIC_BATCH):
+        value = task.heuristic(x)
+        if value is None:
+            raise ValueError(f"task {task.name} has no heuristic router")
+        parts.append(np.asarray(value))
+    return quantile_assignment(np.concatenate(parts) if parts else np.zeros(0), b, d)
+
+
+def quantile_assignment(difficulty: np.ndarray, b, d) -> np.ndarray:
+    """Exact quotas K_n; the easiest inputs go to the cheapest expert, the hardest to the dearest."""
+    from bmoe.routing import quotas
+
+    K = quotas(len(difficulty), b)
+    by_cost = np.argsort(d, kind="stable")
+    order = np.argsort(difficulty, kind="stable")  # easiest first
+    assignment = np.empty(len(difficulty), dtype=np.int64)
+    start = 0
+    for n in by_cost:
+        assignment[order[start:start + K[n]]] = n
+        start += K[n]
+    return assignment
 
 
 @dataclass(frozen=True)
 class Method:
-    """One selection method."""
+    """One selection method: what it is, and how it trains, routes and is selected."""
 
     name: str
     trains_gate: bool  # a gate is trained from the cache (else the rule needs no training)
@@ -21,21 +69,33 @@ class Method:
     searched: tuple[str, ...]  # the hyperparameters a sweep varies for it
     summary: str
     gate_output: str = ""  # what its gate's outputs are: "logits" (a choice), "scores" (predicted)
+    # (task, split, d, b, d_t, seed) -> (M,) experts: a static method's routing; a static method
+    # without one is the LP mix of single experts, whose figures are b . (the experts' figures)
+    rule: Callable | None = None
+    objective: str = ""  # a per-target gate's training objective, a key of bmoe.gating.OBJECTIVES
+    routes_with_quotas: bool = False  # val and test are routed with Algorithm 1's quotas (else argmax)
+    two_sided_budget: bool = False  # model selection also penalises spending under d_t
+    own_lrs: bool = False  # a sweep gives it the grid's enforce_lrs, when there are some
 
 
 HYPERPARAMETERS = ("lr", "batch_size", "width", "w_bias")
 
 TABLE = (  # in the order reports list them
     Method("experts", False, False, False, (), "the LP mix of single experts (the paper's dotted line): b.p at b.d = d_t"),
-    Method("random", False, False, False, (), "random selection with exact quotas K_n = M b_n (the paper's lower bound)"),
-    Method("heuristic", False, False, False, (), "a hand-made difficulty per input (the task's), quotas as random"),
+    Method("random", False, False, False, (), "random selection with exact quotas K_n = M b_n (the paper's lower bound)",
+           rule=_random_rule),
+    Method("heuristic", False, False, False, (), "a hand-made difficulty per input (the task's), quotas as random",
+           rule=_heuristic_rule),
     Method("soft", True, True, True, HYPERPARAMETERS,
-           "gate trained with soft bias regularisation (eqs. 3-5), argmax at test time", "logits"),
+           "gate trained with soft bias regularisation (eqs. 3-5), argmax at test time", "logits",
+           objective="soft", two_sided_budget=True),
     Method("enforce", True, True, True, HYPERPARAMETERS[:3],
-           "gate trained with batchwise bias enforcement (Algorithm 1), enforced at test time", "logits"),
+           "gate trained with batchwise bias enforcement (Algorithm 1), enforced at test time", "logits",
+           objective="enforce", routes_with_quotas=True, own_lrs=True),
     Method("lagrange", True, False, True, HYPERPARAMETERS[:3],
            "gate regressing every expert's score; routes by score - lambda d (our extension)", "scores"),
-    Method("oracle", False, False, False, (), "every expert's per-input score known: the upper bound no gate can beat"),
+    Method("oracle", False, False, False, (), "every expert's per-input score known: the upper bound no gate can beat",
+           rule=_oracle_rule),
 )
 METHODS = {m.name: m for m in TABLE}
 NAMES = tuple(METHODS)

@@ -14,7 +14,7 @@ from ray.tune import Stopper
 
 from pipelines import gate_trial
 from pipelines.gate_trial import BUDGET_TOLERANCE, SOFT_TOLERANCE, budget_objective, run_trial
-from pipelines.methods import TrialConfig
+from pipelines.methods import TABLE, TrialConfig
 from pipelines.shard_writer import rows_to_block
 from tasks import get_task
 
@@ -97,6 +97,29 @@ def test_run_trial_without_tune_every_method(data, one_thread):
     assert all(p["d_mean"] <= p["d_target"] * (1 + 1e-9) for p in lagrange["points"])
     assert lagrange["points"][0]["d_mean"] >= 0.98 * d_t
     assert lagrange["val_objective"] == pytest.approx(np.mean([p["val_objective"] for p in lagrange["points"]]))
+
+
+@pytest.mark.parametrize("spec", TABLE, ids=lambda m: m.name)
+def test_every_method_in_the_table_runs_a_smoke_trial(data, one_thread, spec):
+    """The contract a method (a new one too: pipelines/README.md) keeps, read from its table
+    entry alone: one point per target with the keys report, compare and MLflow read; epochs
+    reported, and a gate saved for serving, exactly when it trains one."""
+    d_t = float(D[0] + D[-1]) / 2
+    extra = {"d_target": d_t} if spec.per_target else {"targets": [d_t]}
+    if spec.trains_gate:
+        extra.update(batch_size=32, lr=3e-3, width=0.25, w_bias=1.0 if "w_bias" in spec.searched else 0.0)
+    reports: list[dict] = []
+    config = TrialConfig.from_tune({"task": "superres", "profile": "smoke", "method": spec.name, "epochs": 2, **extra})
+    result = run_trial(config, data, report=reports.append)
+    (point,) = result["points"]
+    assert {"d_target", "d_mean", "performance", "share", "val_performance", "val_objective"} <= set(point)
+    assert point["d_target"] == d_t and np.isfinite(point["performance"]) and sum(point["share"]) == pytest.approx(1)
+    assert [r["epoch"] for r in reports] == ([1, 2] if spec.trains_gate else [])
+    assert ("gate" in result) == spec.trains_gate == spec.servable
+    if spec.trains_gate:
+        assert result["gate"]["method"] == spec.name
+    if spec.trains_gate and spec.per_target:  # the report's picture of its routing
+        assert len(result["test_assignment"]) == len(data["test"].cache)
 
 
 def test_soft_keeps_the_epoch_that_respects_the_budget(data, one_thread):
