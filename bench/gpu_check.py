@@ -49,7 +49,7 @@ def export(root_template: str, out: Path) -> None:
     import pandas as pd
 
     from pipelines.expert_rows import read_unit, read_units
-    from pipelines.prepare import require_manifest
+    from pipelines.manifest import require_manifest
     from pipelines.runtime import RunConfig
     from pipelines.sweep import load_split
 

@@ -134,7 +134,7 @@ def _build_roots(root: Path, tasks: tuple[str, ...]) -> dict[str, float]:
 
 def _split_files(root: str, task: str) -> list[dict]:
     """Each file a trial reads ({path, bytes, sha256} as the root recorded it)."""
-    from pipelines.prepare import require_manifest
+    from pipelines.manifest import require_manifest
     from pipelines.sweep import split_inputs
 
     cfg = RunConfig(task_name=task, root=root, profile="smoke")
@@ -187,7 +187,7 @@ def trial_bytes(work: Path) -> list[dict]:
     empty node cache, and a second trial on the same node cache, against its splits' size."""
     import boto3
 
-    from pipelines.prepare import require_manifest
+    from pipelines.manifest import require_manifest
     from pipelines.sweep import split_inputs
     from storage import as_path, paths, upload_tree
 

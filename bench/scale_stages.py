@@ -195,7 +195,7 @@ def trial_in_process(cfg: RunConfig, gate_file: Path) -> dict:
 
     from pipelines.gate_trial import run_trial, save_gate
     from pipelines.methods import TrialConfig
-    from pipelines.prepare import require_manifest
+    from pipelines.manifest import require_manifest
     from pipelines.grid import targets
     from pipelines.sweep import read_split, split_inputs
 

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.expert_rows import expert_dataset, require_targets
+from pipelines.expert_rows import expert_dataset
 from pipelines.integrity import cache_damage, digest, expert_damage, shard_damage
-from pipelines.prepare import require_manifest, shard_files
+from pipelines.manifest import require_manifest, require_targets, shard_files
 from pipelines.resources import cache_demand, require
 from pipelines.runtime import RunConfig, UserError, ensure_ray
 from pipelines.train_experts import load_expert

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from itertools import accumulate
 
-from pipelines.runtime import UserError
+from pipelines.manifest import require_targets
 from storage import as_path
 
 X_COLUMNS = ("sample_id", "group", "x", "encoded_bytes", "data_cost_bytes")  # what a p<n> shard set holds
@@ -32,13 +32,6 @@ def expert_dataset(layout, manifest: dict, splits, n: int, columns: list[str] | 
     reader = _UnitReader(columns, with_split)
     return ray.data.from_items([{"unit": u} for u in units], override_num_blocks=max(1, len(units))) \
         .map_batches(reader, batch_size=1, batch_format="pyarrow", zero_copy_batch=True)
-
-
-def require_targets(layout, manifest: dict) -> None:
-    """UserError unless the manifest says where the targets are (an earlier bmoe's did not)."""
-    if "targets" not in manifest:
-        raise UserError(f"the shards under {layout.root} keep their targets in every P_n set (an earlier "
-                        f"bmoe's layout): run `bmoe prepare` to store them once")
 
 
 def read_units(layout, manifest: dict, split: str, n: int) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines.identity import check_identity, identity
 from pipelines.integrity import shard_damage
+from pipelines.manifest import read_manifest
 from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
@@ -53,7 +54,7 @@ def prepare(cfg: RunConfig, sizes: ShardSizes = ShardSizes()) -> dict:
             raise UserError(listing.problems[0])
 
     fingerprint = _fingerprint(task, listings, data_root)
-    previous = read_manifest(cfg)
+    previous = read_manifest(layout)
     if previous:  # never remake the shards (and so orphan the experts) of a root made with other settings
         check_identity(cfg, previous, "prepare")
     # (a manifest without "targets" is an earlier bmoe's: its targets are in every P_n set)
@@ -116,27 +117,6 @@ def list_splits(task: TaskBase, data_root: AnyPath) -> dict:
     listings = {split: task.list_sources(data_root, split) for split in SOURCE_SPLITS}
     listings["train"], listings[GATE_SPLIT] = carve_gate_split(listings["train"], task.settings.gate_share)
     return {split: listings[split] for split in SPLITS}
-
-
-def read_manifest(cfg: RunConfig) -> dict | None:
-    return read_json(cfg.layout.manifest())
-
-
-def require_manifest(cfg: RunConfig, stage: str = "bmoe") -> dict:
-    """The manifest of the root's prepared data, checked against cfg's identity (UserError
-    naming what differs, or that nothing was prepared)."""
-    manifest = read_manifest(cfg)
-    if manifest is None:
-        raise UserError(f"no prepared data for task {cfg.task_name} under {cfg.root}: run `bmoe prepare` first")
-    check_identity(cfg, manifest, stage)
-    return manifest
-
-
-def shard_files(layout, manifest: dict, split: str, part: str) -> list[AnyPath]:
-    """The files of one shard set in the manifest's order: the row order of the split that the
-    cache keeps and that sweep trials stream in."""
-    folder = layout.shards(split, part)
-    return [folder / f["name"] for f in manifest["splits"][split]["shards"][part]["files"]]
 
 
 def _prepare_split(cfg: RunConfig, task: TaskBase, split: str, listing, log, sizes: ShardSizes) -> dict:

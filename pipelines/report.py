@@ -18,7 +18,7 @@ import numpy as np
 from bmoe.curves import rho, routing_efficiency
 from pipelines.gate_trial import expert_performance
 from pipelines.methods import ALL_TARGET_GATES, BOUNDS, NAMES, PER_TARGET_GATES
-from pipelines.prepare import require_manifest
+from pipelines.manifest import require_manifest
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.sweep import load_array, load_split

@@ -35,7 +35,7 @@ from pipelines.grid import GRIDS, SweepGrid, grid_identity, search_points, trial
 from pipelines.integrity import cache_damage, digest, shard_damage
 from pipelines.layout import RunLayout, plain_name
 from pipelines.methods import TrialConfig
-from pipelines.prepare import require_manifest, shard_files
+from pipelines.manifest import require_manifest, shard_files
 from pipelines.resources import require, trial_demand
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow, ensure_ray
 from pipelines.search import PerPointASHA, PointSearch, PointSearchGenerator

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from pipelines import registry
-from pipelines.expert_rows import expert_dataset, require_targets
+from pipelines.expert_rows import expert_dataset
 from pipelines.integrity import digest, expert_damage
-from pipelines.prepare import read_manifest, require_manifest
+from pipelines.manifest import read_manifest, require_manifest, require_targets
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
@@ -133,7 +133,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     ensure_ray(cfg)  # applies the Ray Data settings inside this task too
     task = cfg.task()
 
-    manifest = read_manifest(cfg)  # train_experts checked it, and the root's identity, before any fit
+    manifest = read_manifest(cfg.layout)  # train_experts checked it, and the root's identity, before any fit
 
     def read(split: str):  # the manifest's files: a prepare that failed half-way left others beside them
         return expert_dataset(cfg.layout, manifest, [split], n, ["x", *(task.train_columns or task.target_columns)])

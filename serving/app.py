@@ -46,9 +46,9 @@ def default_gate_target(settings: ServeSettings) -> float | None:
     if settings.target_cost is not None or settings.bias is None:
         return settings.target_cost
     from pipelines.layout import RunLayout
-    from storage import read_json
+    from pipelines.manifest import read_manifest
 
-    manifest = read_json(RunLayout.of(settings.root, settings.task).manifest())
+    manifest = read_manifest(RunLayout.of(settings.root, settings.task))
     if manifest is None or len(manifest["data_costs"]) != len(settings.bias):
         return None  # resolve_run or budget_target names what is wrong
     return float(np.asarray(settings.bias, dtype=np.float64) @ np.asarray(manifest["data_costs"], dtype=np.float64))

@@ -19,7 +19,7 @@ import numpy as np
 from pipelines import registry
 from pipelines.gate_inputs import GateInputs
 from pipelines.integrity import expert_damage
-from pipelines.prepare import shard_files
+from pipelines.manifest import read_manifest, shard_files
 from pipelines.layout import RunLayout
 from pipelines.methods import METHODS, SERVABLE
 from pipelines.selection import validation_figure
@@ -115,7 +115,7 @@ def best_gate(trials: list[dict], target: float) -> dict:
 
 
 def _default_target(layout: RunLayout) -> float:
-    manifest = read_json(layout.manifest())
+    manifest = read_manifest(layout)
     if manifest is None:
         raise UserError(f"no prepared data for task {layout.task_name} under {layout.root}: run `bmoe prepare` first")
     return float(max(manifest["data_costs"])) / 2
@@ -204,7 +204,7 @@ def resolve_run(root: str, task_name: str, gate_file: str | None = None, target:
                 raise UserError(f"{problem}: run `bmoe train-experts` to train expert {n} ({name}) again")
             sources.append(str(weights))
         sources = tuple(sources)
-    if read_json(layout.manifest()) is None:
+    if read_manifest(layout) is None:
         raise UserError(f"no prepared data for task {task_name} under {layout.root}: run `bmoe prepare` first")
     return ServedRun(task_name=task_name, profile=bundle["profile"], options=dict(bundle["options"]), root=str(root),
                      tracking_uri=tracking, expert_names=tuple(names),
@@ -225,7 +225,7 @@ def load_gate(run: ServedRun, device="cpu") -> tuple:
         return gate, bundle, np.asarray(bundle["val_values"], dtype=np.float64)
     task = run.task()
     layout = RunConfig(task_name=run.task_name, root=run.root).layout
-    val_gate = GateInputs(shard_files(layout, read_json(layout.manifest()), "val", "gate"))
+    val_gate = GateInputs(shard_files(layout, read_manifest(layout), "val", "gate"))
     values = np.concatenate([gate_values(gate, bundle, task.gate_tensor(x)) for _, x in val_gate.batches(EVAL_BATCH)])
     return gate, bundle, values
 

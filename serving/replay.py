@@ -26,11 +26,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.layout import RunLayout
+from pipelines.manifest import read_manifest
 from pipelines.runtime import RunConfig, UserError
 from serving.router import TARGET_HEADER
 from serving.loading import reported_sweep
 from bmoe.stream import STREAM_SEED, request_order
-from storage import as_path, read_json, read_table
+from storage import as_path, read_table
 
 SPLITS = ("val", "test")
 ORDERS = ("shuffled", "listed")
@@ -175,7 +176,7 @@ def replay_each_gate(root: str, task_name: str, methods: tuple[str, ...], target
 def _sources(layout: RunLayout, task, split: str) -> tuple[list[tuple[dict, list[dict], np.ndarray]], list[str]]:
     """The split's sources that the cache scored, each with its load() rows (one per routing unit,
     in the request's unit order) and which of them the cache holds; and the sources skipped."""
-    manifest = read_json(layout.manifest())
+    manifest = read_manifest(layout)
     if manifest is None:
         raise UserError(f"no prepared data for task {layout.task_name} under {layout.root}: run `bmoe prepare` first")
     cache = layout.cache(split)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from pipelines.gate_inputs import GateInputs
-from pipelines.prepare import shard_files
+from pipelines.manifest import shard_files
 from pipelines.runtime import RunConfig, UserError
 from tasks import get_task
 from tasks.action import synthetic
