@@ -30,7 +30,7 @@ from pipelines.resources import cache_demand, require
 from pipelines.runtime import RunConfig, UserError, ensure_ray
 from pipelines.train_experts import load_expert
 from storage import copy_file, read_json, write_json
-from tasks import SCORED_SPLITS, get_task
+from tasks import SCORED_SPLITS
 
 CACHE_ORDER = "gate-shards"  # rows in the order of the split's gate shards (older caches were sorted by id)
 CACHE_SPLITS = "scored"  # SCORED_SPLITS only (older caches scored train too)
@@ -76,8 +76,7 @@ def cache(cfg: RunConfig, actors: int = 0, batch_size: int = 0) -> dict[str, str
                 # one pass per expert over all splits: one actor pool, one model load per actor
                 stream = expert_dataset(layout, manifest, SCORED_SPLITS, n, with_split=True).map_batches(
                     _ExpertScorer,
-                    fn_constructor_kwargs={"task_name": cfg.task_name, "profile": cfg.profile,
-                                           "options": cfg.task_options, "n": n, "weights": str(layout.weights(n)),
+                    fn_constructor_kwargs={"ref": cfg.ref, "n": n, "weights": str(layout.weights(n)),
                                            "use_gpu": cfg.use_gpu},
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or (None if cfg.use_gpu else 1)),
                     batch_size=batch_size or task.score_batch,
@@ -184,8 +183,8 @@ def _chunks(batches, rows: int = MERGE_ROWS):
 class _ExpertScorer:
     """Actor: holds one frozen expert and scores batches of its P_n shard."""
 
-    def __init__(self, task_name: str, profile: str, options: dict, n: int, weights: str, use_gpu: bool):
-        self.task = get_task(task_name, profile, options)
+    def __init__(self, ref, n: int, weights: str, use_gpu: bool):
+        self.task = ref.task()
         self.n = n
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_expert(self.task, n, weights, self.device)  # read from the root on this node

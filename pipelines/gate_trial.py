@@ -19,7 +19,7 @@ from bmoe.lagrange import calibrate_lambda, lagrange_assignment, score_loss
 from bmoe.routing import enforce_bias
 from bmoe.stream import DEFAULT_WINDOW, STREAM_SEED, stream_order, streamed_assignment
 from storage import AnyPath, read_table, save_torch
-from tasks import GATE_SPLIT, get_task
+from tasks import GATE_SPLIT, TaskRef
 
 EVAL_BATCH = 1024  # gate inputs per forward pass when a split is routed
 SHUFFLE_BUFFER_MB = 64  # gate inputs held to shuffle training batches (the whole split when smaller)
@@ -111,7 +111,7 @@ def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, devi
         from ray import tune
 
         report = tune.report
-    task = get_task(config.task_name, config.profile, config.options)
+    task = config.ref.task()
     d = task.data_costs()
     p_val = expert_performance(task, data["val"])
     if not config.spec.trains_gate:
@@ -333,7 +333,7 @@ def save_gate(bundle: dict, path: AnyPath) -> AnyPath:
 def gate_from_bundle(bundle: dict) -> tuple[Gate, dict]:
     """The gate a bundle saved by save_gate describes (read from a file or the registry), in
     eval mode on the CPU, and the bundle without its weights."""
-    task = get_task(bundle["task"], bundle["profile"], bundle["options"])
+    task = TaskRef.from_dict(bundle).task()
     gate = build_gate(task.gate_spec(), bundle["width"])
     gate.load_state_dict(bundle.pop("state_dict"))
     return gate.eval(), bundle

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from tasks.typed_values import typed_fields
+
 HEURISTIC_BATCH = 1024  # gate inputs per call of a task's heuristic
 
 
@@ -153,6 +155,13 @@ class TrialConfig:
         return epochs_for_steps(self.steps, self.batch_size or rows, rows) if self.steps else self.epochs
 
     @property
+    def ref(self):
+        """The trial's task by reference (tasks.TaskRef)."""
+        from tasks import TaskRef
+
+        return TaskRef(self.task_name, self.profile, dict(self.options), self.seed)
+
+    @property
     def spec(self) -> Method:
         return method(self.method)
 
@@ -172,12 +181,6 @@ class TrialConfig:
         """From Tune's dict, or a sweep record's; keys that are not fields (Tune's own) are dropped."""
         known = {f.name for f in fields(cls)}
         values = {("task_name" if k == "task" else k): v for k, v in config.items()}
-        values = {k: v for k, v in values.items() if k in known}
-        if values.get("targets") is not None:
-            values["targets"] = tuple(float(t) for t in values["targets"])
+        values = typed_fields(cls, {k: v for k, v in values.items() if k in known}, "trial setting")
         values["options"] = dict(values.get("options") or {})
-        for key, kind in (("seed", int), ("epochs", int), ("steps", int), ("batch_size", int), ("lr", float), ("width", float),
-                          ("w_bias", float), ("d_target", float)):
-            if values.get(key) is not None:
-                values[key] = kind(values[key])
         return cls(**values)

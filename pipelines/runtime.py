@@ -69,11 +69,16 @@ class RunConfig:
     seed: int = 0
     task_options: dict = field(default_factory=dict)  # overrides of the task's settings
 
-    def task(self):
-        """The configured task (pickled to Ray workers as its name, profile and options)."""
-        from tasks import get_task
+    @property
+    def ref(self):
+        """The configured task by reference (tasks.TaskRef): what travels to Ray workers."""
+        from tasks import TaskRef
 
-        return get_task(self.task_name, self.profile, self.task_options)
+        return TaskRef(self.task_name, self.profile, dict(self.task_options), int(self.seed))
+
+    def task(self):
+        """The configured task."""
+        return self.ref.task()
 
     def __post_init__(self):
         if self.profile not in PROFILES:

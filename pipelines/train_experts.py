@@ -32,7 +32,6 @@ from pipelines.manifest import read_manifest, require_manifest, require_targets
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
-from tasks import get_task
 
 WEIGHTS = "model.pt"  # inside a Ray Train checkpoint: the model's state_dict
 OPTIMIZER = "optimizer.pt"  # and the optimizer's, so a resumed fit continues where it stopped
@@ -143,8 +142,7 @@ def _fit_task(cfg: RunConfig, n: int, fingerprint: str) -> tuple[dict, list[dict
     # The same name and storage path as an interrupted fit: Ray Train resumes from its checkpoint.
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"task": cfg.task_name, "profile": cfg.profile, "options": cfg.task_options, "n": n,
-                           "seed": cfg.seed},
+        train_loop_config={"ref": cfg.ref, "n": n},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=_worker_resources(cfg)),
         datasets={  # tensors only: sample ids, groups and targets the expert does not train on stay behind
@@ -260,9 +258,9 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    task = get_task(config["task"], config["profile"], config["options"])
-    n = config["n"]
-    torch.manual_seed(config["seed"] + n)
+    ref, n = config["ref"], config["n"]
+    task = ref.task()
+    torch.manual_seed(ref.seed + n)
     training = task.expert_training(n)
     device = ray.train.torch.get_device()
     model = task.initial_expert(n)
@@ -285,7 +283,7 @@ def _train_loop(config: dict) -> None:
         total, count = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=training.batch_size, device=device,
                                                     local_shuffle_buffer_size=SHUFFLE_BATCHES * training.batch_size,
-                                                    local_shuffle_seed=_data_seed(config["seed"], n) * 1000 + epoch):
+                                                    local_shuffle_seed=_data_seed(ref.seed, n) * 1000 + epoch):
             for group in optimizer.param_groups:  # cosine decay per epoch, warm-up per step
                 group["lr"] = step_lr(training, epoch, step)
             loss = task.train_loss(n, model, batch)

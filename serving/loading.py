@@ -25,6 +25,7 @@ from pipelines.methods import METHODS, SERVABLE
 from pipelines.selection import validation_figure
 from pipelines.runtime import RunConfig, UserError
 from storage import AnyPath, as_path, load_torch, read_json
+from tasks import TaskRef
 
 
 
@@ -32,9 +33,7 @@ from storage import AnyPath, as_path, load_torch, read_json
 class ServedRun:
     """A served mixture by reference (picklable, a few hundred bytes)."""
 
-    task_name: str
-    profile: str
-    options: dict
+    ref: TaskRef  # the task, its profile and -o options
     root: str
     tracking_uri: str
     expert_names: tuple[str, ...]
@@ -48,10 +47,12 @@ class ServedRun:
     def costs(self) -> np.ndarray:
         return np.asarray(self.d, dtype=np.float64)
 
-    def task(self):
-        from tasks import get_task
+    @property
+    def task_name(self) -> str:
+        return self.ref.name
 
-        return get_task(self.task_name, self.profile, self.options)
+    def task(self):
+        return self.ref.task()
 
 
 @dataclass
@@ -206,7 +207,7 @@ def resolve_run(root: str, task_name: str, gate_file: str | None = None, target:
         sources = tuple(sources)
     if read_manifest(layout) is None:
         raise UserError(f"no prepared data for task {task_name} under {layout.root}: run `bmoe prepare` first")
-    return ServedRun(task_name=task_name, profile=bundle["profile"], options=dict(bundle["options"]), root=str(root),
+    return ServedRun(ref=TaskRef.from_dict(bundle), root=str(root),
                      tracking_uri=tracking, expert_names=tuple(names),
                      d=tuple(float(x) for x in task.data_costs()), gate_file=location,
                      gate_method=bundle["method"], expert_sources=sources, gate_target=gate_target)

@@ -8,9 +8,10 @@ runs on CUDA only when Ray gave it a GPU (serving.loading.replica_device).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from bmoe.stream import DEFAULT_WINDOW
+from tasks.typed_values import check_known, typed_fields
 
 
 @dataclass(frozen=True)
@@ -89,42 +90,25 @@ class ServeSettings:
         """From `serve run serving.app:build_app key=value ...` or a config file's `args:`
         (strings or YAML values); scaling keys go under `router` and `expert` (dicts)."""
         args = dict(args)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown serve argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_known(cls, args, "serve argument")
         router = _scaling(args.pop("router", None) or {}, ROUTER_SCALING, "router")
         expert = _scaling(args.pop("expert", None) or {}, Scaling(), "expert")
         experts = tuple(_scaling(e, Scaling(), "expert") for e in args.pop("experts", None) or ())
         out = cls(router=router, expert=expert, experts=experts)
-        typed = {}
-        for key, value in args.items():
-            if value is None or value == "":
-                typed[key] = None
-            elif key == "bias":
-                typed[key] = tuple(float(x) for x in (value.split(",") if isinstance(value, str) else value))
-            elif key == "expert_uris":
-                typed[key] = tuple(str(x) for x in (value.split(",") if isinstance(value, str) else value))
-            elif key in ("target_cost", "retry_backoff_s"):
-                typed[key] = float(value)
-            elif key in ("max_body_bytes", "max_units", "chunk_units", "router_threads", "window", "retries"):
-                typed[key] = int(value)
-                if typed[key] < 1:
-                    raise ValueError(f"{key} must be at least 1, got {value}")
-            else:
-                typed[key] = str(value)
-        return replace(out, **typed)
+        given = {k: v for k, v in args.items() if v is not None and v != ""}  # unset: the default
+        typed = typed_fields(cls, given, "serve argument")
+        for key, value in typed.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:  # sizes, counts, window
+                raise ValueError(f"{key} must be at least 1, got {args[key]}")
+        return replace(out, **{**{k: None for k in args if k not in given}, **typed})
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def _scaling(values: dict, base: Scaling, kind: str) -> Scaling:
-    known = {f.name for f in fields(Scaling)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {kind} scaling key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    typed = typed_fields(base, values, f"{kind} scaling key")
     try:
-        return replace(base, **{k: type(getattr(base, k))(v) for k, v in values.items()})
+        return replace(base, **typed)
     except ValueError as err:  # a negative share, a value that is not a number
         raise ValueError(f"{kind} scaling: {err}") from None

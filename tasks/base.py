@@ -312,30 +312,13 @@ def with_options(base, overrides: dict, task: str):
     """`base` settings (a frozen dataclass) with `overrides` given as strings from the command
     line (`-o KEY=VALUE`) converted to each field's type: "4,3,2" for tuples of ints, "true"/"false"
     for flags. An unknown key or a bad value is a ValueError naming the option."""
-    from dataclasses import fields, replace
+    from dataclasses import replace
 
-    known = {f.name for f in fields(base)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {task} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    typed = {}
-    for key, value in overrides.items():
-        current = getattr(base, key)
-        try:
-            if not isinstance(value, str):
-                typed[key] = value
-            elif isinstance(current, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                typed[key] = value.lower() in ("true", "1", "yes")
-            elif isinstance(current, tuple):
-                typed[key] = tuple(int(x) for x in value.split(","))
-            else:
-                typed[key] = type(current)(value)
-        except ValueError:
-            raise ValueError(f"{task} option {key}={value!r}: expected {type(current).__name__} "
-                             f"like {current!r}") from None
-        _check_amount(key, value, typed[key], getattr(base, "may_be_zero", ()), task)
+    from tasks.typed_values import typed_fields
+
+    typed = typed_fields(base, overrides, f"{task} option")
+    for key, value in typed.items():
+        _check_amount(key, overrides[key], value, getattr(base, "may_be_zero", ()), task)
     return replace(base, **typed)
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from serving.loading import ServedRun, assigned_device
+from tasks import TaskRef
 from serving.settings import Scaling, ServeSettings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_gpu_shares_reach_the_scaling_and_negative_ones_are_one_line_errors():
 
 def _run(names=("espcn_x4", "espcn_x3", "espcn_x2")) -> ServedRun:
     """A served run by reference: build() binds references only, it reads no file."""
-    return ServedRun(task_name="superres", profile="smoke", options={}, root="/nowhere", tracking_uri="sqlite:///x.db",
+    return ServedRun(ref=TaskRef("superres", "smoke"), root="/nowhere", tracking_uri="sqlite:///x.db",
                      expert_names=tuple(names), d=(3072.0, 5461.3, 12288.0), gate_file="/nowhere/gate.pt",
                      gate_method="soft", expert_sources=tuple(f"/nowhere/{n}.pt" for n in names))
 
