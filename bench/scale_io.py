@@ -171,7 +171,7 @@ def trial_in_process(task: str, inputs_file: str) -> dict:
     result = run_trial(TrialConfig.from_tune(config), data, report=lambda metrics: epochs.append(metrics))
     return {"epochs_reported": len(epochs), "gate_rows": len(data[GATE_SPLIT].cache),
             "read_seconds": round(read, 2), "seconds": round(time.perf_counter() - started, 2),
-            "test_performance": result["points"][0]["performance"]}
+            "test_performance": result.points[0].performance}
 
 
 def _helper(*args: str, env: dict | None = None) -> dict:

@@ -210,9 +210,9 @@ def trial_in_process(cfg: RunConfig, gate_file: Path) -> dict:
     with MemorySampler(period=0.05) as memory:
         data = {split: read_split(where, n, full=split != GATE_SPLIT) for split, where in inputs.items()}
         result = run_trial(TrialConfig.from_tune(config), data, report=lambda metrics: None)
-    save_gate(result["gate"], gate_file)
+    save_gate(result.gate, gate_file)
     return {**memory.figures(), "seconds": memory.seconds, "rss_before_mb": before,
-            "gate_rows": len(data[GATE_SPLIT].cache), "test_performance": result["points"][0]["performance"]}
+            "gate_rows": len(data[GATE_SPLIT].cache), "test_performance": result.points[0].performance}
 
 
 def router_start_in_process(cfg: RunConfig, gate_file: Path) -> dict:

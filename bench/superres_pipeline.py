@@ -254,7 +254,7 @@ def bench_trials(cfg: RunConfig, epochs: int, repeats: int) -> dict:
         "expert_s_per_trial": expert_s, "expert_s_all": expert_times,
         "expert_over_cached": expert_s / cached_s,
         "expert_train_forward_s": expert_result["train_expert_s"], "expert_eval_s": expert_result["eval_expert_s"],
-        "cached_test_performance": cached_result["points"][0]["performance"],
+        "cached_test_performance": cached_result.points[0].performance,
         "expert_test_performance": expert_result["points"][0]["performance"],
         "expert_loss_vs_cache_max_rel_err": loss_rel_err,
         "notes": "cached: pipelines.gate_trial._train_biased_gate + expert_performance (what run_trial does). "

@@ -12,6 +12,7 @@ import torch
 
 from pipelines.gate_inputs import GateInputs
 from pipelines.methods import Method, TrialConfig
+from pipelines.points import Point, TrialResult
 
 from bmoe.bias import select_bias
 from bmoe.gating import Gate, build_gate, count_macs, enforced_gates, gate_step
@@ -102,11 +103,12 @@ def gate_logits(task, gate, split: SplitData, device: torch.device) -> torch.Ten
     return torch.cat(out) if out else torch.zeros((0, split.losses.shape[1]))
 
 
-def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, device: torch.device | None = None) -> dict:
+def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None,
+              device: torch.device | None = None) -> TrialResult:
     """Evaluate one configuration on data's "gate" (training gates), "val" and "test" splits,
     training on `device` (default: the GPU Ray gave this trial, else the CPU); reports per-epoch
-    metrics through `report` (Tune's, unless given: a trial can run without Tune) and returns the
-    final record: {"points": [{d_target, d_mean, performance, ...}], ...}."""
+    metrics through `report` (Tune's, unless given: a trial can run without Tune) and returns its
+    TrialResult, one Point per target (pipelines/points.py)."""
     if report is None:
         from ray import tune
 
@@ -116,7 +118,8 @@ def run_trial(config: TrialConfig, data: dict[str, SplitData], report=None, devi
     p_val = expert_performance(task, data["val"])
     if not config.spec.trains_gate:
         points = [_static_point(task, config.spec, data, d, p_val, d_t, config.seed) for d_t in config.targets]
-        return {"points": points, "val_objective": float(np.mean([p["val_objective"] for p in points]))}
+        return TrialResult(points=tuple(Point.from_dict(p) for p in points),
+                           val_objective=float(np.mean([p["val_objective"] for p in points])))
     train = _train_biased_gate if config.spec.per_target else _train_lagrange_gate
     return train(task, config, data, d, p_val, report, device or trial_device())
 
@@ -204,7 +207,7 @@ def _batches(split: SplitData, batch: int, gen: torch.Generator):
 
 
 def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
-                       device: torch.device) -> dict:
+                       device: torch.device) -> TrialResult:
     spec, d_t = config.spec, float(config.d_target)
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     if np.count_nonzero(b > 1e-9) == 1:
@@ -250,11 +253,12 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
                  for s in ("val", "test")]  # the values a router trades against cost (serving.loading.gate_values)
     point = {**_point(task, data["test"], test_assignment, d, d_t, b), **chosen,
              "served": as_served(task, data["test"], d, d_t, *log_probs)}
-    return {"points": [point], **chosen, "C_g": c_g, "test_assignment": test_assignment,
-            "gate": gate_bundle(gate, config, d_target=d_t, bias=b.tolist(), val_values=torch.from_numpy(log_probs[0]))}
+    return TrialResult(points=(Point.from_dict(point),), **chosen, C_g=c_g, test_assignment=test_assignment,
+                       gate=gate_bundle(gate, config, d_target=d_t, bias=b.tolist(),
+                                        val_values=torch.from_numpy(log_probs[0])))
 
 
-def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_val) -> dict:
+def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_val) -> TrialResult:
     """A one-hot bias (d_t at an end of [d_min, d_max]) leaves a gate nothing to choose: every
     input goes to that expert, as Algorithm 1 and a bias term strong enough to meet b both do.
     No gate is trained or saved (C_g 0); soft regularisation trained there overspent d_min
@@ -263,12 +267,12 @@ def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_v
     val = _validation(task, data["val"], np.full(len(data["val"].cache), n), d, d_t, p_val)
     test_assignment = np.full(len(data["test"].cache), n)
     chosen = {**val, "val_d_mean": float(d[n])}
-    return {"points": [{**_point(task, data["test"], test_assignment, d, d_t, b), **chosen}], **chosen, "C_g": 0,
-            "test_assignment": test_assignment}
+    return TrialResult(points=(Point.from_dict({**_point(task, data["test"], test_assignment, d, d_t, b), **chosen}),),
+                       **chosen, test_assignment=test_assignment)
 
 
 def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
-                         device: torch.device) -> dict:
+                         device: torch.device) -> TrialResult:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     spec = task.gate_spec()
@@ -309,9 +313,10 @@ def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], 
                        "served": as_served(task, data["test"], d, d_t, val_pred, test_pred),
                        **_validation(task, data["val"], lagrange_assignment(val_pred, d, lam_val).numpy(), d, d_t,
                                      p_val)})
-    return {"points": points, "C_g": c_g, "val_objective": float(np.mean([p["val_objective"] for p in points])),
-            "gate": gate_bundle(gate, config, score_mean=float(mean), score_std=float(std),
-                                val_values=torch.from_numpy(val_pred))}
+    return TrialResult(points=tuple(Point.from_dict(p) for p in points), C_g=c_g,
+                       val_objective=float(np.mean([p["val_objective"] for p in points])),
+                       gate=gate_bundle(gate, config, score_mean=float(mean), score_std=float(std),
+                                        val_values=torch.from_numpy(val_pred)))
 
 
 def gate_bundle(gate: Gate, config: TrialConfig, **extra) -> dict:

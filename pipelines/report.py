@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from bmoe.curves import rho, routing_efficiency
 from pipelines.gate_trial import expert_performance
-from pipelines.methods import ALL_TARGET_GATES, BOUNDS, NAMES, PER_TARGET_GATES
+from pipelines.methods import ALL_TARGET_GATES, BOUNDS, HYPERPARAMETERS, NAMES, PER_TARGET_GATES
 from pipelines.manifest import require_manifest
+from pipelines.points import Point
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 from pipelines.sweep import load_array, load_split
@@ -71,8 +73,8 @@ def _write_report(cfg: RunConfig, sweep: dict, out: Path) -> dict:
     cheapest = (float(d.min()), float(p_test[int(np.argmin(d))]))
     methods = {}
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
-        points = sorted(curves[method], key=lambda p: p["d_target"])
-        methods[method] = {"rho": curve_rho(points, cheapest, d_max), "points": points}
+        points = sorted(curves[method], key=lambda p: p.d_target)
+        methods[method] = {"rho": curve_rho(points, cheapest, d_max), "points": [p.as_dict() for p in points]}
     bounds = [methods.get(m, {}).get("rho") for m in BOUNDS]
     for info in methods.values():  # how much of the oracle's gain over random selection each method gets
         info["efficiency"] = routing_efficiency(info["rho"], *bounds)
@@ -154,7 +156,7 @@ def _register_gates(cfg: RunConfig, sweep: dict) -> dict[str, str]:
     return registered
 
 
-def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -> float:
+def curve_rho(points: list[Point], cheapest: tuple[float, float], d_max: float) -> float:
     """rho (eq. 11) over the data cost actually spent, d_mean.
 
     A method that never spends as little as d_min (soft regularisation often does not) is
@@ -163,8 +165,8 @@ def curve_rho(points: list[dict], cheapest: tuple[float, float], d_max: float) -
     known below it. To the right of its dearest point the curve is held flat (spending more
     is allowed, not required).
     """
-    costs = [p["d_mean"] for p in points]
-    perfs = [p["performance"] for p in points]
+    costs = [p.d_mean for p in points]
+    perfs = [p.performance for p in points]
     d_min = cheapest[0]
     if min(costs) > d_min * (1 + 1e-9):
         costs, perfs = [d_min, *costs], [cheapest[1], *perfs]
@@ -185,9 +187,10 @@ def _load_sweep(cfg: RunConfig, sweep_file: str | None) -> dict:
     return sweep
 
 
-def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[float, dict]]]:
-    """Points per method; for trained methods the best-on-validation trial per target."""
-    curves: dict[str, list[dict]] = {}
+def _curves(trials: list[dict]) -> tuple[dict[str, list[Point]], dict[str, dict[float, dict]]]:
+    """Points per method; for trained methods the best-on-validation trial per target (the
+    sweep record's trials, whose points are in their JSON form)."""
+    curves: dict[str, list[Point]] = {}
     chosen: dict[str, dict[float, dict]] = {}
     trained = [t for t in trials if t["config"]["method"] in PER_TARGET_GATES and t["points"]]  # not stopped early
     best = best_on_validation(trained, key=lambda t: (t["config"]["method"], t["config"]["d_target"]),
@@ -196,13 +199,11 @@ def _curves(trials: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict[f
         chosen.setdefault(method, {})[d_t] = trial
     others = [t for t in trials if t["config"]["method"] not in PER_TARGET_GATES and t["points"]]
     for method, trial in best_on_validation(others, key=lambda t: t["config"]["method"], val=validation_figure).items():
-        curves[method] = trial["points"]  # one trial per static method; lagrange's best when searched
+        curves[method] = [Point.from_dict(p) for p in trial["points"]]  # static; lagrange's best when searched
     for method, by_target in chosen.items():
-        curves[method] = [
-            {**t["points"][0], "hyperparameters": {k: t["config"][k] for k in ("w_bias", "batch_size", "lr", "width")
-                                                   if k in t["config"]}}
-            for t in by_target.values()
-        ]
+        curves[method] = [replace(Point.from_dict(t["points"][0]),
+                                  hyperparameters={k: t["config"][k] for k in HYPERPARAMETERS if k in t["config"]})
+                          for t in by_target.values()]
     return curves, chosen
 
 
@@ -233,9 +234,8 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
         eff = info.get("efficiency")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} | "
                      + ("—" if eff is None else f"{eff:.2f}") + " |")
-    standard = {"d_target", "d_mean", "performance", "val_performance", "share", "assigned_performance", "b", "lambda",
-                "hyperparameters", "served"}
-    extra = sorted({k for info in summary["methods"].values() for p in info["points"] for k in p} - standard)
+    extra = sorted({k for info in summary["methods"].values() for p in info["points"]
+                    for k in Point.from_dict(p).secondary})
     lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄; efficiency "
               "is (rho - rho_random) / (rho_oracle - rho_random), the share of the oracle's gain over random "
               "selection a method achieves."]

@@ -246,11 +246,10 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
     torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))  # the CPUs Ray gave this trial
     data = {split: read_split(where, n_experts, full=split != GATE_SPLIT) for split, where in inputs.items()}
     result = run_trial(trial, data)
-    final = {"points_json": json.dumps(result["points"]), "C_g": result.get("C_g", 0),
+    final = {"points_json": json.dumps([p.as_dict() for p in result.points]), "C_g": result.C_g,
              "assigned_cpu": float(assigned.get("CPU", 0)), "assigned_gpu": float(assigned.get("GPU", 0)),
              "device": str(gate_trial.trial_device())}
-    assignment = result.pop("test_assignment", None)
-    gate = result.pop("gate", None)
+    assignment, gate = result.test_assignment, result.gate
     trial_id = tune.get_context().get_trial_id()
     if gate is not None:  # the trained gate, for serving (serving/loading.py)
         saved = layout.gate_bundle(sweep_name, trial_id)
@@ -263,13 +262,15 @@ def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sw
                       "gate_sha256": recorded["sha256"], "gate_logged": float(bool(logged))})
     if assignment is not None:
         final["assignment_file"] = layout.relative(_save_array(assignment, layout.assignment(sweep_name, trial_id)))
-    final.update({k: result[k] for k in ("val_performance", "val_objective") if k in result})
-    if len(result["points"]) == 1:  # one target: its figures as plain metrics for MLflow
-        point = result["points"][0]
-        final.update({"test_performance": point["performance"], "d_mean": point["d_mean"],
-                      **{f"u_{n}": u for n, u in enumerate(point["share"])}})
+    final["val_objective"] = result.val_objective
+    if result.val_performance is not None:
+        final["val_performance"] = result.val_performance
+    if len(result.points) == 1:  # one target: its figures as plain metrics for MLflow
+        (point,) = result.points
+        final.update({"test_performance": point.performance, "d_mean": point.d_mean,
+                      **{f"u_{n}": u for n, u in enumerate(point.share)}})
     else:
-        final["mean_test_performance"] = float(np.mean([p["performance"] for p in result["points"]]))
+        final["mean_test_performance"] = float(np.mean([p.performance for p in result.points]))
     final["trial_seconds"] = time.perf_counter() - started  # the trial's own work (bench/scale.py's overhead)
     tune.report(final)
 

@@ -19,6 +19,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from pipelines.grid import SweepGrid
 from pipelines.layout import RunLayout
+from pipelines.points import Point
 from pipelines.registry import GATE_ARTIFACT
 from pipelines.runtime import RunConfig
 
@@ -153,7 +154,7 @@ class SweepLogger(MLflowLoggerCallback):
 
     def _log_points(self, client, trial, run_id: str, config: dict, points: list[dict], c_g: float) -> None:
         """One MLflow run per (method, d_t) point with the same keys for every method (see
-        point_record): the trial's own run when it has one target (soft, enforce), else a run per
+        Point.mlflow): the trial's own run when it has one target (soft, enforce), else a run per
         target nested under the trial's run (static methods, lagrange), made once across resumes.
         All carry the tag bmoe.point = <sweep>, so one search lines the methods up."""
         from mlflow.entities import Metric, Param, RunTag
@@ -161,7 +162,7 @@ class SweepLogger(MLflowLoggerCallback):
         sweep = self.tags["bmoe.sweep"]
         experiment = client.get_experiment_by_name(self.experiment_name).experiment_id
         for point in points:
-            params, metrics = point_record(config, point, c_g)
+            params, metrics = Point.from_dict(point).mlflow(config, c_g)
             target = run_id
             if len(points) > 1:
                 found = client.search_runs(
@@ -176,26 +177,6 @@ class SweepLogger(MLflowLoggerCallback):
                              params=[Param(k, v) for k, v in params.items()], tags=[RunTag("bmoe.point", sweep)])
             if target != run_id:
                 client.set_terminated(target)
-
-
-def point_record(config: dict, point: dict, c_g: float) -> tuple[dict[str, str], dict[str, float]]:
-    """The keys every method's point carries in MLflow: params method, d_target (one string per
-    target for every method, so params.d_target = '...' lines them up) and the hyperparameters
-    the method has; metrics val_performance, test_performance, d_mean, u_<n>, C_g and the task's
-    secondary metrics as test_<name>."""
-    params = {"method": config["method"], "d_target": f"{float(point['d_target']):.6g}"}
-    params.update({k: str(config[k]) for k in ("lr", "batch_size", "width", "w_bias") if k in config})
-    metrics = {"val_performance": point.get("val_performance", float("nan")),
-               "val_objective": point.get("val_objective", point.get("val_performance", float("nan"))),
-               "test_performance": point["performance"], "d_mean": point["d_mean"], "C_g": c_g,
-               **{f"u_{n}": u for n, u in enumerate(point.get("share", []))}}
-    skip = {"d_target", "d_mean", "performance", "val_performance", "val_objective", "val_d_mean", "share",
-            "assigned_performance", "b"}
-    metrics.update({f"test_{k}" if k != "lambda" else k: v for k, v in point.items()
-                    if k not in skip and isinstance(v, (int, float))})
-    if "served" in point:  # what a deployment of the gate delivers (bmoe.stream)
-        metrics.update({"served_performance": point["served"]["performance"], "served_d_mean": point["served"]["d_mean"]})
-    return params, {k: float(v) for k, v in metrics.items()}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from pipelines.layout import RunLayout
 from pipelines.manifest import read_manifest
+from pipelines.points import Point
 from pipelines.runtime import RunConfig, UserError
 from serving.router import TARGET_HEADER
 from serving.loading import reported_sweep
@@ -245,12 +246,12 @@ def _gate_file_of(served: str, tracking_uri: str | None) -> str:
 def _report_row(trial: dict | None, target: float) -> dict | None:
     """The gate's report row at `target`: as served (bmoe.stream) where the sweep scored it, else
     the batch row; batch_* always the batch row (Algorithm 1's quotas, lagrange's test price)."""
-    for point in (trial or {}).get("points", []):
-        if abs(point["d_target"] - target) <= 1e-6 * max(target, 1.0):
-            row = point.get("served") or point
+    for point in (Point.from_dict(p) for p in (trial or {}).get("points", [])):
+        if abs(point.d_target - target) <= 1e-6 * max(target, 1.0):
+            row = point.served or {"performance": point.performance, "d_mean": point.d_mean}
             return {"performance": row["performance"], "d_mean": row["d_mean"], "method": trial["config"]["method"],
-                    "as_served": "served" in point, "batch_performance": point["performance"],
-                    "batch_d_mean": point["d_mean"]}
+                    "as_served": point.served is not None, "batch_performance": point.performance,
+                    "batch_d_mean": point.d_mean}
     return None
 
 

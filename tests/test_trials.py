@@ -4,6 +4,7 @@ pieces Tune drives: one searcher and one ASHA per (method, d_t) point, saved and
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -15,6 +16,7 @@ from ray.tune import Stopper
 from pipelines import gate_trial
 from pipelines.gate_trial import BUDGET_TOLERANCE, SOFT_TOLERANCE, budget_objective, run_trial
 from pipelines.methods import TABLE, TrialConfig
+from pipelines.points import Point
 from pipelines.shard_writer import rows_to_block
 from tasks import get_task
 
@@ -76,27 +78,27 @@ def test_run_trial_without_tune_every_method(data, one_thread):
     d_t = float(D[0] + D[-1]) / 2
     reports: list[dict] = []
     static = run_trial(_config("random", targets=[float(D[0]), d_t]), data, report=reports.append)
-    assert reports == [] and len(static["points"]) == 2
-    for point in static["points"]:
-        assert abs(point["d_mean"] - point["d_target"]) <= 0.02 * point["d_target"]  # exact quotas
-        assert point["val_objective"] == point["val_performance"]  # in budget by construction
+    assert reports == [] and len(static.points) == 2
+    for point in static.points:
+        assert abs(point.d_mean - point.d_target) <= 0.02 * point.d_target  # exact quotas
+        assert point.val_objective == point.val_performance  # in budget by construction
 
     enforce = run_trial(_config("enforce", d_target=d_t), data, report=reports.append)
     assert [r["epoch"] for r in reports] == [1, 2, 3]
     assert all(set(r) >= {"val_performance", "val_objective", "val_d_mean", "train_loss"} for r in reports)
-    (point,) = enforce["points"]
-    assert abs(point["d_mean"] - d_t) <= 0.05 * d_t  # enforced on test as in training
-    assert enforce["val_objective"] == max(r["val_objective"] for r in reports)  # the best epoch is kept
-    assert len(enforce["test_assignment"]) == len(data["test"].cache)
-    oracle = run_trial(_config("oracle", targets=[d_t]), data, report=reports.append)["points"][0]
-    assert point["performance"] <= oracle["performance"] + 1e-9
+    (point,) = enforce.points
+    assert abs(point.d_mean - d_t) <= 0.05 * d_t  # enforced on test as in training
+    assert enforce.val_objective == max(r["val_objective"] for r in reports)  # the best epoch is kept
+    assert len(enforce.test_assignment) == len(data["test"].cache)
+    oracle = run_trial(_config("oracle", targets=[d_t]), data, report=reports.append).points[0]
+    assert point.performance <= oracle.performance + 1e-9
 
     lagrange = run_trial(_config("lagrange", targets=[d_t, float(D[-1])]), data, report=reports.append)
-    assert len(lagrange["points"]) == 2 and "val_score_mse" in reports[-1]
+    assert len(lagrange.points) == 2 and "val_score_mse" in reports[-1]
     # the price of data is set on the routed inputs themselves: never over budget, within a few inputs of it
-    assert all(p["d_mean"] <= p["d_target"] * (1 + 1e-9) for p in lagrange["points"])
-    assert lagrange["points"][0]["d_mean"] >= 0.98 * d_t
-    assert lagrange["val_objective"] == pytest.approx(np.mean([p["val_objective"] for p in lagrange["points"]]))
+    assert all(p.d_mean <= p.d_target * (1 + 1e-9) for p in lagrange.points)
+    assert lagrange.points[0].d_mean >= 0.98 * d_t
+    assert lagrange.val_objective == pytest.approx(np.mean([p.val_objective for p in lagrange.points]))
 
 
 @pytest.mark.parametrize("spec", TABLE, ids=lambda m: m.name)
@@ -111,15 +113,18 @@ def test_every_method_in_the_table_runs_a_smoke_trial(data, one_thread, spec):
     reports: list[dict] = []
     config = TrialConfig.from_tune({"task": "superres", "profile": "smoke", "method": spec.name, "epochs": 2, **extra})
     result = run_trial(config, data, report=reports.append)
-    (point,) = result["points"]
-    assert {"d_target", "d_mean", "performance", "share", "val_performance", "val_objective"} <= set(point)
-    assert point["d_target"] == d_t and np.isfinite(point["performance"]) and sum(point["share"]) == pytest.approx(1)
+    (point,) = result.points
+    assert {"d_target", "d_mean", "performance", "share", "val_performance", "val_objective"} <= set(point.as_dict())
+    assert Point.from_dict(json.loads(json.dumps(point.as_dict()))) == point  # as the sweep record keeps it
+    params, metrics = point.mlflow(config.as_tune(), result.C_g)  # the one MLflow key scheme, every method
+    assert params["method"] == spec.name and metrics["test_performance"] == point.performance
+    assert point.d_target == d_t and np.isfinite(point.performance) and sum(point.share) == pytest.approx(1)
     assert [r["epoch"] for r in reports] == ([1, 2] if spec.trains_gate else [])
-    assert ("gate" in result) == spec.trains_gate == spec.servable
+    assert (result.gate is not None) == spec.trains_gate == spec.servable
     if spec.trains_gate:
-        assert result["gate"]["method"] == spec.name
+        assert result.gate["method"] == spec.name
     if spec.trains_gate and spec.per_target:  # the report's picture of its routing
-        assert len(result["test_assignment"]) == len(data["test"].cache)
+        assert len(result.test_assignment) == len(data["test"].cache)
 
 
 def test_soft_keeps_the_epoch_that_respects_the_budget(data, one_thread):
@@ -129,8 +134,8 @@ def test_soft_keeps_the_epoch_that_respects_the_budget(data, one_thread):
     reports: list[dict] = []
     result = run_trial(_config("soft", d_target=d_t, w_bias=0.0), data, report=reports.append)
     best = max(reports, key=lambda r: r["val_objective"])
-    assert result["val_objective"] == best["val_objective"]
-    assert result["val_performance"] == best["val_performance"] and result["val_d_mean"] == best["val_d_mean"]
+    assert result.val_objective == best["val_objective"]
+    assert result.val_performance == best["val_performance"] and result.val_d_mean == best["val_d_mean"]
 
 
 def test_point_search_samples_every_point_alike_and_survives_a_restore(tmp_path):
@@ -274,8 +279,8 @@ def test_at_an_end_of_the_budget_range_every_input_goes_to_that_expert_untrained
     reports: list[dict] = []
     for n, d_t in ((0, float(D[0])), (len(D) - 1, float(D[-1]))):
         result = run_trial(_config(method, d_target=d_t), data, report=reports.append)
-        (point,) = result["points"]
-        assert point["d_mean"] == pytest.approx(d_t) and point["share"][n] == 1.0
-        assert "gate" not in result and result["C_g"] == 0 and set(result["test_assignment"]) == {n}
-        assert result["val_objective"] == result["val_performance"]  # on budget by construction
+        (point,) = result.points
+        assert point.d_mean == pytest.approx(d_t) and point.share[n] == 1.0
+        assert result.gate is None and result.C_g == 0 and set(result.test_assignment) == {n}
+        assert result.val_objective == result.val_performance  # on budget by construction
     assert reports == []  # no epochs ran
