@@ -267,15 +267,17 @@ def serve(task_name: Task = "superres", root: Root = "bmoe-runs",
     from pipelines.runtime import ensure_ray
     from serving.app import budget_target, default_gate_target, run as serve_app
     from serving.loading import load_run
-    from serving.settings import ServeSettings
+    from serving.settings import ROUTER_SCALING, Scaling, ServeSettings
+    from tasks.typed_values import typed_fields
 
-    try:
-        settings = ServeSettings.from_args({"task": task_name, "root": root, "target_cost": target_cost, "bias": bias,
-                                            "gate_file": gate_file, "expert_uris": expert_uri or None,
-                                            "tracking_uri": tracking_uri, "expert": {"num_gpus": expert_gpus},
-                                            "router": {"num_gpus": router_gpus}})
+    try:  # the options are typed already; only --bias's "b1,b2,..." is text
+        shares = typed_fields(ServeSettings, {"bias": bias}, "serve option")["bias"] if bias else None
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    settings = ServeSettings(task=task_name, root=root, target_cost=target_cost, bias=shares, gate_file=gate_file,
+                             expert_uris=tuple(expert_uri) if expert_uri else None, tracking_uri=tracking_uri,
+                             expert=replace(Scaling(), num_gpus=expert_gpus),
+                             router=replace(ROUTER_SCALING, num_gpus=router_gpus))
     # Everything loaded once here, to fail fast in one line; the replicas then load their own parts.
     models = _run(load_run, root, task_name, gate_file, default_gate_target(settings), settings.expert_uris, tracking_uri)
     if models.gate_target is not None and target_cost is None and bias is None:

@@ -40,6 +40,7 @@ def test_help_lists_every_stage():
         (("sweep", "--name", "../../evil", "--root", "{tmp}"), "--name: name '../../evil' cannot be a file name"),
         (("serve", "--port", "70000", "--root", "{tmp}"), "should be less than or equal to 65535"),
         (("serve", "--host", "0.0.0.0", "--root", "{tmp}"), "warning: --host 0.0.0.0 exposes the server beyond"),
+        (("serve", "--bias", "0.5,x", "--root", "{tmp}"), "bias='0.5,x': expected comma-separated floats"),
         (("prepare", "-o", "epochs=-3", "--root", "{tmp}"), "superres option epochs='-3': must be positive"),
         (("prepare", "--task", "detection", "-o", "train_images=-1", "--root", "{tmp}"), "must be zero or more"),
         (("prepare", "--task", "action", "-o", "gate_share=1", "--root", "{tmp}"), "gate_share='1': must be below 1"),
