@@ -133,18 +133,7 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     d = task.data_costs()
     configs = trial_configs(cfg, grid, d)
     planned = len(search_points(configs)) if grid.search != "grid" else len(configs)
-    cache_key = read_json(layout.cache_stamp())
-    # On an object store each trial's node checks every file's SHA-256 as it fetches it, once
-    # (pipelines/split_cache.py): here sizes only, or the driver would read every split once more.
-    content = not layout.is_remote
-    if cache_key is not None and (damaged := cache_damage(layout, cache_key, content)):
-        raise UserError(f"sweep: {damaged[0]}: run `bmoe cache` to make it again")
-    if damaged := shard_damage(layout, manifest, TRIAL_SPLITS, ("gate",), content):  # the gates' inputs
-        raise UserError(f"sweep: {damaged[0]} ({len(damaged)} shard file(s) damaged): run `bmoe prepare` to make "
-                        f"them again")
-    cache_key = {k: v for k, v in (cache_key or {}).items() if k != "files"} or None  # what it was made from
-    if cache_key is None:
-        raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
+    cache_key = _intact_inputs(cfg, manifest)
     key = hashlib.sha256(json.dumps({"grid": grid_identity(grid), "cache": cache_key, "data": manifest["fingerprint"]},
                                     sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"sweep-{key}"
@@ -188,6 +177,28 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
               f"MLflow parent run {parent}")
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
+    records = _records(name, results)
+    if resuming:
+        close_lost_trials(experiment_id, name, {result.metrics.get("trial_id") for result in results})
+    summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
+               "mlflow_parent_run": parent, "experiment_id": experiment_id,
+               "seconds": round(time.perf_counter() - started, 1), "complete": True,
+               "stopped_early": sum(bool(r.get("stopped_early")) for r in records), "trials": records}
+    write_json(out, summary)
+    write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metric("trials", len(records))
+        mlflow.log_dict(summary, out.name)
+    mlflow.MlflowClient().set_terminated(parent)
+    stopped = f" ({summary['stopped_early']} stopped early by ASHA)" if summary["stopped_early"] else ""
+    print(f"sweep: {len(records)} trials done{stopped} in {summary['seconds']}s -> {out}")
+    return out
+
+
+def _records(name: str, results) -> list[dict]:
+    """The sweep record's trials from Tune's results: each finished trial's points (their JSON
+    form) and files, each trial ASHA stopped early; UserError for a damaged split a trial found,
+    or an interrupted sweep."""
     records = []
     for result in results:
         if isinstance(result.error, DamagedDownload):  # found by a trial's node as it fetched the file
@@ -214,21 +225,26 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
                         "resources": {k: metrics.get(f"assigned_{k}") for k in ("cpu", "gpu")},
                         "trial_seconds": metrics.get("trial_seconds"),
                         "device": metrics.get("device")})
-    if resuming:
-        close_lost_trials(experiment_id, name, {result.metrics.get("trial_id") for result in results})
-    summary = {"name": name, "task": cfg.task_name, "profile": cfg.profile, "grid": asdict(grid),
-               "mlflow_parent_run": parent, "experiment_id": experiment_id,
-               "seconds": round(time.perf_counter() - started, 1), "complete": True,
-               "stopped_early": sum(bool(r.get("stopped_early")) for r in records), "trials": records}
-    write_json(out, summary)
-    write_json(layout.latest_sweep(), {"name": name, "file": layout.relative(out)})
-    with mlflow.start_run(run_id=parent):
-        mlflow.log_metric("trials", len(records))
-        mlflow.log_dict(summary, out.name)
-    mlflow.MlflowClient().set_terminated(parent)
-    stopped = f" ({summary['stopped_early']} stopped early by ASHA)" if summary["stopped_early"] else ""
-    print(f"sweep: {len(records)} trials done{stopped} in {summary['seconds']}s -> {out}")
-    return out
+    return records
+
+
+def _intact_inputs(cfg: RunConfig, manifest: dict) -> dict:
+    """What the cache was made from (its stamp without the file digests), once the cache and the
+    gate shards the trials read are checked; UserError naming what is damaged or missing."""
+    layout = cfg.layout
+    stamp = read_json(layout.cache_stamp())
+    # On an object store each trial's node checks every file's SHA-256 as it fetches it, once
+    # (pipelines/split_cache.py): here sizes only, or the driver would read every split once more.
+    content = not layout.is_remote
+    if stamp is not None and (damaged := cache_damage(layout, stamp, content)):
+        raise UserError(f"sweep: {damaged[0]}: run `bmoe cache` to make it again")
+    if damaged := shard_damage(layout, manifest, TRIAL_SPLITS, ("gate",), content):  # the gates' inputs
+        raise UserError(f"sweep: {damaged[0]} ({len(damaged)} shard file(s) damaged): run `bmoe prepare` to make "
+                        f"them again")
+    cache_key = {k: v for k, v in (stamp or {}).items() if k != "files"}
+    if not cache_key:
+        raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
+    return cache_key
 
 
 def _trainable(config: dict, inputs: dict, n_experts: int, layout: RunLayout, sweep_name: str,
