@@ -1,0 +1,115 @@
+"""How much of the oracle's gain a trained gate earns, and how much of that is its own seed: the
+enforce gate trained at every target of a finished demo root, for each gate seed and lr, on the
+cached losses (the paper's signal) or on 1 - the per-input score, and the gate that validation
+picks per target among them (as a sweep picks among lrs).
+
+Why: on the detection demo a router told each scene's kind reaches 0.44-0.6 routing efficiency
+(bench/group_ceiling.py) while one enforce gate scored 0.00. One gate is one draw: this bench
+shows the spread over draws, so a lever (lr, signal, more gates to pick from) is judged by more
+than the noise of one.
+
+Efficiency is (rho - rho_random) / (rho_oracle - rho_random) on test, with random and oracle as
+the report computes them, at the sweep grid's targets (pipelines.grid.targets).
+
+Run from the repository root on a finished demo root (bmoe demo --root R), e.g.
+  .venv/bin/python bench/gate_levers.py --root R --task detection --seeds 0,1,2,3 --lrs 1e-3,3e-4
+Writes bench/results/gate_levers.json (--quick: one seed, one lr, two epochs; prints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gate_levers.json"
+
+
+def curve_efficiency(points, d, bounds) -> tuple[float, float]:
+    from bmoe.curves import rho, routing_efficiency
+
+    r = rho([p.d_mean for p in points], [p.performance for p in points], float(d.min()), float(d.max()))
+    return r, routing_efficiency(r, *bounds)
+
+
+def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs: int, signal: str) -> dict:
+    import torch
+
+    from pipelines.gate_trial import run_trial
+    from pipelines.grid import GRIDS, targets
+    from pipelines.methods import TrialConfig
+    from pipelines.runtime import RunConfig
+    from pipelines.sweep import load_split
+    from tasks import GATE_SPLIT
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(task_name=task_name, root=root, profile="demo")
+    task = cfg.task()
+    d = task.data_costs()
+    data = {split: load_split(cfg, task, split) for split in (GATE_SPLIT, "val", "test")}
+    if signal == "score":  # the per-input score as the gate's "loss": 1 - score, positive like a loss
+        gate = data[GATE_SPLIT]
+        data[GATE_SPLIT] = dataclasses.replace(gate, losses=(1.0 - gate.scores + 1e-3).astype(gate.losses.dtype))
+    ts = tuple(float(t) for t in targets(d, GRIDS["demo"].points))
+    base = {"task_name": task_name, "profile": "demo", "seed": 0, "epochs": epochs}
+    bounds = [curve_efficiency(run_trial(TrialConfig(**base, method=m, targets=ts), data, report=lambda _: None).points,
+                               d, (None, None))[0] for m in ("random", "oracle")]
+    started, runs = time.perf_counter(), {}
+    for seed in seeds:
+        for lr in lrs:
+            for t in ts:
+                config = TrialConfig(**{**base, "seed": seed}, method="enforce", d_target=t, batch_size=32, lr=lr,
+                                     width=0.5)
+                runs[(seed, lr, t)] = run_trial(config, data, report=lambda _: None,
+                                                device=torch.device("cpu")).points[0]
+            r, e = curve_efficiency([runs[(seed, lr, t)] for t in ts], d, bounds)
+            print(f"{task_name} {signal}: gate seed {seed} lr {lr:g}: rho {r:.4f} efficiency {e:+.2f}", flush=True)
+    singles = {f"seed {s} lr {lr:g}": curve_efficiency([runs[(s, lr, t)] for t in ts], d, bounds)[1]
+               for s in seeds for lr in lrs}
+    picked = [max((runs[(s, lr, t)] for s in seeds for lr in lrs), key=lambda p: p.val_objective) for t in ts]
+    r, e = curve_efficiency(picked, d, bounds)
+    print(f"{task_name} {signal}: picked on validation per target among {len(singles)} gates: rho {r:.4f} "
+          f"efficiency {e:+.2f} (single gates: mean {np.mean(list(singles.values())):+.2f}, "
+          f"{min(singles.values()):+.2f} to {max(singles.values()):+.2f})", flush=True)
+    return {"root": root, "signal": signal, "epochs": epochs, "targets": list(ts),
+            "rho_random": bounds[0], "rho_oracle": bounds[1], "single_efficiency": singles,
+            "single_mean": float(np.mean(list(singles.values()))), "picked_rho": r, "picked_efficiency": e,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="a finished demo root (bmoe demo --root ...)")
+    parser.add_argument("--task", default="detection", choices=("superres", "detection", "action"))
+    parser.add_argument("--seeds", default="0,1,2,3", help="gate seeds, comma-separated")
+    parser.add_argument("--lrs", default="1e-3,3e-4", help="gate learning rates, comma-separated")
+    parser.add_argument("--epochs", type=int, default=12, help="gate epochs (the demo grid's)")
+    parser.add_argument("--signal", default="loss", choices=("loss", "score"),
+                        help="what the gate trains on: the cached loss (the paper's) or 1 - the per-input score")
+    parser.add_argument("--quick", action="store_true", help="one seed, one lr, two epochs: a check, printed only")
+    args = parser.parse_args()
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")][:1 if args.quick else None]
+    record = levers(args.root, args.task, seeds, lrs, 2 if args.quick else args.epochs, args.signal)
+    if args.quick:
+        return
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    key = f"{args.task} {args.signal}"
+    previous[key] = {**record, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "load_average": [round(x, 2) for x in os.getloadavg()]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(previous, indent=2))
+    print(f"wrote {RESULTS} [{key}]")
+
+
+if __name__ == "__main__":
+    main()
