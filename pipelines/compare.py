@@ -7,7 +7,8 @@ and over rho; as a table or CSV.
 For every sweep (parent run) in a task's experiment and every method, its rho (once `bmoe report`
 has logged it) and its best trial: for gates trained per target, the trial with the best
 validation performance at each target (as the report picks them), with its d_mean and test
-performance; the static methods cover all targets in one trial. It reads MLflow
+performance; the static methods and lagrange cover all targets in one trial (their figures: the
+mean over its targets). Both read the same point runs, as pipelines.points.Point. It reads MLflow
 only, so it works the same against the local sqlite file and a shared `mlflow server`.
 """
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from bmoe.curves import routing_efficiency
-from pipelines.methods import BOUNDS, HYPERPARAMETERS, NAMES
+from pipelines.methods import BOUNDS, NAMES, PER_TARGET_GATES
+from pipelines.points import Point
 from pipelines.runtime import RunConfig, UserError, ensure_mlflow
 from pipelines.selection import best_on_validation, validation_figure
 
@@ -41,18 +43,15 @@ def compare(cfg: RunConfig, sweeps: list[str] | None = None, d_target: float | N
     client, experiment_id, parents = _sweep_parents(cfg, sweeps)
     rows: list[BestTrial] = []
     for parent in parents:
-        children = client.search_runs([experiment_id], max_results=5000,
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        groups: dict[tuple[str, float | None], list] = {}
-        for child in children:
-            method = child.data.params.get("trial/method")
-            if method and child.data.tags.get("bmoe.stopped_early") != "true":  # ASHA's losers are no candidates
-                groups.setdefault((method, _target(child)), []).append(child)
+        groups: dict[tuple[str, float | None], dict[str, list[Point]]] = {}
+        for method, trial, point in _points(client, experiment_id, parent):
+            key = (method, point.d_target if method in PER_TARGET_GATES else None)  # else: a trial covers every d_t
+            groups.setdefault(key, {}).setdefault(trial, []).append(point)
         if d_target is not None:
-            groups = {key: runs for key, runs in groups.items()
+            groups = {key: trials for key, trials in groups.items()
                       if key[1] is None or key[1] == min((t for m, t in groups if m == key[0]),
                                                          key=lambda t: abs(t - d_target))}
-        sweep_rows = [_best(parent, method, runs) for (method, _), runs in groups.items()]
+        sweep_rows = [_best(parent, method, d_t, trials) for (method, d_t), trials in groups.items()]
         rows += sorted(sweep_rows, key=lambda r: (-(r.rho if r.rho is not None else float("-inf")), r.method,
                                                   r.d_target or 0.0))
     return rows
@@ -73,25 +72,36 @@ def _sweep_parents(cfg: RunConfig, sweeps: list[str] | None):
     return client, experiment_id, parents
 
 
-def _target(run) -> float | None:
-    value = run.data.params.get("trial/d_target")
-    return None if value in (None, "None") else float(value)
+def _points(client, experiment_id: str, parent) -> list[tuple[str, str, Point]]:
+    """(method, trial, point) of every point run of the sweep (tag bmoe.point, Point.mlflow's
+    keys); ASHA's losers are no candidates."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`bmoe.point` = '{parent.info.run_name}'",
+                              max_results=50000)
+    return [(r.data.params["method"], r.data.tags.get("trial_name", r.info.run_name),
+             Point.from_mlflow(r.data.params, r.data.metrics))
+            for r in runs if r.data.tags.get("bmoe.stopped_early") != "true"]
 
 
-def _best(parent, method: str, runs: list) -> BestTrial:
-    (best,) = best_on_validation(runs, key=lambda run: method, val=lambda run: validation_figure(run.data.metrics)).values()
-    m, p = best.data.metrics, best.data.params
+def _best(parent, method: str, d_t: float | None, trials: dict[str, list[Point]]) -> BestTrial:
+    """The trial best on validation (a trial of every target: over its points' mean)."""
+    def mean(values) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    (trial,) = best_on_validation(trials, key=lambda trial: method,
+                                  val=lambda trial: mean(validation_figure(vars(p)) for p in trials[trial])).values()
+    points = trials[trial]
     return BestTrial(
         sweep=parent.info.run_name,
         method=method,
         rho=parent.data.metrics.get(f"rho_{method}"),
-        trial=best.info.run_name,
-        trials=len(runs),
-        d_target=_target(best),
-        d_mean=m.get("d_mean"),
-        val_performance=m.get("val_performance"),
-        test_performance=m.get("test_performance", m.get("mean_test_performance")),
-        hyperparameters={k: p[f"trial/{k}"] for k in HYPERPARAMETERS if f"trial/{k}" in p},
+        trial=trial,
+        trials=len(trials),
+        d_target=d_t,
+        d_mean=mean(p.d_mean for p in points),
+        val_performance=mean(p.val_performance for p in points),
+        test_performance=mean(p.performance for p in points),
+        hyperparameters=points[0].hyperparameters or {},
     )
 
 
@@ -137,17 +147,16 @@ def side_by_side(cfg: RunConfig, sweeps: list[str] | None = None) -> list[Target
     out: list[TargetPoint] = []
     for parent in parents:
         name = parent.info.run_name
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`bmoe.point` = '{name}'", max_results=50000)
-        best = best_on_validation(runs, key=lambda r: (r.data.params["method"], float(r.data.params["d_target"])),
-                                  val=lambda r: validation_figure(r.data.metrics))
+        best = {key: point for key, (_, point) in best_on_validation(
+            ((method, point) for method, _, point in _points(client, experiment_id, parent)),
+            key=lambda mp: (mp[0], mp[1].d_target), val=lambda mp: validation_figure(vars(mp[1]))).items()}
         rho = {m: parent.data.metrics.get(f"rho_{m}") for m, _ in best}
-        for (method, d_t), run in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            perf = run.data.metrics["test_performance"]
-            ref = {m: best[(m, d_t)].data.metrics["test_performance"] for m in BOUNDS if (m, d_t) in best}
-            out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=perf,
-                                   val_performance=run.data.metrics.get("val_performance"),
-                                   d_mean=run.data.metrics["d_mean"],
-                                   routing_efficiency=routing_efficiency(perf, *(ref.get(m) for m in BOUNDS)),
+        for (method, d_t), point in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            ref = {m: best[(m, d_t)].performance for m in BOUNDS if (m, d_t) in best}
+            out.append(TargetPoint(sweep=name, d_target=d_t, method=method, test_performance=point.performance,
+                                   val_performance=point.val_performance, d_mean=point.d_mean,
+                                   routing_efficiency=routing_efficiency(point.performance,
+                                                                         *(ref.get(m) for m in BOUNDS)),
                                    rho=rho.get(method),
                                    rho_efficiency=routing_efficiency(rho.get(method), *(rho.get(m) for m in BOUNDS))))
     return out

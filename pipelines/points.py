@@ -3,7 +3,8 @@
 A trial (pipelines/gate_trial.py) returns a TrialResult holding one Point per target. The
 point's JSON form (Point.as_dict, flat, the keys sweep records have always held) is what Tune
 carries and the sweep record stores; Point.from_dict reads it back for the report, serving and
-`bmoe replay`; Point.mlflow is the one key scheme of its MLflow run, which `bmoe compare` reads.
+`bmoe replay`; Point.mlflow is the one key scheme of its MLflow run, and Point.from_mlflow reads it
+back for `bmoe compare`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,25 @@ class Point:
             metrics.update({"served_performance": self.served["performance"],
                             "served_d_mean": self.served["d_mean"]})
         return params, {k: float(v) for k, v in metrics.items()}
+
+    @classmethod
+    def from_mlflow(cls, params: Mapping[str, str], metrics: Mapping[str, float]) -> "Point":
+        """The point a run logged with `mlflow` (its hyperparameters as MLflow keeps them: text)."""
+        def figure(key: str) -> float | None:
+            value = metrics.get(key)
+            return None if value is None or value != value else float(value)  # NaN: not measured
+
+        shares = sorted((int(k[2:]), v) for k, v in metrics.items() if k.startswith("u_") and k[2:].isdigit())
+        served = None
+        if "served_performance" in metrics:
+            served = {"performance": metrics["served_performance"], "d_mean": metrics["served_d_mean"]}
+        return cls(d_target=float(params["d_target"]), d_mean=metrics["d_mean"],
+                   performance=metrics["test_performance"], share=tuple(v for _, v in shares),
+                   val_performance=figure("val_performance"), val_objective=figure("val_objective"),
+                   price=figure("lambda"), served=served,
+                   hyperparameters={k: params[k] for k in HYPERPARAMETERS if k in params} or None,
+                   secondary={k[len("test_"):]: v for k, v in metrics.items()
+                              if k.startswith("test_") and k != "test_performance"})
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,13 @@ def _curves(trials: list[dict]) -> tuple[dict[str, list[Point]], dict[str, dict[
     return curves, chosen
 
 
-def _at(points: list[dict], d_t: float) -> dict | None:
-    return next((p for p in points if abs(p["d_target"] - d_t) <= 1e-6 * max(1.0, d_t)), None)
+def _points(info: dict) -> list[Point]:
+    """A method's points in the summary, as Points."""
+    return [Point.from_dict(p) for p in info["points"]]
+
+
+def _at(info: dict, d_t: float) -> Point | None:
+    return next((p for p in _points(info) if abs(p.d_target - d_t) <= 1e-6 * max(1.0, d_t)), None)
 
 
 def _markdown(summary: dict, figures: list[Path]) -> str:
@@ -229,13 +234,12 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
     for method, info in summary["methods"].items():
         cells = []
         for _, v in columns:
-            p = _at(info["points"], v)
-            cells.append(f"{p['performance']:.3f} (d̄ {p['d_mean'] / 1000:.2f})" if p else "—")
+            p = _at(info, v)
+            cells.append(f"{p.performance:.3f} (d̄ {p.d_mean / 1000:.2f})" if p else "—")
         eff = info.get("efficiency")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {info['rho']:.3f} | "
                      + ("—" if eff is None else f"{eff:.2f}") + " |")
-    extra = sorted({k for info in summary["methods"].values() for p in info["points"]
-                    for k in Point.from_dict(p).secondary})
+    extra = sorted({k for info in summary["methods"].values() for p in _points(info) for k in p.secondary})
     lines += ["", "d̄ is the mean data cost actually spent on the test set (kB); rho is eq. 11 over d̄; efficiency "
               "is (rho - rho_random) / (rho_oracle - rho_random), the share of the oracle's gain over random "
               "selection a method achieves."]
@@ -244,7 +248,8 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
                   "| method | " + " | ".join(f"{k} @ {n}" for k in extra for n, _ in columns) + " |",
                   "|---|" + "---|" * (len(extra) * len(columns))]
         for method, info in summary["methods"].items():
-            cells = [f"{p[k]:.3f}" if (p := _at(info["points"], v)) and k in p else "—" for k in extra for _, v in columns]
+            cells = [f"{p.secondary[k]:.3f}" if (p := _at(info, v)) and k in p.secondary else "—"
+                     for k in extra for _, v in columns]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += _served_table(summary, columns)
     lines += [
@@ -262,14 +267,14 @@ def _markdown(summary: dict, figures: list[Path]) -> str:
             continue
         lines += [f"**{method}**", "", "| d_t (kB) | b | " + " | ".join(f"E{n + 1}" for n in range(n_experts))
                   + " | BMoE |", "|---|---|" + "---|" * (n_experts + 1)]
-        for p in info["points"]:
+        for p in _points(info):
             cells = []
             for n in range(n_experts):
-                value = p["assigned_performance"][n]
+                value = p.assigned_performance[n]
                 cells.append("—" if value is None else
                              f"{value:.3f} ({value - summary['expert_performance'][n]:+.3f})")
-            b = "[" + ", ".join(f"{max(x, 0.0):.2f}" for x in p.get("b", [])) + "]"
-            lines.append(f"| {p['d_target'] / 1000:.2f} | {b} | " + " | ".join(cells) + f" | {p['performance']:.3f} |")
+            b = "[" + ", ".join(f"{max(x, 0.0):.2f}" for x in p.b or ()) + "]"
+            lines.append(f"| {p.d_target / 1000:.2f} | {b} | " + " | ".join(cells) + f" | {p.performance:.3f} |")
         lines.append("")
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
     return "\n".join(lines)
@@ -282,9 +287,9 @@ def _served_table(summary: dict, columns: list[tuple[str, float]]) -> list[str]:
     for method, info in summary["methods"].items():
         cells = []
         for _, v in columns:
-            p = _at(info["points"], v)
-            served = (p or {}).get("served")
-            cells.append(f"{served['performance']:.3f} ({served['performance'] - p['performance']:+.3f}; "
+            p = _at(info, v)
+            served = p and p.served
+            cells.append(f"{served['performance']:.3f} ({served['performance'] - p.performance:+.3f}; "
                          f"d̄ {served['d_mean'] / 1000:.2f})" if served else "—")
         if any(c != "—" for c in cells):
             rows.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -304,9 +309,9 @@ def _plot_curves(summary: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, info in summary["methods"].items():
-        pts = sorted(info["points"], key=lambda p: p["d_mean"])
-        x = [p["d_mean"] / 1000 for p in pts]
-        y = [p["performance"] for p in pts]
+        pts = sorted(_points(info), key=lambda p: p.d_mean)
+        x = [p.d_mean / 1000 for p in pts]
+        y = [p.performance for p in pts]
         style = {"experts": dict(ls=":", marker="s", color="k"), "oracle": dict(ls="--", color="grey")}.get(
             method, dict(marker="o"))
         ax.plot(x, y, label=f"{method} (rho {info['rho']:.3f})", **style)

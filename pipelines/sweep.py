@@ -118,7 +118,6 @@ def load_split(cfg: RunConfig, task, split: str, manifest: dict | None = None) -
 def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None) -> Path:
     """Run (or resume) the sweep; returns the JSON file of its results."""
     import mlflow
-    from ray import tune
 
     if name is not None:
         try:
@@ -151,31 +150,8 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     for split in SCORED_SPLITS:
         if not layout.cache(split).exists():
             raise UserError(f"no expert cache for task {cfg.task_name} under {cfg.root}: run `bmoe cache` first")
-    # Trials read their splits themselves, streamed from the root on their own node: only paths travel.
-    inputs = split_inputs(layout, manifest)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, inputs=inputs, n_experts=len(d), layout=layout, sweep_name=name,
-                             tracking=GateTracking(cfg.mlflow_uri, f"bmoe-{cfg.task_name}")),
-        grid.trial_resources())
-    path = layout.tune_experiment(name)
-    resuming = tune.Tuner.can_restore(path)
-    callbacks = [SweepLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri,
-                                        experiment_name=f"bmoe-{cfg.task_name}",
-                                        tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
-    run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
     started = time.perf_counter()
-    if resuming:
-        print(f"sweep: resuming {name} from {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        close_orphaned_runs(experiment_id, name)
-        param_space, tune_config, trials = _tune_config(grid, configs)
-        how = "grid" if grid.search == "grid" else f"{grid.search} search, {grid.num_samples} per point"
-        print(f"sweep: {name}: {trials} trials ({', '.join(grid.methods)}; {planned} points; {how}"
-              f"{'; ASHA' if grid.scheduler == 'asha' else ''}), each with {grid.trial_resources()}, "
-              f"MLflow parent run {parent}")
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    tuner, resuming = _tuner(cfg, grid, configs, manifest, name, parent, experiment_id, planned)
     results = tuner.fit()
     records = _records(name, results)
     if resuming:
@@ -193,6 +169,41 @@ def sweep(cfg: RunConfig, grid: SweepGrid | None = None, name: str | None = None
     stopped = f" ({summary['stopped_early']} stopped early by ASHA)" if summary["stopped_early"] else ""
     print(f"sweep: {len(records)} trials done{stopped} in {summary['seconds']}s -> {out}")
     return out
+
+
+def _tuner(cfg: RunConfig, grid: SweepGrid, configs: list, manifest: dict, name: str, parent: str,
+           experiment_id: str, planned: int):
+    """(Tune's tuner of the sweep, whether it resumes): a fresh one over the grid, or the one
+    Tune left at the experiment's path, restored."""
+    from ray import tune
+
+    layout = cfg.layout
+    n_experts = len(cfg.task().data_costs())
+    # Trials read their splits themselves, streamed from the root on their own node: only paths travel.
+    inputs = split_inputs(layout, manifest)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, inputs=inputs, n_experts=n_experts, layout=layout, sweep_name=name,
+                             tracking=GateTracking(cfg.mlflow_uri, f"bmoe-{cfg.task_name}")),
+        grid.trial_resources())
+    path = layout.tune_experiment(name)
+    resuming = tune.Tuner.can_restore(path)
+    callbacks = [SweepLogger(layout, cfg.as_params(), tracking_uri=cfg.mlflow_uri,
+                                        experiment_name=f"bmoe-{cfg.task_name}",
+                                        tags={"mlflow.parentRunId": parent, "bmoe.sweep": name})]
+    run_config = tune.RunConfig(name=name, storage_path=layout.tune_storage(), callbacks=callbacks, verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES))
+    if resuming:
+        print(f"sweep: resuming {name} from {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        close_orphaned_runs(experiment_id, name)
+        param_space, tune_config, trials = _tune_config(grid, configs)
+        how = "grid" if grid.search == "grid" else f"{grid.search} search, {grid.num_samples} per point"
+        print(f"sweep: {name}: {trials} trials ({', '.join(grid.methods)}; {planned} points; {how}"
+              f"{'; ASHA' if grid.scheduler == 'asha' else ''}), each with {grid.trial_resources()}, "
+              f"MLflow parent run {parent}")
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tuner, resuming
 
 
 def _records(name: str, results) -> list[dict]:

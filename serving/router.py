@@ -16,12 +16,13 @@ The router autoscales. Each replica holds its own budget stream at d_t, so the a
 mean over any set of replicas' windows is a mean of means each within tolerance; /stats
 collects every replica's counters (DeploymentHandle.broadcast) and reports the sum and each.
 
-Routes (under the app's route prefix): POST /<task>/predict, GET /<task>/stats,
-GET /<task>/healthz (the Serve proxy answers GET /-/healthz itself).
+Routes are a FastAPI ingress: POST /predict, GET /stats and GET /healthz under the app's route
+prefix (`bmoe serve` mounts each task's app at /<task>), or under /<task>/ where the app is
+mounted at / (the RayService's config). Refusals are JSON {"error", "status"}, counted in /stats.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve rebuilds the routes' signatures from their live
+# annotations, and a string "Request" would make FastAPI read the request from the query.
 import asyncio
 import threading
 import time
@@ -32,8 +33,9 @@ import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import wire
 from bmoe.budget import BudgetController, merge_summaries
@@ -54,7 +56,75 @@ class HTTPError(Exception):
         self.status = status
 
 
+# The module's helpers come before the Router: Serve pickles the ingress class when it is
+# decorated, with the names its methods use as they are then (a helper defined below it is missing
+# on the replica).
+
+
+def aggregate_stats(snapshots: list[dict], run: ServedRun, d: np.ndarray, names: list[str]) -> dict:
+    """/stats of the application from its router replicas' snapshots."""
+    units = np.sum([s["units"] for s in snapshots], axis=0)
+    requests = np.sum([s["expert_requests"] for s in snapshots], axis=0)
+    in_flight = np.sum([s["in_flight"] for s in snapshots], axis=0)
+    errors, totals = Counter(), Counter()
+    for s in snapshots:
+        errors.update(s["errors"])
+        totals.update(s["bytes"])
+    total = int(units.sum())
+    targets = sorted({t for s in snapshots for t in s["overrides"]})
+    return {
+        "task": run.task_name,
+        "router_replicas": len(snapshots),
+        "uptime_s": max(s["uptime_s"] for s in snapshots),
+        "requests": sum(s["requests"] for s in snapshots),
+        "units": total,
+        "errors": dict(sorted(errors.items())),
+        "retried_expert_calls": sum(s["retried_expert_calls"] for s in snapshots),
+        "experts": {name: {"data_cost_bytes": float(d[n]), "units": int(units[n]),
+                           "utilisation": units[n] / total if total else 0.0,
+                           "requests": int(requests[n]), "in_flight": int(in_flight[n])}
+                    for n, name in enumerate(names)},
+        "budget": merge_summaries([s["budget"] for s in snapshots]),
+        "overrides": {t: merge_summaries([s["overrides"][t] for s in snapshots if t in s["overrides"]])
+                      for t in targets},
+        "bytes": {**{k: float(v) for k, v in totals.items()},
+                  "data_cost_vs_full": _ratio(totals["data_cost"], totals["full_data_cost"]),
+                  "wire_vs_full": _ratio(totals["wire_sent"], totals["full_wire"])},
+        "per_replica": {s["replica"]: {"requests": s["requests"], "budget": s["budget"]} for s in snapshots},
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _running_replicas() -> dict[str, int]:
+    """RUNNING replicas per deployment of this app, from Serve's controller (autoscaling at work)."""
+    try:
+        app = serve.status().applications[serve.get_replica_context().app_name]
+        return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+    except Exception as err:  # noqa: BLE001 - stats must answer even if the controller is busy
+        return {"unavailable": str(err)}
+
+
+api = FastAPI(title="bmoe router", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _no_route(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 404 and 405, in the router's error shape and counted in /stats."""
+    path = request.url.path
+    if err.status_code == 405 and path.rstrip("/").endswith("/predict"):
+        message = f"{path} takes POST with the raw bytes of an input file"
+    elif err.status_code in (404, 405):
+        message = f"no route {request.method} {path}; try POST <prefix>/predict, GET <prefix>/stats"
+    else:
+        message = str(err.detail)
+    return serve.get_replica_context().servable_object.refuse(err.status_code, message)
+
+
 @serve.deployment
+@serve.ingress(api)
 class Router:
     """Gate, budget controller, P_n and byte accounting; experts[n] is expert n's handle."""
 
@@ -91,30 +161,40 @@ class Router:
         if self.pool._shutdown:  # noqa: SLF001 - a pool that cannot run work is a dead replica
             raise RuntimeError("the router's thread pool is shut down")
 
-    # -- HTTP -------------------------------------------------------------------------------
-    async def __call__(self, request: Request) -> JSONResponse:
-        path = request.url.path
-        prefix = request.scope.get("root_path", "")
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix):]
-        path = "/" + path.strip("/")
-        base = f"/{self.run.task_name}"
-        if not path.startswith(base + "/") and path != "/-/healthz":  # app mounted at /<task>
-            path = base + ("" if path == "/" else path)
+    # -- HTTP: FastAPI routes, mounted at /<task> (`bmoe serve`) or at / (a RayService) ----------
+    @api.post("/predict")
+    @api.post("/{task}/predict")
+    async def post_predict(self, request: Request, task: str = "") -> JSONResponse:
+        return await self._answer(task, self.predict(request))
+
+    @api.get("/stats")
+    @api.get("/{task}/stats")
+    async def get_stats(self, task: str = "") -> JSONResponse:
+        return await self._answer(task, self.stats())
+
+    @api.get("/healthz")
+    @api.get("/{task}/healthz")
+    @api.get("/-/healthz")
+    async def get_healthz(self, task: str = "") -> JSONResponse:
+        return await self._answer(task, self.health())
+
+    async def _answer(self, task: str, work) -> JSONResponse:
+        """The route's JSON, or a refusal as {"error", "status"}; a path naming another task is 404."""
         try:
-            if path == f"{base}/predict":
-                if request.method != "POST":
-                    raise HTTPError(405, f"{path} takes POST with the raw bytes of an input file")
-                return JSONResponse(await self.predict(request))
-            if path == f"{base}/stats" and request.method == "GET":
-                return JSONResponse(await self.stats())
-            if path in (f"{base}/healthz", "/-/healthz") and request.method == "GET":
-                return JSONResponse({"status": "ok", "task": self.run.task_name, "experts": self.names})
-            raise HTTPError(404, f"no route {request.method} {path}; try POST {base}/predict, GET {base}/stats")
+            if task not in ("", self.run.task_name):
+                work.close()
+                raise HTTPError(404, f"this application serves {self.run.task_name}, not {task}")
+            return JSONResponse(await work)
         except HTTPError as err:
-            with self.lock:
-                self.errors[err.status] += 1
-            return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+            return self.refuse(err.status, str(err))
+
+    def refuse(self, status: int, message: str) -> JSONResponse:
+        with self.lock:
+            self.errors[status] += 1
+        return JSONResponse({"error": message, "status": status}, status_code=status)
+
+    async def health(self) -> dict:
+        return {"status": "ok", "task": self.run.task_name, "experts": self.names}
 
     async def predict(self, request: Request) -> dict:
         started = time.perf_counter()
@@ -273,49 +353,3 @@ class Router:
                     await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
         finally:
             self.in_flight[n] -= 1
-
-
-def aggregate_stats(snapshots: list[dict], run: ServedRun, d: np.ndarray, names: list[str]) -> dict:
-    """/stats of the application from its router replicas' snapshots."""
-    units = np.sum([s["units"] for s in snapshots], axis=0)
-    requests = np.sum([s["expert_requests"] for s in snapshots], axis=0)
-    in_flight = np.sum([s["in_flight"] for s in snapshots], axis=0)
-    errors, totals = Counter(), Counter()
-    for s in snapshots:
-        errors.update(s["errors"])
-        totals.update(s["bytes"])
-    total = int(units.sum())
-    targets = sorted({t for s in snapshots for t in s["overrides"]})
-    return {
-        "task": run.task_name,
-        "router_replicas": len(snapshots),
-        "uptime_s": max(s["uptime_s"] for s in snapshots),
-        "requests": sum(s["requests"] for s in snapshots),
-        "units": total,
-        "errors": dict(sorted(errors.items())),
-        "retried_expert_calls": sum(s["retried_expert_calls"] for s in snapshots),
-        "experts": {name: {"data_cost_bytes": float(d[n]), "units": int(units[n]),
-                           "utilisation": units[n] / total if total else 0.0,
-                           "requests": int(requests[n]), "in_flight": int(in_flight[n])}
-                    for n, name in enumerate(names)},
-        "budget": merge_summaries([s["budget"] for s in snapshots]),
-        "overrides": {t: merge_summaries([s["overrides"][t] for s in snapshots if t in s["overrides"]])
-                      for t in targets},
-        "bytes": {**{k: float(v) for k, v in totals.items()},
-                  "data_cost_vs_full": _ratio(totals["data_cost"], totals["full_data_cost"]),
-                  "wire_vs_full": _ratio(totals["wire_sent"], totals["full_wire"])},
-        "per_replica": {s["replica"]: {"requests": s["requests"], "budget": s["budget"]} for s in snapshots},
-    }
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
-def _running_replicas() -> dict[str, int]:
-    """RUNNING replicas per deployment of this app, from Serve's controller (autoscaling at work)."""
-    try:
-        app = serve.status().applications[serve.get_replica_context().app_name]
-        return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
-    except Exception as err:  # noqa: BLE001 - stats must answer even if the controller is busy
-        return {"unavailable": str(err)}

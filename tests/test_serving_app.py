@@ -86,8 +86,17 @@ def test_bad_inputs_get_4xx_json_and_the_app_keeps_serving(server):
     assert status == 400 and "(10000 characters)" in out["error"] and len(out["error"]) < 300, out  # not echoed whole
     status, out = call(f"{server}/superres/predict", good)
     assert status == 200, out
+    status, out = call(f"{server}/superres/predict")  # GET where POST is wanted
+    assert status == 405 and "takes POST" in out["error"], out
+    status, out = call(f"{server}/superres/nowhere")
+    assert status == 404 and "no route GET" in out["error"], out
+    status, out = call(f"{server}/superres/detection/stats")  # the paths of an app mounted at /
+    assert status == 404 and "serves superres, not detection" in out["error"], out
+    status, health = call(f"{server}/superres/superres/healthz")
+    assert status == 200 and health["task"] == "superres", health
     status, stats = call(f"{server}/superres/stats")
     assert stats["errors"]["400"] >= 4 and stats["errors"]["413"] >= 1 and stats["errors"]["422"] >= 1
+    assert stats["errors"]["404"] >= 2 and stats["errors"]["405"] >= 1, stats["errors"]
 
 
 def test_streaming_budget_holds_over_200_requests_and_stats_report_it(server):

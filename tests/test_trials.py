@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from ray.tune import Stopper
 
 from pipelines import gate_trial
 from pipelines.gate_trial import BUDGET_TOLERANCE, SOFT_TOLERANCE, budget_objective, run_trial
-from pipelines.methods import TABLE, TrialConfig
+from pipelines.methods import HYPERPARAMETERS, TABLE, TrialConfig
 from pipelines.points import Point
 from pipelines.shard_writer import rows_to_block
 from tasks import get_task
@@ -118,6 +119,12 @@ def test_every_method_in_the_table_runs_a_smoke_trial(data, one_thread, spec):
     assert Point.from_dict(json.loads(json.dumps(point.as_dict()))) == point  # as the sweep record keeps it
     params, metrics = point.mlflow(config.as_tune(), result.C_g)  # the one MLflow key scheme, every method
     assert params["method"] == spec.name and metrics["test_performance"] == point.performance
+    back = Point.from_mlflow(params, metrics)  # what `bmoe compare` reads: all MLflow keeps of the point
+    served = point.served and {k: point.served[k] for k in ("performance", "d_mean")}
+    assert back == replace(point, b=None, assigned_performance=None, val_d_mean=None, served=served,
+                           hyperparameters=back.hyperparameters)
+    tune = config.as_tune()
+    assert back.hyperparameters == ({k: str(tune[k]) for k in HYPERPARAMETERS if k in tune} or None)
     assert point.d_target == d_t and np.isfinite(point.performance) and sum(point.share) == pytest.approx(1)
     assert [r["epoch"] for r in reports] == ([1, 2] if spec.trains_gate else [])
     assert (result.gate is not None) == spec.trains_gate == spec.servable
