@@ -48,6 +48,7 @@ class GateSpec:
     pool_kernel: int = 1  # 1: no pooling (Table X)
     pool_stride: int = 1
     hidden: int = 1024
+    depth: int = 1  # conv stages: 1 is the tables' gate; see Gate for deeper ones
 
     def scaled(self, width: float) -> "GateSpec":
         """The same layout with conv channels and hidden units scaled by `width` (moves C_g)."""
@@ -71,10 +72,21 @@ ACTION_GATE = GateSpec(in_channels=320, in_size=(24, 24), hidden=1024)
 
 
 class Gate(nn.Module):
-    """f(x; W_g): the gating model; returns (B, N) logits."""
+    """f(x; W_g): the gating model; returns (B, N) logits.
+
+    depth 1 is the paper's tables' gate. depth > 1 stacks stride-2 stages (a plain conv, then
+    depthwise-separable ones, conv_channels / 2**k channels up to conv_channels in the last),
+    pooled over the whole input by max and mean, then FC + ReLU + FC: a gate that can tell a few
+    small objects from none anywhere in the image, which one conv and a local pool cannot
+    (bench/results/gate_levers.json's kind diagnostic on the detection demo).
+    """
 
     def __init__(self, spec: GateSpec):
         super().__init__()
+        self.spec = spec
+        if spec.depth > 1:
+            self._deep(spec)
+            return
         c, k = spec.in_channels, spec.kernel
         if spec.separable:  # depthwise-separable conv [43]
             conv = nn.Sequential(
@@ -87,7 +99,6 @@ class Gate(nn.Module):
         h, w = ((s - spec.pool_kernel) // spec.pool_stride + 1 for s in (h, w))
         if h < 1 or w < 1:
             raise ValueError(f"gate input {spec.in_size} is too small for its conv and pool layers")
-        self.spec = spec
         self.features = nn.Sequential(
             conv,
             nn.ReLU(inplace=True),
@@ -100,8 +111,30 @@ class Gate(nn.Module):
             nn.Linear(spec.hidden, spec.n_experts),
         )
 
+    def _deep(self, spec: GateSpec) -> None:
+        k, pad = spec.kernel, spec.kernel // 2
+        widths = [max(1, spec.conv_channels // 2 ** (spec.depth - 1 - i)) for i in range(spec.depth)]
+        layers: list[nn.Module] = [nn.Conv2d(spec.in_channels, widths[0], k, stride=spec.stride, padding=pad),
+                                   nn.ReLU(inplace=True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_in, k, stride=spec.stride, padding=pad, groups=c_in, bias=False),
+                       nn.Conv2d(c_in, c_out, 1), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers, _GlobalMaxMean())
+        self.head = nn.Sequential(
+            nn.Linear(2 * widths[-1], spec.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(spec.hidden, spec.n_experts),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N)
         return self.head(self.features(x))
+
+
+class _GlobalMaxMean(nn.Module):
+    """(B, C, H, W) -> (B, 2C): each channel's max (is it anywhere?) and mean (how much of it?)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
 
 
 def build_gate(spec: GateSpec, width: float = 1.0) -> Gate:

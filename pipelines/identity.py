@@ -11,17 +11,15 @@ experts, a demo-profile cache of a smoke root). The settings are compared after 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, is_dataclass
-
 from pipelines.runtime import RunConfig, UserError
+from tasks.base import settings_record
 
 __all__ = ["identity", "check_identity"]
 
 
 def identity(cfg: RunConfig) -> dict:
     """{profile, seed, settings}: what the shards, and so everything after them, depend on."""
-    settings = cfg.task().settings
-    values = asdict(settings) if is_dataclass(settings) else {"repr": repr(settings)}
+    values = settings_record(cfg.task().settings)
     return {"profile": cfg.profile, "seed": int(cfg.seed), "settings": json.loads(json.dumps(values, default=str))}
 
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from pipelines.identity import check_identity, identity
@@ -24,7 +23,7 @@ from pipelines.runtime import RunConfig, UserError, ensure_ray, label_options
 from pipelines.shard_writer import ShardColumns, ShardSizes, merge_written, rows_to_block, shard_sink
 from storage import AnyPath, StoragePath, as_path, read_json, remove_tree, upload_tree, write_json
 from tasks import GATE_SPLIT, SOURCE_SPLITS, SPLITS, BadInput, UnreadableInput
-from tasks.base import TaskBase, carve_gate_split
+from tasks.base import TaskBase, carve_gate_split, settings_record
 
 EMBEDDED_STAMP = "embedded.json"  # what each task's embedded_data writes last, with its settings
 BLOCK_BYTES = 32 << 20  # Ray Data blocks from the loaders to the writers (Ray's default: 128 MiB)
@@ -256,9 +255,8 @@ def _fingerprint(task: TaskBase, listings: dict, data_root: AnyPath) -> str:
     changes -> redo. Paths are taken relative to the data root, so a copied or moved run root
     (its embedded data with it) or data root is recognised, not recomputed."""
     digest = hashlib.sha256()
-    settings = task.settings
-    digest.update(json.dumps(asdict(settings) if is_dataclass(settings) else repr(settings), sort_keys=True,
-                             default=str).encode())
+    record = settings_record(task.settings)
+    digest.update(json.dumps(record.get("repr", record), sort_keys=True, default=str).encode())
     base = str(data_root).rstrip("/") + "/"
     for split in SPLITS:
         for source in listings[split].sources:

@@ -32,6 +32,7 @@ from pipelines.manifest import read_manifest, require_manifest, require_targets
 from pipelines.resources import require, train_demand
 from pipelines.runtime import RunConfig, ensure_mlflow, ensure_ray
 from storage import AnyPath, as_path, load_torch, read_json, save_torch, write_json
+from tasks.base import settings_repr
 
 WEIGHTS = "model.pt"  # inside a Ray Train checkpoint: the model's state_dict
 OPTIMIZER = "optimizer.pt"  # and the optimizer's, so a resumed fit continues where it stopped
@@ -325,5 +326,5 @@ def _fingerprint(manifest: dict, task, n: int, cfg: RunConfig) -> str:
     shapes = [(k, list(v.shape)) for k, v in architecture(task, n).state_dict().items()]
     payload = {"data": manifest["fingerprint"], "training": asdict(task.expert_training(n)),
                "expert": task.expert_names()[n], "seed": cfg.seed,
-               "settings": repr(task.settings), "architecture": shapes}
+               "settings": settings_repr(task.settings), "architecture": shapes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

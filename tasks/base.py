@@ -308,6 +308,33 @@ class TaskBase(abc.ABC):
         expert the endpoint sent each unit to."""
 
 
+def settings_record(settings) -> dict:
+    """The settings as a root records them (identity, shard fingerprint): every field, except one
+    the settings class lists in `added_later` while it holds its default. A setting added to bmoe
+    after a root was made is, at its default, what the root was made with, so the root and its
+    trained experts stay valid (no re-prepare, no retraining) after an upgrade."""
+    from dataclasses import asdict, fields, is_dataclass
+
+    if not is_dataclass(settings):
+        return {"repr": repr(settings)}
+    values = asdict(settings)
+    for f in fields(settings):
+        if f.name in getattr(settings, "added_later", ()) and getattr(settings, f.name) == f.default:
+            del values[f.name]
+    return values
+
+
+def settings_repr(settings) -> str:
+    """The dataclass's repr over settings_record's fields (what expert fingerprints hash)."""
+    from dataclasses import fields, is_dataclass
+
+    if not is_dataclass(settings):
+        return repr(settings)
+    kept = settings_record(settings)
+    shown = ", ".join(f"{f.name}={getattr(settings, f.name)!r}" for f in fields(settings) if f.repr and f.name in kept)
+    return f"{type(settings).__qualname__}({shown})"
+
+
 def with_options(base, overrides: dict, task: str):
     """`base` settings (a frozen dataclass) with `overrides` given as strings from the command
     line (`-o KEY=VALUE`) converted to each field's type: "4,3,2" for tuples of ints, "true"/"false"

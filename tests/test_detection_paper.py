@@ -202,3 +202,22 @@ def test_paper_expert_loss_goes_down_on_real_coco(coco_rows, n):
     assert losses[-1] < losses[0] and val_loss < 0.8 * before, (before, losses, val_loss)
     # eval mode averages each image's own loss, train mode pools the batch's: close, not equal
     assert val_loss == pytest.approx(train_mode, rel=0.1), (val_loss, train_mode)
+
+
+def test_settings_added_later_leave_a_paper_roots_identity_and_fingerprints_as_they_were():
+    """gate_depth and gate_hidden came after paper roots (and their days of SSD training) existed:
+    at their defaults a root keeps its identity, its shard fingerprint and its experts' (the
+    settings repr they hash); set otherwise, they are a new identity, named in the one line."""
+    from pipelines.identity import check_identity, identity
+    from pipelines.runtime import RunConfig, UserError
+    from tasks.base import settings_record, settings_repr
+
+    settings = get_task("detection", "paper").settings
+    assert settings_repr(settings) == repr(settings).replace(", gate_depth=1, gate_hidden=1024", "")
+    assert {"gate_depth", "gate_hidden"}.isdisjoint(settings_record(settings))
+    cfg = RunConfig(task_name="detection", root="/nonexistent", profile="paper")
+    recorded = identity(cfg)  # as a root made before the two settings were recorded
+    check_identity(cfg, {"identity": recorded}, "sweep")
+    deeper = RunConfig(task_name="detection", root="/nonexistent", profile="paper", task_options={"gate_depth": "3"})
+    with pytest.raises(UserError, match="-o gate_depth=3"):
+        check_identity(deeper, {"identity": recorded}, "sweep")

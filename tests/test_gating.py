@@ -240,6 +240,39 @@ def test_enforce_training_learns_which_inputs_suit_which_expert(one_thread):
     assert (routing(gate, x_new, b) == best_new).float().mean() >= 0.9
 
 
+def test_a_deeper_gate_counts_by_hand():
+    spec = GateSpec(in_channels=3, in_size=(32, 32), n_experts=2, conv_channels=8, hidden=16, depth=3)
+    # stages of 2, 4, 8 channels at stride 2 (padded): stem 16*16*2*3*9; separable 8*8*2*9 + 8*8*4*2,
+    # 4*4*4*9 + 4*4*8*4; global max and mean: FC 16 x 16, 16 x 2
+    assert count_macs(build_gate(spec), spec.input_shape) == 13_824 + 1_152 + 512 + 576 + 512 + 256 + 32
+
+
+def small_square_or_none(M: int, seed: int):
+    """Noise images, half of them with one bright 3x3 square somewhere: kind = has a square."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(M, 3, 32, 32, generator=g)
+    kind = torch.arange(M) % 2
+    for i in torch.nonzero(kind).flatten():
+        r, c = (int(v) for v in torch.randint(0, 29, (2,), generator=g))
+        x[i, :, r:r + 3, c:c + 3] += 2.0
+    return x, kind
+
+
+def test_a_deeper_gate_learns_whether_a_small_object_is_anywhere(one_thread):
+    """What the detection demo needs of its gate: a few small objects anywhere in the image mean
+    the dear expert; one conv and a local pool told such scenes from the rest about half the time."""
+    torch.manual_seed(0)
+    gate = build_gate(GateSpec(in_channels=3, in_size=(32, 32), n_experts=2, conv_channels=16, hidden=32, depth=3))
+    x, kind = small_square_or_none(128, seed=1)
+    losses = torch.ones(128, 2)
+    losses[torch.arange(128), kind] = 0.0  # expert 1 for the squares, expert 0 for the rest
+    optimizer = torch.optim.Adam(gate.parameters(), lr=0.01)
+    for _ in range(80):
+        gate_step(gate, optimizer, x, losses, "enforce", [0.5, 0.5])
+    x_new, kind_new = small_square_or_none(128, seed=2)  # squares at fresh places
+    assert (routing(gate, x_new, [0.5, 0.5]) == kind_new).float().mean() >= 0.9
+
+
 def test_soft_training_moves_the_utility_towards_the_bias(one_thread):
     torch.manual_seed(0)
     gate = build_gate(TINY)

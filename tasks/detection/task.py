@@ -39,6 +39,7 @@ COCO80 = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
 class DetectionSettings:
     """One profile's settings; logged to MLflow as they are."""
 
+    added_later: ClassVar[tuple[str, ...]] = ("gate_depth", "gate_hidden")  # tasks.base.settings_record
     may_be_zero: ClassVar[tuple[str, ...]] = ("min_side", "train_images", "val_images", "gate_steps",
                                               "detections_per_img", "momentum", "weight_decay",
                                               "warmup_steps")  # -o KEY=0 allowed
@@ -57,6 +58,8 @@ class DetectionSettings:
     K: int = 4  # bytes per value in the data cost (float32, the paper's convention)
     gate_source: int = 300  # the gate sees a centre crop of the image resized to this side...
     gate_crop: int = 224  # ...of this side (Table IV: 224 of 300)
+    gate_depth: int = 1  # the gate's conv stages (bmoe.gating.Gate): 1 is Table IV's gate
+    gate_hidden: int = 1024  # its hidden FC units (Table IV: 1024)
     max_boxes: int = 100  # training targets per image, padded (evaluation keeps every box)
     jpeg_quality: int = 90  # for the recorded JPEG bytes of P_n(x)
     train_images: int = 0  # embedded data: synthetic train2017 scenes
@@ -304,7 +307,8 @@ class DetectionTask(TaskBase):
 
     def gate_spec(self) -> GateSpec:
         side = self.settings.gate_crop
-        return replace(DETECTION_GATE, in_size=(side, side), n_experts=len(self.settings.resolutions))
+        return replace(DETECTION_GATE, in_size=(side, side), n_experts=len(self.settings.resolutions),
+                       depth=self.settings.gate_depth, hidden=self.settings.gate_hidden)
 
     def gate_tensor(self, gate: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(M, 3, C, C) centre crops standardised with fixed constants, on the device of `gate`."""
