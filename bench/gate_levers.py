@@ -11,8 +11,12 @@ than the noise of one.
 Efficiency is (rho - rho_random) / (rho_oracle - rho_random) on test, with random and oracle as
 the report computes them, at the sweep grid's targets (pipelines.grid.targets).
 
+--kinds DEPTHS asks why, on detection: can a gate of that depth tell the embedded scenes' kinds
+apart at all, trained on the kinds themselves? (The Table IV gate, depth 1, could not: about half.)
+
 Run from the repository root on a finished demo root (bmoe demo --root R), e.g.
   .venv/bin/python bench/gate_levers.py --root R --task detection --seeds 0,1,2,3 --lrs 1e-3,3e-4
+  .venv/bin/python bench/gate_levers.py --root R --kinds 1,3 --seeds 0,1 --epochs 25
 Writes bench/results/gate_levers.json (--quick: one seed, one lr, two epochs; prints only).
 """
 
@@ -86,6 +90,67 @@ def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def kinds(root: str, depths: list[int], seeds: list[int], epochs: int) -> dict:
+    """How well a detection gate of the root's settings, at each depth, tells the embedded scenes'
+    kinds apart (large, medium, small, mixed: which expert suffices), trained with cross-entropy on
+    the gate split's kinds, its epoch picked on validation: test accuracy, and how often a mixed
+    scene (small objects beside a large one: the dear expert's) is called large."""
+    import torch
+    from dataclasses import replace
+
+    from bmoe.gating import build_gate, count_macs
+    from pipelines.manifest import read_manifest
+    from pipelines.runtime import RunConfig
+    from pipelines.sweep import load_split
+    from tasks import GATE_SPLIT
+    from tasks.detection.synthetic import KINDS
+
+    torch.set_num_threads(1)
+    recorded = read_manifest(RunConfig(task_name="detection", root=root, profile="demo").layout) or {}
+    cfg = RunConfig(task_name="detection", root=root, profile="demo", seed=int(recorded["identity"]["seed"]))
+    task = cfg.task()
+    kind_of = {}
+    for source in ("train2017", "val2017"):
+        instances = json.loads((Path(str(cfg.layout.raw())) / "annotations" / f"instances_{source}.json").read_text())
+        kind_of.update({image["id"]: KINDS.index(image["kind"]) for image in instances["images"]})
+    x, y = {}, {}
+    for split in (GATE_SPLIT, "val", "test"):
+        data = load_split(cfg, task, split)
+        x[split] = task.gate_tensor(np.asarray(data.gate_inputs.take(np.arange(len(data.cache)))))
+        y[split] = torch.as_tensor([kind_of[int(i)] for i in data.cache["image_id"]])
+    out = {}
+    for depth in depths:
+        spec = replace(task.gate_spec(), n_experts=len(KINDS), depth=depth, hidden=256 if depth > 1 else 1024)
+        for seed in seeds:
+            torch.manual_seed(seed)
+            gate = build_gate(spec)
+            optimizer = torch.optim.Adam(gate.parameters(), lr=1e-3)
+            order = torch.Generator().manual_seed(seed)
+            best = (-1.0, None)
+            for _ in range(epochs):
+                gate.train()
+                for batch in torch.randperm(len(y[GATE_SPLIT]), generator=order).split(32):
+                    inputs = task.augment_gate(x[GATE_SPLIT][batch], order)
+                    loss = torch.nn.functional.cross_entropy(gate(inputs), y[GATE_SPLIT][batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                gate.eval()
+                with torch.no_grad():
+                    val = float((gate(x["val"]).argmax(1) == y["val"]).float().mean())
+                    if val > best[0]:
+                        best = (val, gate(x["test"]).argmax(1))
+            predicted, truth = best[1], y["test"]
+            mixed = truth == KINDS.index("mixed")
+            record = {"C_g": count_macs(build_gate(replace(spec, n_experts=3)), spec.input_shape),
+                      "test_accuracy": float((predicted == truth).float().mean()),
+                      "mixed_called_large": float((predicted[mixed] == KINDS.index("large")).float().mean())}
+            out[f"depth {depth} seed {seed}"] = record
+            print(f"kinds: depth {depth} seed {seed}: C_g {record['C_g']:,}, test accuracy "
+                  f"{record['test_accuracy']:.3f}, mixed called large {record['mixed_called_large']:.2f}", flush=True)
+    return {"root": root, "gate_input": list(task.gate_spec().in_size), "epochs": epochs, "results": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="a finished demo root (bmoe demo --root ...)")
@@ -96,14 +161,25 @@ def main() -> None:
     parser.add_argument("--signal", default="loss", choices=("loss", "score"),
                         help="what the gate trains on: the cached loss (the paper's) or 1 - the per-input score")
     parser.add_argument("--quick", action="store_true", help="one seed, one lr, two epochs: a check, printed only")
+    parser.add_argument("--kinds", default="", metavar="DEPTHS",
+                        help="detection: instead, how well gates of these depths (e.g. 1,3) tell the scene kinds "
+                             "apart when trained on them (--epochs 25 is enough)")
     args = parser.parse_args()
+    if args.kinds:
+        record = kinds(args.root, [int(k) for k in args.kinds.split(",")],
+                       [int(s) for s in args.seeds.split(",")], args.epochs)
+        _write(f"detection kinds {Path(args.root).name}", record)
+        return
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")][:1 if args.quick else None]
     record = levers(args.root, args.task, seeds, lrs, 2 if args.quick else args.epochs, args.signal)
     if args.quick:
         return
+    _write(f"{args.task} {args.signal}", record)
+
+
+def _write(key: str, record: dict) -> None:
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    key = f"{args.task} {args.signal}"
     previous[key] = {**record, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "load_average": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
