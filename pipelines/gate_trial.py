@@ -212,8 +212,8 @@ def _train_biased_gate(task, config: TrialConfig, data: dict[str, SplitData], d,
     b = select_bias(d, p_val, d_t)  # eqs. 6-8 on validation performance
     if np.count_nonzero(b > 1e-9) == 1:
         return _single_expert_trial(task, data, d, d_t, b, p_val)
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.gate_seed)
+    torch.manual_seed(config.gate_seed)
     gate = build_gate(task.gate_spec(), config.width)
     c_g = count_macs(gate, task.gate_spec().scaled(config.width).input_shape)
     gate = gate.to(device)
@@ -273,8 +273,8 @@ def _single_expert_trial(task, data: dict[str, SplitData], d, d_t: float, b, p_v
 
 def _train_lagrange_gate(task, config: TrialConfig, data: dict[str, SplitData], d, p_val, report,
                          device: torch.device) -> TrialResult:
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.gate_seed)
+    gen = torch.Generator().manual_seed(config.gate_seed)
     spec = task.gate_spec()
     gate = build_gate(spec, config.width)  # N outputs: one predicted score per expert
     c_g = count_macs(gate, spec.scaled(config.width).input_shape)

@@ -26,11 +26,15 @@ class SweepGrid:
     lrs: tuple[float, ...] = (1e-4,)
     widths: tuple[float, ...] = (1.0,)
     w_biases: tuple[float, ...] = (0.1, 1.0, 10.0)
-    # enforce's own lrs (empty: lrs). Its gate learns only through the expert Algorithm 1 assigns
-    # each input, and which lr trains it well varied with the data (action demo, routing
-    # efficiency at 1e-3 and 3e-3: 0.47 and 0.60 on one draw, 0.58 and 0.31 on another), so
-    # validation picks per target.
+    # enforce's own lrs and batch sizes (empty: the grid's), and how many initialisations of its
+    # gate each of them trains (validation picks). Its gate learns only through the expert
+    # Algorithm 1 assigns each input among the batch's, so the batch matters (the paper's Table
+    # III) and so does where it starts: measured on the demos, routing efficiency of three
+    # initialisations at lr 1e-3, action batch 32 0.17 / 0.65 / 0.67, batch 64 0.66 / 0.62 / 0.64;
+    # detection batch 64 0.39 / 0.11 (seed-0 demo), 0.20 / 0.04 / 0.08 (seed 1).
     enforce_lrs: tuple[float, ...] = ()
+    enforce_batch_sizes: tuple[int, ...] = ()
+    enforce_inits: int = 1
     seed: int = 0  # the RunConfig's (--seed): trial initialisations, random quotas, searchers
     search: str = "grid"  # grid | random | optuna (pipelines/search.py)
     num_samples: int = 1  # trials per (method, d_t) point when searching
@@ -51,20 +55,30 @@ class SweepGrid:
             raise ValueError(f"--search {self.search!r}: choose from {', '.join(SEARCHES)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler {self.scheduler!r}: choose from {', '.join(SCHEDULERS)}")
+        if self.enforce_inits < 1:
+            raise ValueError("enforce's initialisations per grid point must be at least 1")
         if self.num_samples < 1 or self.grace_epochs < 1 or self.reduction_factor <= 1:
             raise ValueError("--num-samples and the grace epochs must be at least 1, the reduction factor above 1")
         if self.search == "grid" and self.num_samples != 1:
             raise ValueError("--num-samples needs --search random or optuna (a grid runs each point once)")
+
+    def own(self, spec) -> tuple[tuple[float, ...], tuple[int, ...], int]:
+        """The lrs, batch sizes and initialisations the grid gives a method (enforce's own)."""
+        if not spec.own_grid:
+            return self.lrs, self.batch_sizes, 1
+        return self.enforce_lrs or self.lrs, self.enforce_batch_sizes or self.batch_sizes, self.enforce_inits
 
     def trial_resources(self) -> dict[str, float]:
         """What each trial asks Ray for (tune.with_resources)."""
         return {"cpu": self.cpus_per_trial, **({"gpu": self.gpus_per_trial} if self.gpus_per_trial else {})}
 
 
+ADDED_LATER = ("enforce_batch_sizes", "enforce_inits")  # grid_identity: sweeps named before them keep their names
+
 GRIDS = {
     "smoke": SweepGrid(points=3, epochs=2, batch_sizes=(16,), lrs=(1e-3,), widths=(0.25,), w_biases=(1.0,)),
     "demo": SweepGrid(points=5, epochs=12, batch_sizes=(32,), lrs=(1e-3,), widths=(0.5,), w_biases=(1.0, 10.0, 100.0),
-                      enforce_lrs=(1e-3, 3e-3)),
+                      enforce_batch_sizes=(64,), enforce_inits=2),
     "paper": SweepGrid(),  # the paper: batch 128, lr 1e-4, 20 epochs, w_bias cross-validated
 }
 
@@ -94,10 +108,10 @@ def trial_configs(cfg: RunConfig, grid: SweepGrid, d: np.ndarray) -> list[TrialC
             configs += [TrialConfig(**base, **at) for at in where]
             continue
         w_biases = grid.w_biases if "w_bias" in spec.searched else (0.0,)
-        lrs = grid.enforce_lrs if spec.own_lrs and grid.enforce_lrs else grid.lrs
-        configs += [TrialConfig(**base, **at, batch_size=M, lr=lr, width=width, w_bias=w)
-                    for at in where for M in grid.batch_sizes for lr in lrs for width in grid.widths
-                    for w in w_biases]
+        lrs, batch_sizes, inits = grid.own(spec)
+        configs += [TrialConfig(**base, **at, batch_size=M, lr=lr, width=width, w_bias=w, init=i)
+                    for at in where for M in batch_sizes for lr in lrs for width in grid.widths
+                    for w in w_biases for i in range(inits)]
     return configs
 
 
@@ -109,7 +123,8 @@ def with_gate_steps(grid: SweepGrid, steps: int, gate_rows: int) -> SweepGrid:
     any trial takes, ASHA's horizon."""
     if not steps:
         return grid
-    return replace(grid, gate_steps=steps, epochs=max(epochs_for_steps(steps, M, gate_rows) for M in grid.batch_sizes))
+    return replace(grid, gate_steps=steps, epochs=max(epochs_for_steps(steps, M, gate_rows)
+                                                       for M in grid.batch_sizes + grid.enforce_batch_sizes))
 
 
 def search_points(configs: list[TrialConfig]) -> list[dict]:
@@ -126,8 +141,11 @@ def search_points(configs: list[TrialConfig]) -> list[dict]:
 
 def grid_identity(grid: SweepGrid) -> dict:
     """What names a sweep: its search space, not the resources it ran with (a sweep resumed
-    on other machines is the same sweep)."""
-    return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")}
+    on other machines is the same sweep). Fields added later are left out at their defaults, so
+    a sweep from before them keeps its name and resumes."""
+    defaults = SweepGrid()
+    return {k: v for k, v in asdict(grid).items() if k not in ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
+            and not (k in ADDED_LATER and v == getattr(defaults, k))}
 
 
 def with_methods(grid: SweepGrid, methods: str | None) -> SweepGrid:

@@ -77,10 +77,11 @@ class Method:
     objective: str = ""  # a per-target gate's training objective, a key of bmoe.gating.OBJECTIVES
     routes_with_quotas: bool = False  # val and test are routed with Algorithm 1's quotas (else argmax)
     two_sided_budget: bool = False  # model selection also penalises spending under d_t
-    own_lrs: bool = False  # a sweep gives it the grid's enforce_lrs, when there are some
+    own_grid: bool = False  # a sweep gives it the grid's enforce_lrs, enforce_batch_sizes and enforce_inits
 
 
-HYPERPARAMETERS = ("lr", "batch_size", "width", "w_bias")
+SEARCHED = ("lr", "batch_size", "width", "w_bias")  # what a search samples (pipelines/search.py: space)
+HYPERPARAMETERS = SEARCHED + ("init",)  # what tells a point's trials apart; validation picks among them
 
 TABLE = (  # in the order reports list them
     Method("experts", False, False, False, (), "the LP mix of single experts (the paper's dotted line): b.p at b.d = d_t"),
@@ -88,13 +89,13 @@ TABLE = (  # in the order reports list them
            rule=_random_rule),
     Method("heuristic", False, False, False, (), "a hand-made difficulty per input (the task's), quotas as random",
            rule=_heuristic_rule),
-    Method("soft", True, True, True, HYPERPARAMETERS,
+    Method("soft", True, True, True, SEARCHED,
            "gate trained with soft bias regularisation (eqs. 3-5), argmax at test time", "logits",
            objective="soft", two_sided_budget=True),
-    Method("enforce", True, True, True, HYPERPARAMETERS[:3],
+    Method("enforce", True, True, True, SEARCHED[:3],
            "gate trained with batchwise bias enforcement (Algorithm 1), enforced at test time", "logits",
-           objective="enforce", routes_with_quotas=True, own_lrs=True),
-    Method("lagrange", True, False, True, HYPERPARAMETERS[:3],
+           objective="enforce", routes_with_quotas=True, own_grid=True),
+    Method("lagrange", True, False, True, SEARCHED[:3],
            "gate regressing every expert's score; routes by score - lambda d (our extension)", "scores"),
     Method("oracle", False, False, False, (), "every expert's per-input score known: the upper bound no gate can beat",
            rule=_oracle_rule),
@@ -140,6 +141,7 @@ class TrialConfig:
     lr: float | None = None
     width: float | None = None
     w_bias: float = 0.0
+    init: int = 0  # which draw of the gate's initial weights (0: the seed's own); a grid's restarts
 
     def __post_init__(self):
         m = method(self.method)
@@ -149,6 +151,13 @@ class TrialConfig:
             raise ValueError(f"a {self.method} trial needs batch_size, lr and width")
         if self.w_bias and "w_bias" not in m.searched:
             raise ValueError(f"{self.method} has no w_bias (the bias term is soft regularisation's)")
+        if self.init and not m.trains_gate:
+            raise ValueError(f"{self.method} has no gate to initialise")
+
+    @property
+    def gate_seed(self) -> int:
+        """What seeds the gate's initial weights and batch order: the run's seed for init 0."""
+        return self.seed + 1000 * self.init
 
     def epochs_on(self, rows: int) -> int:
         """Epochs over a gate split of `rows` inputs: epochs, or those that make `steps` steps."""
@@ -172,6 +181,8 @@ class TrialConfig:
         out = {("task" if k == "task_name" else k): v for k, v in asdict(self).items() if v is not None}
         if not (self.spec.trains_gate and self.spec.per_target):
             out.pop("w_bias")
+        if not self.init:  # the seed's own draw: keys as sweeps recorded them before restarts
+            out.pop("init")
         if "targets" in out:
             out["targets"] = list(out["targets"])
         return out

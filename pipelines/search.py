@@ -41,11 +41,12 @@ def searched(method: str) -> tuple[str, ...]:
 
 def space(grid, method: str) -> dict:
     """A method's search space in Tune's terms: lr and w_bias log-uniform over the grid's ranges,
-    gate width and batch size chosen from its lists."""
+    gate width and batch size chosen from its lists (enforce's own batch sizes, where set)."""
     from ray import tune
 
     domains = {"lr": tune.loguniform(*grid.lr_range), "w_bias": tune.loguniform(*grid.w_bias_range),
-               "width": tune.choice(list(grid.widths)), "batch_size": tune.choice(list(grid.batch_sizes))}
+               "width": tune.choice(list(grid.widths)),
+               "batch_size": tune.choice(list(grid.own(METHODS[method])[1]))}
     return {k: domains[k] for k in searched(method)}
 
 

@@ -64,7 +64,44 @@ def test_the_sweeps_trials_follow_the_table():
     points = len({c.d_target for c in by_method["enforce"]})
     assert points == grid.points + 2  # the grid's targets and d_max/2, d_max/3
     assert all(len(by_method[m]) == 1 for m in STATIC + ALL_TARGET_GATES)
-    assert len(by_method["enforce"]) == points * len(grid.enforce_lrs) and len(by_method["soft"]) == points * len(grid.w_biases)
-    assert {c.lr for c in by_method["enforce"]} == set(grid.enforce_lrs)  # enforce's own lrs, validation picks
+    lrs, batch_sizes, inits = grid.own(METHODS["enforce"])  # enforce's own: validation picks among them
+    assert len(by_method["enforce"]) == points * len(lrs) * len(batch_sizes) * inits
+    assert len(by_method["soft"]) == points * len(grid.w_biases)
+    assert {(c.lr, c.batch_size) for c in by_method["enforce"]} == {(lr, M) for lr in lrs for M in batch_sizes}
+    assert batch_sizes != grid.batch_sizes and inits == 2  # the demo's enforce: batch 64, two initialisations
+    assert sorted(c.init for c in by_method["enforce"]) == sorted(list(range(inits)) * points)
+    assert len({c.gate_seed for c in by_method["enforce"]}) == inits
+    assert {c.init for c in configs if c.method != "enforce"} == {0}
+    assert {c.batch_size for c in by_method["soft"] + by_method["lagrange"]} == set(grid.batch_sizes)
     assert {c.lr for c in by_method["soft"] + by_method["lagrange"]} == set(grid.lrs)
     assert [c.method for c in configs][:4] == list(STATIC)  # static first, as sweeps always ran them
+
+
+def test_enforces_own_batch_sizes_reach_searches_and_step_budgets():
+    from dataclasses import replace
+
+    from pipelines.grid import SweepGrid, with_gate_steps
+    from pipelines.search import space
+
+    grid = SweepGrid(batch_sizes=(8,), enforce_batch_sizes=(32,))
+    assert space(grid, "enforce")["batch_size"].categories == [32]
+    assert space(grid, "soft")["batch_size"].categories == [8]
+    # the horizon is the most epochs any trial takes: 100 steps on 64 rows are 50 epochs of
+    # batch 32 (2 steps an epoch) and 13 of batch 8
+    assert with_gate_steps(grid, steps=100, gate_rows=64).epochs == 50
+    assert with_gate_steps(replace(grid, enforce_batch_sizes=()), steps=100, gate_rows=64).epochs == 13
+
+
+def test_restarts_are_named_only_where_used():
+    from pipelines.grid import GRIDS, grid_identity
+
+    # a paper sweep named before enforce had its own batch sizes and restarts keeps its name
+    assert "enforce_inits" not in grid_identity(GRIDS["paper"]) and "enforce_batch_sizes" not in grid_identity(GRIDS["paper"])
+    assert grid_identity(GRIDS["demo"])["enforce_inits"] == 2
+    first = TrialConfig(task_name="superres", profile="demo", method="enforce", d_target=5000.0, batch_size=64, lr=1e-3,
+                        width=0.5, seed=1)
+    again = TrialConfig.from_tune({**first.as_tune(), "init": 1})
+    assert "init" not in first.as_tune() and again.as_tune()["init"] == 1
+    assert first.gate_seed == 1 and again.gate_seed != first.gate_seed
+    with pytest.raises(ValueError, match="no gate"):
+        TrialConfig(task_name="superres", profile="demo", method="random", targets=(5000.0,), init=1)
