@@ -54,6 +54,8 @@ def test_a_trial_wrong_for_its_method_is_refused_when_made(bad, message):
 
 
 def test_the_sweeps_trials_follow_the_table():
+    from dataclasses import replace
+
     from pipelines.grid import GRIDS, trial_configs
 
     cfg = RunConfig(task_name="superres", root="/unused", profile="demo")
@@ -68,10 +70,12 @@ def test_the_sweeps_trials_follow_the_table():
     assert len(by_method["enforce"]) == points * len(lrs) * len(batch_sizes) * inits
     assert len(by_method["soft"]) == points * len(grid.w_biases)
     assert {(c.lr, c.batch_size) for c in by_method["enforce"]} == {(lr, M) for lr in lrs for M in batch_sizes}
-    assert batch_sizes != grid.batch_sizes and inits == 2  # the demo's enforce: batch 64, two initialisations
-    assert sorted(c.init for c in by_method["enforce"]) == sorted(list(range(inits)) * points)
-    assert len({c.gate_seed for c in by_method["enforce"]}) == inits
-    assert {c.init for c in configs if c.method != "enforce"} == {0}
+    assert batch_sizes != grid.batch_sizes  # the demo's enforce trains on batches of 64
+    restarts = trial_configs(cfg, replace(grid, enforce_inits=3), d)
+    enforce = [c for c in restarts if c.method == "enforce"]
+    assert len(enforce) == 3 * len(by_method["enforce"]) and len({c.gate_seed for c in enforce}) == 3
+    assert sorted(c.init for c in enforce) == sorted([0, 1, 2] * len(by_method["enforce"]))
+    assert {c.init for c in restarts if c.method != "enforce"} == {0}
     assert {c.batch_size for c in by_method["soft"] + by_method["lagrange"]} == set(grid.batch_sizes)
     assert {c.lr for c in by_method["soft"] + by_method["lagrange"]} == set(grid.lrs)
     assert [c.method for c in configs][:4] == list(STATIC)  # static first, as sweeps always ran them
@@ -93,11 +97,14 @@ def test_enforces_own_batch_sizes_reach_searches_and_step_budgets():
 
 
 def test_restarts_are_named_only_where_used():
+    from dataclasses import replace
+
     from pipelines.grid import GRIDS, grid_identity
 
     # a paper sweep named before enforce had its own batch sizes and restarts keeps its name
     assert "enforce_inits" not in grid_identity(GRIDS["paper"]) and "enforce_batch_sizes" not in grid_identity(GRIDS["paper"])
-    assert grid_identity(GRIDS["demo"])["enforce_inits"] == 2
+    assert grid_identity(GRIDS["demo"])["enforce_batch_sizes"] == (64,) and "enforce_inits" not in grid_identity(GRIDS["demo"])
+    assert grid_identity(replace(GRIDS["demo"], enforce_inits=2))["enforce_inits"] == 2
     first = TrialConfig(task_name="superres", profile="demo", method="enforce", d_target=5000.0, batch_size=64, lr=1e-3,
                         width=0.5, seed=1)
     again = TrialConfig.from_tune({**first.as_tune(), "init": 1})
