@@ -32,8 +32,8 @@ class SweepGrid:
     # III) and so does where it starts: measured on the demos, routing efficiency of three
     # initialisations at lr 1e-3, action batch 32 0.17 / 0.65 / 0.67, batch 64 0.66 / 0.62 / 0.64;
     # detection batch 64 0.39 / 0.11 (seed-0 demo), 0.20 / 0.04 / 0.08 (seed 1). The demo trains
-    # one: a second per target moved its enforce rows by -0.05..+0.08, and the seed-1 demo took
-    # 21.1 minutes with two and 18.6 with one.
+    # one: a second per target moved its enforce rows by +0.00..+0.06 of efficiency (detection
+    # seed 1: 0.06 to 0.12), and the seed-1 demo took 21.1 minutes with two and 18.6 with one.
     enforce_lrs: tuple[float, ...] = ()
     enforce_batch_sizes: tuple[int, ...] = ()
     enforce_inits: int = 1
