@@ -68,14 +68,19 @@ def job(cluster: dict, submission_id: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(cluster) -> dict[str, str]:
-    """Superres's smoke pipeline and detection's prepare, one job each, one after the other (2 cores)."""
+    """Superres's smoke pipeline and detection's prepare, one job each, submitted at once as two users
+    of the cluster would (each waits on process starts more than it computes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     head = [n for n in cluster["ray"].nodes() if n.get("is_head_node")]
     assert head and not head[0].get("resources_total", {}).get("CPU"), "the head must run no work"
-    return {
-        "superres": job(cluster, "superres-1", "demo", "--task", "superres", "--profile", "smoke"),
-        "detection": job(cluster, "detection-1", "prepare", "--task", "detection", "--profile", "smoke",
-                         "--data-root", COCO),
+    jobs = {
+        "superres": ("superres-1", "demo", "--task", "superres", "--profile", "smoke"),
+        "detection": ("detection-1", "prepare", "--task", "detection", "--profile", "smoke", "--data-root", COCO),
     }
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        running = {task: pool.submit(job, cluster, *args) for task, args in jobs.items()}
+        return {task: future.result() for task, future in running.items()}
 
 
 def check_shards(layout, manifest: dict) -> None:

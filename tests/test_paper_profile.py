@@ -96,7 +96,7 @@ def test_the_paper_profile_runs_every_stage(task_name, tmp_path, ray_session, ca
     data_root = TREES[task_name](tmp_path / "data")
     # Logical CPU shares, so that the fits run at once beside Ray Data's reads on 2 CPUs (a small fit
     # waits on process starts more than it computes); action: two Train workers per expert (DDP)
-    workers = {"num_workers": 2, "cpus_per_worker": 0.25} if task_name == "action" else {"cpus_per_worker": 0.3}
+    workers = {"num_workers": 2, "cpus_per_worker": 0.15} if task_name == "action" else {"cpus_per_worker": 0.3}
     cfg = _paper_config(task_name, tmp_path / "runs", data_root, **workers)
     task = cfg.task()
     seconds = {}

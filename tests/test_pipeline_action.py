@@ -65,7 +65,9 @@ def run(tree, tmp_path_factory, ray_session):
     from pipelines.prepare import prepare
     from pipelines.train_experts import train_experts
 
-    cfg = RunConfig(task_name="action", root=str(tmp_path_factory.mktemp("run")), profile="smoke", data_root=str(tree))
+    # a third of a CPU per fit: the three experts train at once beside Ray Data's reads (2 CPUs)
+    cfg = RunConfig(task_name="action", root=str(tmp_path_factory.mktemp("run")), profile="smoke", data_root=str(tree),
+                    cpus_per_worker=0.3)
     manifest = prepare(cfg)
     experts = train_experts(cfg)
     files = cache(cfg)

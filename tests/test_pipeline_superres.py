@@ -147,17 +147,20 @@ def test_two_fits_with_one_seed_give_the_same_expert(run):
     the blocks stream in that order: refitting an expert reproduces it weight for weight."""
     import dataclasses
 
+    import ray
     import torch
 
-    from pipelines.train_experts import _fit_task
+    from pipelines.train_experts import _fit
 
     cfg, _ = run
-    longer = dataclasses.replace(cfg, task_options={"epochs": "2"})
-    (first, history), (second, again) = (_fit_task(longer, 1, name) for name in ("aaaaaaaa-seed", "bbbbbbbb-seed"))
+    # the three fits at once, as train-experts runs them (each waits on process starts more than it computes)
+    longer = dataclasses.replace(cfg, task_options={"epochs": "2"}, cpus_per_worker=0.3)  # a CPU left for reads
+    fits = [_fit.remote(longer, 1, "aaaaaaaa-seed"), _fit.remote(longer, 1, "bbbbbbbb-seed"),
+            _fit.remote(dataclasses.replace(longer, seed=1), 1, "cccccccc-seed")]
+    (first, history), (second, again), (other, _) = ray.get(fits, timeout=600)
     assert [row["train_loss"] for row in history] == [row["train_loss"] for row in again]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
-    other, _ = _fit_task(dataclasses.replace(longer, seed=1), 1, "cccccccc-seed")
     assert not all(torch.equal(first[key], other[key]) for key in first)  # the seed does reach the fit
 
 

@@ -20,6 +20,9 @@ BACKEND="${BMOE_MLFLOW_BACKEND:-sqlite:///$DATA/mlflow.db}"
 ARTIFACTS="${BMOE_MLFLOW_ARTIFACTS:-$DATA/artifacts}"
 WORKERS="${BMOE_MLFLOW_WORKERS:-2}"
 MLFLOW="${MLFLOW:-$(command -v mlflow || true)}"
+# MLflow 3's server also starts a job runner (a pool of huey consumer processes) for its GenAI
+# jobs; sweeps only track runs and register models, so it is off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 if [[ -z "$MLFLOW" ]]; then
     echo "error: mlflow not found; run 'make setup' and use .venv/bin, or set MLFLOW=/path/to/mlflow" >&2
