@@ -11,6 +11,10 @@ than the noise of one.
 Efficiency is (rho - rho_random) / (rho_oracle - rho_random) on test, with random and oracle as
 the report computes them, at the sweep grid's targets (pipelines.grid.targets).
 
+--on-gate-split asks whether the gate fits what it trains on: validation and test are both the
+gate split itself, so each gate is picked, and scored, on its own training inputs (random and the
+oracle too). Low efficiency there is a gate that cannot learn the signal, not one that overfits.
+
 --kinds DEPTHS asks why, on detection: can a gate of that depth tell the embedded scenes' kinds
 apart at all, trained on the kinds themselves? (The Table IV gate, depth 1, could not: about half.)
 
@@ -45,7 +49,8 @@ def curve_efficiency(points, d, bounds) -> tuple[float, float]:
     return r, routing_efficiency(r, *bounds)
 
 
-def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs: int, signal: str) -> dict:
+def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs: int, signal: str,
+           root_seed: int = 0, on_gate_split: bool = False, batch_size: int = 32) -> dict:
     import torch
 
     from pipelines.gate_trial import run_trial
@@ -56,10 +61,12 @@ def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs
     from tasks import GATE_SPLIT
 
     torch.set_num_threads(1)
-    cfg = RunConfig(task_name=task_name, root=root, profile="demo")
+    cfg = RunConfig(task_name=task_name, root=root, profile="demo", seed=root_seed)
     task = cfg.task()
     d = task.data_costs()
     data = {split: load_split(cfg, task, split) for split in (GATE_SPLIT, "val", "test")}
+    if on_gate_split:
+        data["val"] = data["test"] = data[GATE_SPLIT]
     if signal == "score":  # the per-input score as the gate's "loss": 1 - score, positive like a loss
         gate = data[GATE_SPLIT]
         data[GATE_SPLIT] = dataclasses.replace(gate, losses=(1.0 - gate.scores + 1e-3).astype(gate.losses.dtype))
@@ -71,7 +78,7 @@ def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs
     for seed in seeds:
         for lr in lrs:
             for t in ts:
-                config = TrialConfig(**{**base, "seed": seed}, method="enforce", d_target=t, batch_size=32, lr=lr,
+                config = TrialConfig(**{**base, "seed": seed}, method="enforce", d_target=t, batch_size=batch_size, lr=lr,
                                      width=0.5)
                 runs[(seed, lr, t)] = run_trial(config, data, report=lambda _: None,
                                                 device=torch.device("cpu")).points[0]
@@ -84,7 +91,7 @@ def levers(root: str, task_name: str, seeds: list[int], lrs: list[float], epochs
     print(f"{task_name} {signal}: picked on validation per target among {len(singles)} gates: rho {r:.4f} "
           f"efficiency {e:+.2f} (single gates: mean {np.mean(list(singles.values())):+.2f}, "
           f"{min(singles.values()):+.2f} to {max(singles.values()):+.2f})", flush=True)
-    return {"root": root, "signal": signal, "epochs": epochs, "targets": list(ts),
+    return {"root": root, "signal": signal, "epochs": epochs, "batch_size": batch_size, "scored_on": GATE_SPLIT if on_gate_split else "test", "targets": list(ts),
             "rho_random": bounds[0], "rho_oracle": bounds[1], "single_efficiency": singles,
             "single_mean": float(np.mean(list(singles.values()))), "picked_rho": r, "picked_efficiency": e,
             "seconds": round(time.perf_counter() - started, 1)}
@@ -160,6 +167,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12, help="gate epochs (the demo grid's)")
     parser.add_argument("--signal", default="loss", choices=("loss", "score"),
                         help="what the gate trains on: the cached loss (the paper's) or 1 - the per-input score")
+    parser.add_argument("--batch-size", type=int, default=32, help="enforce's batch (the demo grid's: 64)")
+    parser.add_argument("--root-seed", type=int, default=0, help="the seed the root's demo ran with (bmoe demo --seed)")
+    parser.add_argument("--on-gate-split", action="store_true",
+                        help="pick and score every gate on its own training split: does it fit the signal at all?")
     parser.add_argument("--quick", action="store_true", help="one seed, one lr, two epochs: a check, printed only")
     parser.add_argument("--kinds", default="", metavar="DEPTHS",
                         help="detection: instead, how well gates of these depths (e.g. 1,3) tell the scene kinds "
@@ -172,10 +183,13 @@ def main() -> None:
         return
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")][:1 if args.quick else None]
-    record = levers(args.root, args.task, seeds, lrs, 2 if args.quick else args.epochs, args.signal)
+    record = levers(args.root, args.task, seeds, lrs, 2 if args.quick else args.epochs, args.signal,
+                    args.root_seed, args.on_gate_split, args.batch_size)
     if args.quick:
         return
-    _write(f"{args.task} {args.signal}", record)
+    where = (f" batch {args.batch_size}, {Path(args.root).name}"
+             + (", on the gate split" if args.on_gate_split else "")) if args.batch_size != 32 or args.on_gate_split else ""
+    _write(f"{args.task} {args.signal}{where}", record)
 
 
 def _write(key: str, record: dict) -> None:

@@ -1,5 +1,6 @@
 """How much of the oracle's gain the embedded data lets a gate earn: the routing efficiency of a
-router that knows each input's true group (what the generator drew), beside the learned gates'.
+router that knows each input's true group (what the generator drew), and of one that knows each
+input's cached expert losses (what the gates train on), beside the learned gates'.
 
 The oracle knows every input's per-expert score, luck included: on a clip that the temporal
 expert gets right by chance, or an image whose AP happens to be high at 50 px. No gate can know
@@ -13,6 +14,13 @@ group. So this group router bounds what the paper's gates can show on the demo's
                  (with three experts in the LP's mix, ranking groups by the dearest expert's gain
                  over the cheapest, as this bench did before, sent shaking clips to fusion where
                  the spatial expert does as well for less)
+
+  loss router    every test input scored with minus its cached per-expert losses, the gates'
+                 training signal itself, known exactly (no weights), routed as the oracle
+                 routes: what a gate that learned its training signal perfectly could deliver.
+                 Below the oracle where the loss and the metric disagree (detection's SSD loss
+                 against per-image AP@0.5); above the learned gates by what the gate fails to
+                 learn from the gate split.
 
 Efficiency is (rho - rho_random) / (rho_oracle - rho_random), on test, as the reports give it.
 
@@ -35,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 RESULTS = Path(__file__).resolve().parent / "results" / "group_ceiling.json"
-TASKS = ("detection", "action")  # the generators that record each input's group
+TASKS = ("detection", "action", "superres")
+GROUPED = ("detection", "action")  # the generators that record each input's group
 
 
 def groups(task_name: str, cfg, cache) -> np.ndarray:
@@ -50,13 +59,12 @@ def groups(task_name: str, cfg, cache) -> np.ndarray:
     return np.array([kinds[int(i)] for i in cache["image_id"]])
 
 
-def group_router(task_name: str, root: str, seed: int) -> dict:
-    """rho and efficiency of the group router on test, with random's, the oracle's and the sweep's."""
-    from bmoe.curves import rho, routing_efficiency
-    from bmoe.routing import oracle_assignment
+def ceilings(task_name: str, root: str, seed: int) -> dict:
+    """rho and efficiency on test of the group router (tasks in GROUPED) and the loss router,
+    beside random's, the oracle's and the sweep's."""
+    from bmoe.curves import routing_efficiency
     from pipelines.gate_trial import sample_weights
     from pipelines.runtime import RunConfig
-    from pipelines.grid import targets
     from pipelines.sweep import load_split
     from storage import read_json
     from tasks import GATE_SPLIT
@@ -66,44 +74,59 @@ def group_router(task_name: str, root: str, seed: int) -> dict:
         raise SystemExit(f"no finished {task_name} demo under {root}: run `bmoe demo --seed {seed} --root {root}` first")
     task = cfg.task()
     d = task.data_costs()
-    gate, test = (load_split(cfg, task, split) for split in (GATE_SPLIT, "test"))
-    gate_groups = groups(task_name, cfg, gate.cache)
-    scores = gate.scores * sample_weights(task, gate)[:, None]  # as the oracle weighs them
-    mean = {str(g): scores[gate_groups == g].mean(axis=0) for g in np.unique(gate_groups)}
-    dear, cheap = int(np.argmax(d)), int(np.argmin(d))
-    gain = {g: float(m[dear] - m[cheap]) for g, m in mean.items()}
-    test_groups = groups(task_name, cfg, test.cache)
-    jitter = np.random.default_rng(seed).random((len(test_groups), len(d))) * 1e-9  # ties within a group at random
-    known = np.stack([mean[str(g)] for g in test_groups]) + jitter
+    test = load_split(cfg, task, "test")
+    result, routers = {}, {"loss router": -test.losses}
+    if task_name in GROUPED:
+        gate = load_split(cfg, task, GATE_SPLIT)
+        gate_groups = groups(task_name, cfg, gate.cache)
+        scores = gate.scores * sample_weights(task, gate)[:, None]  # as the oracle weighs them
+        mean = {str(g): scores[gate_groups == g].mean(axis=0) for g in np.unique(gate_groups)}
+        dear, cheap = int(np.argmax(d)), int(np.argmin(d))
+        gain = {g: float(m[dear] - m[cheap]) for g, m in mean.items()}
+        result["group_gain_of_dearest"] = {g: round(v, 4) for g, v in sorted(gain.items(), key=lambda kv: kv[1])}
+        test_groups = groups(task_name, cfg, test.cache)
+        jitter = np.random.default_rng(seed).random((len(test_groups), len(d))) * 1e-9  # ties within a group at random
+        routers["group router"] = np.stack([mean[str(g)] for g in test_groups]) + jitter
+    methods = read_json(cfg.layout.reports() / "summary.json")["methods"]
+    rhos = {m: methods[m]["rho"] for m in ("random", "heuristic", "enforce", "soft", "lagrange", "oracle")
+            if m in methods}
+    rhos.update({name: routed_rho(task, test, d, known) for name, known in routers.items()})
+    return {**result, "rho": rhos,
+            "efficiency": {m: routing_efficiency(r, rhos["random"], rhos["oracle"]) for m, r in rhos.items()}}
+
+
+def routed_rho(task, split, d, known: np.ndarray) -> float:
+    """rho on `split` of routing each input by `known` (M, N) per-expert scores as the oracle
+    routes: the best mix within the budget, at the report's targets."""
+    from bmoe.curves import rho
+    from bmoe.routing import oracle_assignment
+    from pipelines.grid import targets
+
     points = []
     for d_t in targets(d, 5):
         assignment = oracle_assignment(known, d, d_t).numpy()
-        points.append((float(d[assignment].mean()), task.metric(test.cache, assignment)["performance"]))
+        points.append((float(d[assignment].mean()), task.metric(split.cache, assignment)["performance"]))
     costs, perfs = zip(*points)
-    rho_group = rho(costs, perfs, d.min(), d.max())
-    methods = read_json(cfg.layout.reports() / "summary.json")["methods"]
-    rhos = {m: methods[m]["rho"] for m in ("random", "enforce", "soft", "lagrange", "oracle")}
-    return {"group_gain_of_dearest": {g: round(v, 4) for g, v in sorted(gain.items(), key=lambda kv: kv[1])},
-            "rho": {**rhos, "group router": rho_group},
-            "efficiency": {m: routing_efficiency(r, rhos["random"], rhos["oracle"])
-                           for m, r in {**rhos, "group router": rho_group}.items()}}
+    return rho(costs, perfs, d.min(), d.max())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument("--root-template", default="bmoe-runs-seed{seed}",
                         help="the run root of each seed's finished demo; {seed} is replaced")
     args = parser.parse_args()
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         root = args.root_template.format(seed=seed)
-        for task_name in TASKS:
-            r = group_router(task_name, root, seed)
+        for task_name in args.tasks.split(","):
+            r = ceilings(task_name, root, seed)
             results[f"{task_name} s{seed}"] = r
             eff = ", ".join(f"{m} {e:+.2f}" for m, e in r["efficiency"].items() if m not in ("random", "oracle"))
             print(f"seed {seed} {task_name:<10} efficiency: {eff}")
-            print(f"{'':<18}dearest expert's mean gain per group (gate split): {r['group_gain_of_dearest']}")
+            if "group_gain_of_dearest" in r:
+                print(f"{'':<18}dearest expert's mean gain per group (gate split): {r['group_gain_of_dearest']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
                                    "load_average": [round(x, 2) for x in os.getloadavg()], "results": results},
